@@ -1,0 +1,204 @@
+//! Gateway configuration (TOML). Every field has a default, so an empty file —
+//! or no file — runs a gateway on 0.0.0.0:5683 with one shard per core against
+//! a broker on 127.0.0.1:9092. See `config/gateway.toml` for a commented example.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub gateway: GatewayConfig,
+    pub coap: CoapConfig,
+    pub kafka: KafkaConfig,
+    pub directory: DirectoryConfig,
+    pub profiles: ProfilesConfig,
+    pub admin: AdminConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// Plain CoAP listen address (LwM2M over UDP).
+    pub listen: SocketAddr,
+    /// Number of shards; 0 = one per available core.
+    pub shards: usize,
+    /// CPUs to pin shards to, in order; empty = CPUs 0..shards.
+    pub cpus: Vec<usize>,
+    /// Datagrams read per recvmmsg batch.
+    pub recv_batch: usize,
+    pub socket_recv_buffer: usize,
+    pub socket_send_buffer: usize,
+    /// Largest datagram accepted (bytes); larger ones are truncated by the
+    /// kernel and dropped as malformed.
+    pub max_datagram: usize,
+    /// Timer / producer-poll tick of each shard, in milliseconds.
+    pub tick_ms: u64,
+    /// Bound on the time spent flushing Kafka at shutdown.
+    pub shutdown_flush_ms: u64,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            listen: "0.0.0.0:5683".parse().unwrap_or_else(|_| unreachable!()),
+            shards: 0,
+            cpus: Vec::new(),
+            recv_batch: 64,
+            socket_recv_buffer: 8 << 20,
+            socket_send_buffer: 4 << 20,
+            max_datagram: 2048,
+            tick_ms: 5,
+            shutdown_flush_ms: 10_000,
+        }
+    }
+}
+
+/// CoAP transmission parameters (RFC 7252 §4.8) and LwM2M server behaviour.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CoapConfig {
+    pub ack_timeout_ms: u64,
+    pub ack_random_factor: f64,
+    pub max_retransmit: u32,
+    /// EXCHANGE_LIFETIME (RFC 7252 §4.8.2): how long duplicates are recognised.
+    pub exchange_lifetime_s: u64,
+    /// Max-Age sent with 5.03 when the Kafka queue is full.
+    pub busy_max_age_s: u32,
+    /// Seconds added to a registration's lifetime before it expires.
+    pub lifetime_grace_s: u64,
+    /// Smallest lifetime accepted; smaller values are raised to it.
+    pub min_lifetime_s: u32,
+}
+
+impl Default for CoapConfig {
+    fn default() -> Self {
+        CoapConfig {
+            ack_timeout_ms: 2000,
+            ack_random_factor: 1.5,
+            max_retransmit: 4,
+            exchange_lifetime_s: 247,
+            busy_max_age_s: 5,
+            lifetime_grace_s: 0,
+            min_lifetime_s: 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaConfig {
+    pub brokers: String,
+    pub telemetry_topic: String,
+    pub status_topic: String,
+    pub client_id: String,
+    pub linger_ms: u32,
+    pub batch_num_messages: u32,
+    /// none, gzip, snappy, lz4, zstd (as built into librdkafka).
+    pub compression: String,
+    pub message_timeout_ms: u32,
+    pub queue_max_messages: u32,
+    pub idempotence: bool,
+    pub acks: String,
+    /// Create the tenant topics at start and when an endpoint is provisioned.
+    pub create_topics: bool,
+    pub topic_partitions: i32,
+    /// Extra librdkafka properties passed through verbatim.
+    pub extra: BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            brokers: "127.0.0.1:9092".into(),
+            telemetry_topic: "telemetry.raw.{tenant_id}".into(),
+            status_topic: "device.status.{tenant_id}".into(),
+            client_id: "corem-lwm2m".into(),
+            linger_ms: 5,
+            batch_num_messages: 10_000,
+            compression: "none".into(),
+            message_timeout_ms: 300_000,
+            queue_max_messages: 100_000,
+            idempotence: true,
+            acks: "all".into(),
+            create_topics: true,
+            topic_partitions: 1,
+            extra: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DirectoryConfig {
+    /// Provisioning file used when no snapshot exists yet.
+    pub provisioning_file: Option<PathBuf>,
+    /// Where snapshots are written.
+    pub snapshot_dir: PathBuf,
+    pub snapshot_interval_s: u64,
+}
+
+impl Default for DirectoryConfig {
+    fn default() -> Self {
+        DirectoryConfig {
+            provisioning_file: None,
+            snapshot_dir: PathBuf::from("var/corem-lwm2m"),
+            snapshot_interval_s: 30,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProfilesConfig {
+    /// Directory of `*.toml` device profiles (the built-in `default` is always there).
+    pub dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: "127.0.0.1:8080".parse().unwrap_or_else(|_| unreachable!()),
+        }
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+        let mut c: Config = toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("parsing {}: {e}", path.display()))?;
+        // Relative paths in the file are relative to the file's directory.
+        let base = path.parent().unwrap_or(Path::new("."));
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        if let Some(p) = c.directory.provisioning_file.as_mut() {
+            fix(p)
+        }
+        fix(&mut c.directory.snapshot_dir);
+        if let Some(p) = c.profiles.dir.as_mut() {
+            fix(p)
+        }
+        Ok(c)
+    }
+
+    pub fn shard_count(&self) -> usize {
+        if self.gateway.shards > 0 {
+            self.gateway.shards
+        } else {
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        }
+    }
+}

@@ -1,0 +1,236 @@
+//! Admin HTTP server (control plane, its own thread and port).
+//!
+//! * `GET /healthz` — 200 `ok` while the gateway runs.
+//! * `GET /metrics` — Prometheus text, per-shard counters and gauges.
+//! * `GET /v1/endpoints` — the whole directory (JSON object).
+//! * `GET|PUT|DELETE /v1/endpoints/{endpoint}` — one endpoint; PUT takes
+//!   `{"device_id":..,"tenant_id":..,"profile":..}`.
+//! * `POST /v1/endpoints` — bulk upsert, a JSON array of
+//!   `{"endpoint":..,"device_id":..,"tenant_id":..,"profile":..}`.
+//! * `POST /v1/snapshot` — write the directory snapshot now.
+//! * `GET /v1/profiles`, `POST /v1/profiles/reload` — list / reload profiles.
+//!
+//! Errors are JSON `{"error": "..."}` with 400 / 404 / 500.
+
+use super::directory::{Directory, EndpointEntry, ProvisionedEndpoint};
+use super::metrics::{render_prometheus, ShardMetrics};
+use super::profiles::Profiles;
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tiny_http::{Header, Method, Request, Response, Server};
+
+/// Called with the tenant ids of newly provisioned endpoints (topic creation).
+pub type TenantHook = Arc<dyn Fn(&[String]) + Send + Sync>;
+
+pub struct AdminState {
+    pub directory: Arc<Directory>,
+    pub profiles: Arc<Profiles>,
+    pub metrics: Vec<Arc<ShardMetrics>>,
+    pub snapshot_dir: PathBuf,
+    pub on_tenants: Option<TenantHook>,
+}
+
+/// Largest request body accepted (bulk provisioning of ~100k endpoints).
+const MAX_BODY: u64 = 64 << 20;
+
+pub struct AdminServer {
+    pub addr: SocketAddr,
+    thread: Option<std::thread::JoinHandle<()>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl AdminServer {
+    pub fn start(listen: SocketAddr, state: AdminState) -> anyhow::Result<AdminServer> {
+        let server = Server::http(listen).map_err(|e| anyhow::anyhow!("admin listen {listen}: {e}"))?;
+        let addr = server
+            .server_addr()
+            .to_ip()
+            .ok_or_else(|| anyhow::anyhow!("admin server has no IP address"))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("admin-http".into())
+            .spawn(move || {
+                while !stop2.load(Ordering::Acquire) {
+                    match server.recv_timeout(Duration::from_millis(200)) {
+                        Ok(Some(req)) => handle(&state, req),
+                        Ok(None) => {}
+                        Err(e) => tracing::warn!(error = %e, "admin http accept failed"),
+                    }
+                }
+            })?;
+        Ok(AdminServer {
+            addr,
+            thread: Some(thread),
+            stop,
+        })
+    }
+
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn json_header() -> Header {
+    Header::from_bytes(&b"Content-Type"[..], &b"application/json"[..])
+        .unwrap_or_else(|_| unreachable!())
+}
+
+fn reply(req: Request, status: u16, body: String, json: bool) {
+    let mut r = Response::from_string(body).with_status_code(status);
+    if json {
+        r = r.with_header(json_header());
+    }
+    if let Err(e) = req.respond(r) {
+        tracing::debug!(error = %e, "admin response not delivered");
+    }
+}
+
+fn error(req: Request, status: u16, msg: &str) {
+    reply(req, status, serde_json::json!({ "error": msg }).to_string(), true)
+}
+
+fn read_body(req: &mut Request) -> Result<Vec<u8>, String> {
+    let mut body = Vec::new();
+    req.as_reader()
+        .take(MAX_BODY + 1)
+        .read_to_end(&mut body)
+        .map_err(|e| e.to_string())?;
+    if body.len() as u64 > MAX_BODY {
+        return Err("request body too large".into());
+    }
+    Ok(body)
+}
+
+/// Percent-decodes a path segment (endpoint names such as `urn:imei:123` may
+/// arrive encoded).
+fn pct_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            let hex = |c: u8| (c as char).to_digit(16);
+            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn handle(st: &AdminState, mut req: Request) {
+    let url = req.url().split('?').next().unwrap_or("").to_string();
+    let method = req.method().clone();
+    match (&method, url.as_str()) {
+        (Method::Get, "/healthz") => reply(req, 200, "ok\n".into(), false),
+        (Method::Get, "/metrics") => {
+            let extra = [("directory_endpoints", st.directory.len() as i64)];
+            reply(req, 200, render_prometheus(&st.metrics, &extra), false)
+        }
+        (Method::Get, "/v1/endpoints") => {
+            let all = st.directory.all();
+            let m: std::collections::BTreeMap<&String, &EndpointEntry> =
+                all.iter().map(|(k, v)| (k, v.as_ref())).collect();
+            reply(req, 200, serde_json::to_string(&m).unwrap_or_default(), true)
+        }
+        (Method::Post, "/v1/endpoints") => {
+            let body = match read_body(&mut req) {
+                Ok(b) => b,
+                Err(e) => return error(req, 400, &e),
+            };
+            let items: Vec<ProvisionedEndpoint> = match serde_json::from_slice(&body) {
+                Ok(v) => v,
+                Err(e) => return error(req, 400, &format!("body: {e}")),
+            };
+            let tenants: Vec<String> = items.iter().map(|i| i.entry.tenant_id.clone()).collect();
+            match st.directory.upsert_many(items) {
+                Ok(n) => {
+                    if let Some(h) = &st.on_tenants {
+                        h(&tenants);
+                    }
+                    reply(req, 200, serde_json::json!({ "upserted": n }).to_string(), true)
+                }
+                Err(e) => error(req, 400, &e.to_string()),
+            }
+        }
+        (Method::Post, "/v1/snapshot") => match st.directory.write_snapshot(&st.snapshot_dir) {
+            Ok(()) => reply(req, 200, serde_json::json!({ "written": true }).to_string(), true),
+            Err(e) => error(req, 500, &e.to_string()),
+        },
+        (Method::Get, "/v1/profiles") => {
+            reply(req, 200, serde_json::to_string(&st.profiles.names()).unwrap_or_default(), true)
+        }
+        (Method::Post, "/v1/profiles/reload") => match st.profiles.reload() {
+            Ok(n) => {
+                tracing::info!(profiles = n, "profiles reloaded (admin API)");
+                reply(req, 200, serde_json::json!({ "profiles": n }).to_string(), true)
+            }
+            Err(e) => error(req, 400, &e.to_string()),
+        },
+        (_, u) if u.starts_with("/v1/endpoints/") => {
+            let ep = pct_decode(&u["/v1/endpoints/".len()..]);
+            match method {
+                Method::Get => match st.directory.get(&ep) {
+                    Some(e) => reply(req, 200, serde_json::to_string(&*e).unwrap_or_default(), true),
+                    None => error(req, 404, "no such endpoint"),
+                },
+                Method::Put => {
+                    let body = match read_body(&mut req) {
+                        Ok(b) => b,
+                        Err(e) => return error(req, 400, &e),
+                    };
+                    let entry: EndpointEntry = match serde_json::from_slice(&body) {
+                        Ok(v) => v,
+                        Err(e) => return error(req, 400, &format!("body: {e}")),
+                    };
+                    let tenant = entry.tenant_id.clone();
+                    match st.directory.upsert(&ep, entry) {
+                        Ok(existed) => {
+                            if let Some(h) = &st.on_tenants {
+                                h(&[tenant]);
+                            }
+                            let code = if existed { 200 } else { 201 };
+                            reply(req, code, serde_json::json!({ "endpoint": ep }).to_string(), true)
+                        }
+                        Err(e) => error(req, 400, &e.to_string()),
+                    }
+                }
+                Method::Delete => {
+                    if st.directory.remove(&ep) {
+                        reply(req, 204, String::new(), false)
+                    } else {
+                        error(req, 404, "no such endpoint")
+                    }
+                }
+                _ => error(req, 405, "method not allowed"),
+            }
+        }
+        _ => error(req, 404, "not found"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pct_decode;
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(pct_decode("urn%3Aimei%3A123"), "urn:imei:123");
+        assert_eq!(pct_decode("urn:imei:1"), "urn:imei:1");
+        assert_eq!(pct_decode("a%"), "a%");
+        assert_eq!(pct_decode("a%4"), "a%4");
+        assert_eq!(pct_decode("%zz"), "%zz");
+    }
+}

@@ -1,0 +1,144 @@
+//! Per-shard counters and gauges, rendered as Prometheus text by the admin
+//! server.
+//!
+//! Each shard owns one [`ShardMetrics`]; only that shard's thread writes it
+//! (relaxed atomic adds on its own cache lines), the admin thread only reads.
+//! Nothing on the packet path contends.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+macro_rules! metrics {
+    (counters { $($c:ident : $chelp:literal,)* } gauges { $($g:ident : $ghelp:literal,)* }) => {
+        /// Counters and gauges of one shard.
+        #[derive(Default, Debug)]
+        #[repr(align(128))]
+        pub struct ShardMetrics {
+            $(pub $c: AtomicU64,)*
+            $(pub $g: AtomicI64,)*
+        }
+
+        impl ShardMetrics {
+            /// (name, help, kind, values per shard) for every metric.
+            fn render_all(shards: &[&ShardMetrics], out: &mut String) {
+                $(
+                    let _ = writeln!(out, "# HELP corem_lwm2m_{} {}", stringify!($c), $chelp);
+                    let _ = writeln!(out, "# TYPE corem_lwm2m_{} counter", stringify!($c));
+                    for (i, s) in shards.iter().enumerate() {
+                        let _ = writeln!(out, "corem_lwm2m_{}{{shard=\"{}\"}} {}", stringify!($c), i, s.$c.load(Ordering::Relaxed));
+                    }
+                )*
+                $(
+                    let _ = writeln!(out, "# HELP corem_lwm2m_{} {}", stringify!($g), $ghelp);
+                    let _ = writeln!(out, "# TYPE corem_lwm2m_{} gauge", stringify!($g));
+                    for (i, s) in shards.iter().enumerate() {
+                        let _ = writeln!(out, "corem_lwm2m_{}{{shard=\"{}\"}} {}", stringify!($g), i, s.$g.load(Ordering::Relaxed));
+                    }
+                )*
+            }
+
+            /// Snapshot as (name, value) pairs, for tests and the JSON status page.
+            pub fn values(&self) -> Vec<(&'static str, i64)> {
+                vec![
+                    $((stringify!($c), self.$c.load(Ordering::Relaxed) as i64),)*
+                    $((stringify!($g), self.$g.load(Ordering::Relaxed)),)*
+                ]
+            }
+        }
+    };
+}
+
+metrics! {
+    counters {
+        datagrams_rx: "UDP datagrams received",
+        datagrams_tx: "UDP datagrams sent",
+        bytes_rx: "UDP payload bytes received",
+        tx_errors: "datagrams that could not be sent (socket error or full buffer)",
+        malformed: "datagrams that are not valid CoAP (RFC 7252 message format error)",
+        rst_sent: "RST messages sent (pings, malformed CON, unknown notifications)",
+        bad_option: "requests rejected with 4.02 for an unknown critical option",
+        duplicates: "duplicate CON/NON messages answered from the deduplication cache",
+        requests_not_found: "requests for unknown resources (4.04)",
+        registrations: "successful Register operations",
+        registrations_replaced: "Register operations that replaced an existing registration",
+        register_rejected_unknown_endpoint: "Register from an endpoint not in the directory (4.03)",
+        register_rejected_bad_request: "Register or Update with invalid parameters or payload (4.00)",
+        updates: "successful Update operations",
+        update_unknown: "Update or De-register for an unknown registration (4.04)",
+        deregistrations: "successful De-register operations",
+        expirations: "registrations removed because their lifetime expired",
+        takeovers: "registrations dropped because the endpoint registered on another shard",
+        notifications_rx: "Observe notifications received",
+        notifications_stale: "notifications discarded as older than the last (RFC 7641 §3.4)",
+        notifications_unknown: "notifications for unknown observations (answered with RST)",
+        notifications_dropped_busy: "NON notifications dropped because the Kafka queue was full",
+        notifications_deferred_busy: "CON notifications left unacknowledged because the Kafka queue was full",
+        send_rx: "LwM2M Send operations (POST /dp) received",
+        busy_responses: "requests answered 5.03 Service Unavailable because the Kafka queue was full",
+        decode_errors: "payloads that could not be decoded in their content format",
+        unmapped_values: "resource values not mapped to a metric by the device profile (not published)",
+        points_published: "TelemetryPoints accepted by the Kafka producer queue",
+        status_published: "device.status events accepted by the Kafka producer queue",
+        kafka_delivered: "Kafka records acknowledged by the broker",
+        kafka_delivery_failed: "Kafka records the producer gave up on (see logs)",
+        kafka_enqueue_failed: "records the producer refused to queue",
+        requests_sent: "server-initiated CoAP requests sent (Observe, Write-Attributes, ...)",
+        retransmissions: "CoAP retransmissions of server-initiated CON requests",
+        request_timeouts: "server-initiated requests that got no answer",
+        observe_established: "observations established",
+        observe_failed: "observe requests answered with an error code",
+    }
+    gauges {
+        registrations_active: "registrations currently held by the shard",
+        observations_active: "observations currently held by the shard",
+        pending_requests: "server-initiated requests awaiting an answer",
+        kafka_queue: "records in the shard producer's queue",
+    }
+}
+
+impl ShardMetrics {
+    pub fn inc(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn set(g: &AtomicI64, v: i64) {
+        g.store(v, Ordering::Relaxed);
+    }
+    pub fn get(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+}
+
+/// Renders all shards' metrics in the Prometheus text exposition format.
+pub fn render_prometheus(shards: &[std::sync::Arc<ShardMetrics>], extra: &[(&str, i64)]) -> String {
+    let mut out = String::with_capacity(16 * 1024);
+    let refs: Vec<&ShardMetrics> = shards.iter().map(|s| s.as_ref()).collect();
+    ShardMetrics::render_all(&refs, &mut out);
+    for (name, v) in extra {
+        let _ = writeln!(out, "# TYPE corem_lwm2m_{name} gauge");
+        let _ = writeln!(out, "corem_lwm2m_{name} {v}");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn renders_per_shard() {
+        let a = Arc::new(ShardMetrics::default());
+        let b = Arc::new(ShardMetrics::default());
+        ShardMetrics::inc(&a.datagrams_rx);
+        ShardMetrics::add(&b.datagrams_rx, 5);
+        ShardMetrics::set(&b.registrations_active, 3);
+        let t = render_prometheus(&[a, b], &[("directory_endpoints", 7)]);
+        assert!(t.contains("corem_lwm2m_datagrams_rx{shard=\"0\"} 1\n"));
+        assert!(t.contains("corem_lwm2m_datagrams_rx{shard=\"1\"} 5\n"));
+        assert!(t.contains("corem_lwm2m_registrations_active{shard=\"1\"} 3\n"));
+        assert!(t.contains("corem_lwm2m_directory_endpoints 7\n"));
+    }
+}

@@ -1,0 +1,180 @@
+//! `corem-lwm2m`: the gateway binary. Thin: parse flags, load config, start the
+//! control plane and the shards, wait for signals, shut down cleanly.
+
+use clap::Parser;
+use corem_lwm2m::config::Config;
+use corem_lwm2m::control::admin::{AdminServer, AdminState, TenantHook};
+use corem_lwm2m::control::directory::Directory;
+use corem_lwm2m::control::profiles::Profiles;
+use corem_lwm2m::control::topics::TopicManager;
+use corem_lwm2m::shard::runtime;
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// CORE-M LwM2M gateway: LwM2M/CoAP devices in, Kafka telemetry out.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None)]
+struct Args {
+    /// Gateway configuration (TOML). Without it, built-in defaults are used.
+    #[arg(short, long)]
+    config: Option<PathBuf>,
+    /// Override gateway.listen (CoAP UDP address).
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    /// Override admin.listen (admin HTTP address).
+    #[arg(long)]
+    admin: Option<std::net::SocketAddr>,
+    /// Override kafka.brokers.
+    #[arg(long)]
+    brokers: Option<String>,
+    /// Override gateway.shards (0 = one per core).
+    #[arg(long)]
+    shards: Option<usize>,
+    /// Validate the configuration, profiles and provisioning, then exit.
+    #[arg(long)]
+    check: bool,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_target(false)
+        .init();
+    if let Err(e) = run(Args::parse()) {
+        tracing::error!("{e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn load_directory(cfg: &Config) -> anyhow::Result<Directory> {
+    match Directory::load_snapshot(&cfg.directory.snapshot_dir) {
+        Ok(Some((map, from))) => {
+            tracing::info!(endpoints = map.len(), snapshot = %from.display(), "directory loaded from snapshot");
+            let d = Directory::new(map);
+            d.mark_persisted();
+            return Ok(d);
+        }
+        Ok(None) => {}
+        Err(e) => {
+            // Both generations unreadable: refuse to start on an empty
+            // directory silently; the operator decides.
+            anyhow::bail!("{e}; move the snapshot files away to start from the provisioning file");
+        }
+    }
+    let d = Directory::default();
+    if let Some(p) = &cfg.directory.provisioning_file {
+        let items = Directory::read_provisioning(p)?;
+        let n = d.upsert_many(items)?;
+        tracing::info!(endpoints = n, file = %p.display(), "directory loaded from provisioning file");
+    } else {
+        tracing::warn!("no snapshot and no provisioning file: the directory is empty (use the admin API)");
+    }
+    Ok(d)
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let mut cfg = match &args.config {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    };
+    if let Some(l) = args.listen {
+        cfg.gateway.listen = l;
+    }
+    if let Some(a) = args.admin {
+        cfg.admin.listen = a;
+    }
+    if let Some(b) = args.brokers {
+        cfg.kafka.brokers = b;
+    }
+    if let Some(s) = args.shards {
+        cfg.gateway.shards = s;
+    }
+    let profiles = Arc::new(Profiles::load(cfg.profiles.dir.as_deref())?);
+    let directory = Arc::new(load_directory(&cfg)?);
+    if args.check {
+        println!(
+            "configuration ok: {} shards, {} endpoints, profiles {:?}",
+            cfg.shard_count(),
+            directory.len(),
+            profiles.names()
+        );
+        return Ok(());
+    }
+
+    let topics = if cfg.kafka.create_topics {
+        let tm = Arc::new(TopicManager::new(&cfg.kafka)?);
+        let mut tenants: Vec<String> = directory.all().values().map(|e| e.tenant_id.clone()).collect();
+        tenants.sort();
+        tenants.dedup();
+        tm.ensure(&tenants);
+        Some(tm)
+    } else {
+        None
+    };
+
+    let shutdown = Arc::new(AtomicBool::new(false));
+    let shards = runtime::start(&cfg, directory.clone(), profiles.clone(), shutdown.clone())?;
+    let on_tenants: Option<TenantHook> = topics.map(|tm| {
+        let h: TenantHook = Arc::new(move |t: &[String]| tm.ensure(t));
+        h
+    });
+    let admin = AdminServer::start(
+        cfg.admin.listen,
+        AdminState {
+            directory: directory.clone(),
+            profiles: profiles.clone(),
+            metrics: shards.metrics.clone(),
+            snapshot_dir: cfg.directory.snapshot_dir.clone(),
+            on_tenants,
+        },
+    )?;
+    tracing::info!(
+        coap = %shards.local_addr,
+        admin = %admin.addr,
+        shards = shards.metrics.len(),
+        brokers = %cfg.kafka.brokers,
+        "corem-lwm2m ready"
+    );
+
+    let term = Arc::new(AtomicBool::new(false));
+    let hup = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(SIGTERM, term.clone())?;
+    signal_hook::flag::register(SIGINT, term.clone())?;
+    signal_hook::flag::register(SIGHUP, hup.clone())?;
+    let interval = Duration::from_secs(cfg.directory.snapshot_interval_s.max(1));
+    let mut next_snapshot = Instant::now() + interval;
+    while !term.load(Ordering::Acquire) {
+        std::thread::sleep(Duration::from_millis(100));
+        if hup.swap(false, Ordering::AcqRel) {
+            match profiles.reload() {
+                Ok(n) => tracing::info!(profiles = n, "profiles reloaded (SIGHUP)"),
+                Err(e) => tracing::error!(error = %e, "profile reload failed; keeping the current profiles"),
+            }
+        }
+        if Instant::now() >= next_snapshot {
+            next_snapshot = Instant::now() + interval;
+            if let Err(e) = directory.snapshot_if_changed(&cfg.directory.snapshot_dir) {
+                tracing::error!(error = %e, "directory snapshot failed");
+            }
+        }
+    }
+    tracing::info!("shutting down: stopping shards and flushing Kafka");
+    shutdown.store(true, Ordering::Release);
+    shards.join();
+    admin.stop();
+    match directory.write_snapshot(&cfg.directory.snapshot_dir) {
+        Ok(()) => tracing::info!(dir = %cfg.directory.snapshot_dir.display(), "directory snapshot written"),
+        Err(e) => tracing::error!(error = %e, "final directory snapshot failed"),
+    }
+    tracing::info!("bye");
+    Ok(())
+}
