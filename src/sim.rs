@@ -190,7 +190,7 @@ impl SimDevice {
         let first = vals.first().map(|v| v.1).unwrap_or(0.0);
         match self.format {
             content::CF_TEXT if single => (content::CF_TEXT, fmt_num(first).into_bytes()),
-            content::CF_OPAQUE if single => (content::CF_OPAQUE, first.to_be_bytes().to_vec()),
+            content::CF_OPAQUE if single => (content::CF_OPAQUE, tlv_value(path, first)),
             content::CF_CBOR if single => {
                 let mut b = Vec::new();
                 enc::f64(&mut b, first);

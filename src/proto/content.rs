@@ -781,7 +781,7 @@ mod tests {
         let j = br#"[{"bn":"/3303/0/","bt":1700000000,"n":"5700","v":22.5},
                     {"n":"5700","t":60,"v":23},{"n":"5701","vs":"Cel"},
                     {"bn":"/3/0/","n":"9","v":80}]"#;
-        let v = decode(CF_SENML_JSON, p("/"), j, NOW).unwrap();
+        let v = decode(CF_SENML_JSON, p("/0"), j, NOW).unwrap();
         assert_eq!(v.len(), 4);
         assert_eq!(v[0].path, p("/3303/0/5700"));
         assert_eq!(v[0].time_ms, Some(1_700_000_000_000));
@@ -789,13 +789,13 @@ mod tests {
         assert_eq!(v[2].value, Value::Str("Cel".into()));
         assert_eq!(v[3].path, p("/3/0/9"));
         // Relative time (RFC 8428 §4.5.3).
-        let v = decode(CF_SENML_JSON, p("/"), br#"[{"n":"/3/0/9","v":1,"t":-5}]"#, NOW).unwrap();
+        let v = decode(CF_SENML_JSON, p("/0"), br#"[{"n":"/3/0/9","v":1,"t":-5}]"#, NOW).unwrap();
         assert_eq!(v[0].time_ms, Some(NOW - 5000));
         // No time given: none reported.
-        let v = decode(CF_SENML_JSON, p("/"), br#"[{"n":"/3/0/9","v":1}]"#, NOW).unwrap();
+        let v = decode(CF_SENML_JSON, p("/0"), br#"[{"n":"/3/0/9","v":1}]"#, NOW).unwrap();
         assert_eq!(v[0].time_ms, None);
-        assert!(decode(CF_SENML_JSON, p("/"), br#"[{"n":"x","v":1}]"#, NOW).is_err());
-        assert!(decode(CF_SENML_JSON, p("/"), br#"{"n":"x"}"#, NOW).is_err());
+        assert!(decode(CF_SENML_JSON, p("/0"), br#"[{"n":"x","v":1}]"#, NOW).is_err());
+        assert!(decode(CF_SENML_JSON, p("/0"), br#"{"n":"x"}"#, NOW).is_err());
     }
 
     #[test]
@@ -816,7 +816,7 @@ mod tests {
         enc::text(&mut c, "5850");
         enc::int(&mut c, 4);
         enc::bool(&mut c, true);
-        let v = decode(CF_SENML_CBOR, p("/"), &c, NOW).unwrap();
+        let v = decode(CF_SENML_CBOR, p("/0"), &c, NOW).unwrap();
         assert_eq!(v[0].path, p("/3303/0/5700"));
         assert_eq!(v[0].value, Value::Number(22.5));
         assert_eq!(v[0].time_ms, Some(1_700_000_000_000));
