@@ -1,0 +1,468 @@
+//! Shared fixtures for the loopback integration tests: a real tansu broker, the
+//! real gateway binary, simulated devices on real UDP sockets, and a topic
+//! reader that consumes what the gateway published.
+//!
+//! The broker binary is `$TANSU_BIN`, else `tansu` on PATH, else
+//! `~/.cargo/bin/tansu` (scripts/setup installs it).
+
+#![allow(dead_code)]
+
+use corem_lwm2m::proto::coap::{Code, Message, MsgType};
+use corem_lwm2m::sim::{SimDevice, SimEvents};
+use corem_lwm2m::sink::consume::{Record, TopicReader};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub fn free_tcp_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn tansu_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("TANSU_BIN") {
+        return PathBuf::from(p);
+    }
+    if let Ok(path) = std::env::var("PATH") {
+        for d in std::env::split_paths(&path) {
+            let c = d.join("tansu");
+            if c.is_file() {
+                return c;
+            }
+        }
+    }
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    PathBuf::from(home).join(".cargo/bin/tansu")
+}
+
+pub struct Broker {
+    pub port: u16,
+    storage: String,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Broker {
+    /// In-memory storage (fast, lost on stop).
+    pub fn memory() -> Broker {
+        Self::start_with(format!("memory://tansu{}/", free_tcp_port()), tempdir())
+    }
+
+    /// SQLite storage in a temp dir: survives a broker restart.
+    pub fn durable() -> Broker {
+        let dir = tempdir();
+        Self::start_with("sqlite://tansu.db".to_string(), dir)
+    }
+
+    fn start_with(storage: String, dir: PathBuf) -> Broker {
+        let mut b = Broker {
+            port: free_tcp_port(),
+            storage,
+            dir,
+            child: None,
+        };
+        b.start();
+        b
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn start(&mut self) {
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let log = std::fs::File::create(self.dir.join("broker.log")).unwrap();
+        let child = Command::new(tansu_bin())
+            .current_dir(&self.dir)
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", &self.storage])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start tansu ({}): {e}; run scripts/setup", tansu_bin().display()));
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(self.addr()).is_err() {
+            assert!(Instant::now() < deadline, "broker did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+pub fn tempdir() -> PathBuf {
+    let d = tempfile::tempdir().unwrap().keep();
+    d
+}
+
+pub struct Gateway {
+    pub coap: SocketAddr,
+    pub admin: SocketAddr,
+    pub dir: PathBuf,
+    child: Option<Child>,
+    pub log: Arc<Mutex<Vec<String>>>,
+    config: PathBuf,
+}
+
+pub const PROVISIONING: &str = r#"
+[[endpoint]]
+endpoint = "urn:imei:123"
+device_id = "d7b1c0e2-3f44-4a91-9b2e-2c5a1f0e9d33"
+tenant_id = "acme"
+
+[[endpoint]]
+endpoint = "urn:imei:env"
+device_id = "env-device"
+tenant_id = "acme"
+profile = "environment"
+"#;
+
+pub const ENV_PROFILE: &str = r#"
+name = "environment"
+[[resource]]
+path = "/3303/0/5700"
+metric = "temperature"
+[[resource]]
+path = "/3303/0/5701"
+metric = "units"
+kind = "string"
+[[resource]]
+path = "/3304/0/5700"
+metric = "humidity"
+[[observe]]
+path = "/3303/0"
+pmin = 1
+pmax = 30
+"#;
+
+impl Gateway {
+    /// Starts the gateway binary with `extra` appended to a generated config.
+    pub fn start(broker: &Broker, shards: usize, provisioning: &str, extra: &str) -> Gateway {
+        let dir = tempdir();
+        std::fs::create_dir_all(dir.join("profiles")).unwrap();
+        std::fs::write(dir.join("profiles/environment.toml"), ENV_PROFILE).unwrap();
+        std::fs::write(dir.join("provisioning.toml"), provisioning).unwrap();
+        let coap: SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
+        let cfg = format!(
+            "[gateway]\nlisten = \"{coap}\"\nshards = {shards}\ntick_ms = 2\n\
+             [kafka]\nbrokers = \"{}\"\nlinger_ms = 1\n\
+             [directory]\nprovisioning_file = \"provisioning.toml\"\nsnapshot_dir = \"snap\"\nsnapshot_interval_s = 1\n\
+             [profiles]\ndir = \"profiles\"\n\
+             [admin]\nlisten = \"{admin}\"\n{extra}\n",
+            broker.addr()
+        );
+        // `extra` may re-open a table; TOML forbids duplicates, so merge by hand.
+        let cfg = merge_toml(&cfg);
+        let config = dir.join("gateway.toml");
+        std::fs::write(&config, cfg).unwrap();
+        let mut g = Gateway {
+            coap,
+            admin,
+            dir,
+            child: None,
+            log: Arc::new(Mutex::new(Vec::new())),
+            config,
+        };
+        g.spawn();
+        g
+    }
+
+    pub fn spawn(&mut self) {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_corem-lwm2m"))
+            .arg("--config")
+            .arg(&self.config)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        for s in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let log = self.log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(s).lines().map_while(Result::ok) {
+                    eprintln!("[gateway] {line}");
+                    log.lock().unwrap().push(line);
+                }
+            });
+        }
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok((200, _)) = http(self.admin, "GET", "/healthz", "") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "gateway did not become healthy");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGTERM and wait; returns the exit code.
+    pub fn stop(&mut self) -> Option<i32> {
+        let mut c = self.child.take()?;
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(c.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(st)) = c.try_wait() {
+                return st.code();
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    pub fn log_contains(&self, s: &str) -> bool {
+        self.log.lock().unwrap().iter().any(|l| l.contains(s))
+    }
+
+    /// Sum of a counter over shards, from /metrics.
+    pub fn metric(&self, name: &str) -> i64 {
+        self.metric_by_shard(name).iter().sum()
+    }
+
+    pub fn metric_by_shard(&self, name: &str) -> Vec<i64> {
+        let (_, body) = http(self.admin, "GET", "/metrics", "").unwrap();
+        let prefix = format!("corem_lwm2m_{name}{{");
+        body.lines()
+            .filter(|l| l.starts_with(&prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+            .collect()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Merges repeated `[table]` headers so `extra` can add keys to any table.
+fn merge_toml(s: &str) -> String {
+    let mut tables: Vec<(String, Vec<String>)> = vec![(String::new(), vec![])];
+    for line in s.lines() {
+        let t = line.trim();
+        if t.starts_with('[') && !t.starts_with("[[") {
+            let name = t.to_string();
+            if !tables.iter().any(|(n, _)| *n == name) {
+                tables.push((name.clone(), vec![]));
+            }
+            let idx = tables.iter().position(|(n, _)| *n == name).unwrap();
+            let tbl = tables.remove(idx);
+            tables.push(tbl);
+        } else if !t.is_empty() {
+            tables.last_mut().unwrap().1.push(line.to_string());
+        }
+    }
+    let mut out = String::new();
+    for (n, lines) in tables {
+        if !n.is_empty() {
+            out.push_str(&n);
+            out.push('\n');
+        }
+        for l in lines {
+            out.push_str(&l);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// Minimal HTTP/1.1 client for the admin API.
+pub fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let code = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = resp.split_once("\r\n\r\n").map(|x| x.1.to_string()).unwrap_or_default();
+    Ok((code, body))
+}
+
+/// A simulated device on a real UDP socket.
+pub struct Device {
+    pub sim: SimDevice,
+    pub sock: UdpSocket,
+    pub server: SocketAddr,
+    /// Requests the gateway sent us (path, code) — to count observations.
+    pub requests_seen: Vec<(String, Code, Option<u32>)>,
+}
+
+impl Device {
+    pub fn new(endpoint: &str, server: SocketAddr, seed: u16) -> Device {
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        Device {
+            sim: SimDevice::new(endpoint, seed),
+            sock,
+            server,
+            requests_seen: Vec::new(),
+        }
+    }
+
+    pub fn send(&self, d: &[u8]) {
+        self.sock.send_to(d, self.server).unwrap();
+    }
+
+    /// Receives and answers for `dur`; returns everything that happened.
+    pub fn pump(&mut self, dur: Duration) -> (SimEvents, Vec<Vec<u8>>) {
+        let mut all = SimEvents::default();
+        let mut raw = Vec::new();
+        let deadline = Instant::now() + dur;
+        let mut buf = [0u8; 2048];
+        while Instant::now() < deadline {
+            if let Ok((n, _)) = self.sock.recv_from(&mut buf) {
+                let d = buf[..n].to_vec();
+                if let Ok(m) = Message::decode(&d) {
+                    if m.code.is_request() {
+                        let path: Vec<String> = m
+                            .option_values(11)
+                            .map(|s| String::from_utf8_lossy(s).into_owned())
+                            .collect();
+                        self.requests_seen.push((format!("/{}", path.join("/")), m.code, m.observe()));
+                    }
+                }
+                let ev = self.sim.handle(&d);
+                all.registered |= ev.registered;
+                all.deregistered |= ev.deregistered;
+                if ev.response.is_some() {
+                    all.response = ev.response;
+                }
+                all.observed.extend(ev.observed);
+                all.executed.extend(ev.executed);
+                for r in &ev.replies {
+                    self.send(r);
+                }
+                raw.push(d);
+            }
+        }
+        (all, raw)
+    }
+
+    /// Sends a request and waits for its response code (retransmitting like a
+    /// CoAP client, RFC 7252 §4.2), answering server requests meanwhile.
+    pub fn request(&mut self, msg: &[u8], timeout: Duration) -> Option<Code> {
+        let deadline = Instant::now() + timeout;
+        let mut next_send = Instant::now();
+        let mut backoff = Duration::from_millis(300);
+        while Instant::now() < deadline {
+            if Instant::now() >= next_send {
+                self.send(msg);
+                next_send = Instant::now() + backoff;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+            let (ev, _) = self.pump(Duration::from_millis(20));
+            if let Some((_, code)) = ev.response {
+                return Some(code);
+            }
+        }
+        None
+    }
+
+    /// Registers and waits until `n_obs` observations are established.
+    pub fn register(&mut self, n_obs: usize) -> Code {
+        let r = self.sim.register();
+        let code = self.request(&r, Duration::from_secs(10)).expect("no answer to Register");
+        if code == Code::CREATED {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while self.sim.observations.len() < n_obs && Instant::now() < deadline {
+                self.pump(Duration::from_millis(20));
+            }
+            assert!(self.sim.observations.len() >= n_obs, "observations not established: {:?}", self.sim.observations);
+        }
+        code
+    }
+
+    /// Sends a CON notification and waits for its empty ACK, retransmitting
+    /// until `timeout` (as a device's CoAP stack would).
+    pub fn notify_con(&mut self, path: &str, timeout: Duration) -> bool {
+        let (mid, n) = self.sim.notify(path, true).expect("not observed");
+        let deadline = Instant::now() + timeout;
+        let mut backoff = Duration::from_millis(200);
+        let mut buf = [0u8; 2048];
+        while Instant::now() < deadline {
+            self.send(&n);
+            let until = Instant::now() + backoff;
+            while Instant::now() < until {
+                if let Ok((k, _)) = self.sock.recv_from(&mut buf) {
+                    if let Ok(m) = Message::decode(&buf[..k]) {
+                        if m.mtype == MsgType::Ack && m.message_id == mid {
+                            return true;
+                        }
+                        if m.mtype == MsgType::Rst && m.message_id == mid {
+                            return false;
+                        }
+                    }
+                    let ev = self.sim.handle(&buf[..k]);
+                    for r in &ev.replies {
+                        self.send(r);
+                    }
+                }
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+        false
+    }
+}
+
+pub fn reader(broker: &Broker, topics: &[&str]) -> TopicReader {
+    let t: Vec<String> = topics.iter().map(|s| s.to_string()).collect();
+    TopicReader::new(&broker.addr(), &t, Duration::from_secs(30)).unwrap()
+}
+
+/// Reads until `want` records match `pred`, or `timeout`.
+pub fn read_matching(r: &TopicReader, want: usize, timeout: Duration, pred: impl Fn(&Record) -> bool) -> Vec<Record> {
+    let deadline = Instant::now() + timeout;
+    let mut got = Vec::new();
+    while got.len() < want && Instant::now() < deadline {
+        got.extend(r.read(usize::MAX, Duration::from_millis(200)).into_iter().filter(|x| pred(x)));
+    }
+    got
+}
+
+pub fn path_exists(p: &Path) -> bool {
+    p.exists()
+}

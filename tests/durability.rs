@@ -1,0 +1,185 @@
+//! Durability over restarts and outages: directory snapshots across gateway
+//! restarts (and a corrupted snapshot), and a 20-second broker outage with
+//! durable broker storage while devices keep reporting.
+
+mod common;
+
+use common::*;
+use corem_lwm2m::proto::coap::Code;
+use corem_lwm2m::proto::content::ResourcePath;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+#[test]
+fn directory_changes_survive_restart_and_corrupt_snapshot_falls_back() {
+    let broker = Broker::memory();
+    let mut gw = Gateway::start(&broker, 1, PROVISIONING, "");
+    // Add an endpoint and delete a provisioned one through the API.
+    let (code, _) = http(
+        gw.admin,
+        "PUT",
+        "/v1/endpoints/urn:imei:api-1",
+        r#"{"device_id":"api-dev-1","tenant_id":"acme","profile":"default"}"#,
+    )
+    .unwrap();
+    assert_eq!(code, 201);
+    let (code, body) = http(gw.admin, "GET", "/v1/endpoints/urn%3Aimei%3Aapi-1", "").unwrap();
+    assert_eq!(code, 200);
+    assert!(body.contains("api-dev-1"));
+    assert_eq!(http(gw.admin, "DELETE", "/v1/endpoints/urn:imei:env", "").unwrap().0, 204);
+    assert_eq!(http(gw.admin, "DELETE", "/v1/endpoints/urn:imei:env", "").unwrap().0, 404);
+    let (code, _) = http(gw.admin, "PUT", "/v1/endpoints/x", r#"{"device_id":""}"#).unwrap();
+    assert_eq!(code, 400);
+    // Bulk load.
+    let (code, body) = http(
+        gw.admin,
+        "POST",
+        "/v1/endpoints",
+        r#"[{"endpoint":"urn:imei:bulk-1","device_id":"b1","tenant_id":"acme"},
+            {"endpoint":"urn:imei:bulk-2","device_id":"b2","tenant_id":"acme"}]"#,
+    )
+    .unwrap();
+    assert_eq!((code, body.contains("\"upserted\":2")), (200, true));
+
+    // The API endpoint can register right away.
+    let mut d = Device::new("urn:imei:api-1", gw.coap, 1);
+    assert_eq!(d.register(4), Code::CREATED);
+
+    assert_eq!(gw.stop(), Some(0));
+    let snap = gw.dir.join("snap/directory.snap");
+    assert!(snap.exists());
+
+    // Restart: API changes are still there (the provisioning file is not
+    // re-applied over the snapshot).
+    gw.spawn();
+    let (code, _) = http(gw.admin, "GET", "/v1/endpoints/urn:imei:api-1", "").unwrap();
+    assert_eq!(code, 200);
+    assert_eq!(http(gw.admin, "GET", "/v1/endpoints/urn:imei:env", "").unwrap().0, 404);
+    assert_eq!(http(gw.admin, "GET", "/v1/endpoints/urn:imei:bulk-2", "").unwrap().0, 200);
+    let mut d = Device::new("urn:imei:api-1", gw.coap, 2);
+    assert_eq!(d.register(4), Code::CREATED);
+
+    // One more change, persisted by the shutdown snapshot; the previous
+    // generation (without it) becomes directory.snap.prev.
+    let (code, _) = http(
+        gw.admin,
+        "PUT",
+        "/v1/endpoints/urn:imei:api-2",
+        r#"{"device_id":"api-dev-2","tenant_id":"acme"}"#,
+    )
+    .unwrap();
+    assert_eq!(code, 201);
+    assert_eq!(gw.stop(), Some(0));
+
+    // Corrupt the newest snapshot: flip a byte in its body.
+    let mut bytes = std::fs::read(&snap).unwrap();
+    let k = bytes.len() - 10;
+    bytes[k] ^= 0x55;
+    std::fs::write(&snap, &bytes).unwrap();
+    gw.spawn();
+    assert!(gw.log_contains("directory snapshot is corrupted; loaded the previous snapshot instead"));
+    // The previous generation has api-1 but not api-2.
+    assert_eq!(http(gw.admin, "GET", "/v1/endpoints/urn:imei:api-1", "").unwrap().0, 200);
+    assert_eq!(http(gw.admin, "GET", "/v1/endpoints/urn:imei:api-2", "").unwrap().0, 404);
+    assert_eq!(gw.stop(), Some(0));
+}
+
+/// The broker is stopped for 20 s (SQLite storage) while devices keep
+/// notifying with CON and Send. With a small producer queue, some devices are
+/// told to back off (unacknowledged CON, 5.03 for Send) and retry. After the
+/// broker returns, every acknowledged value is in Kafka exactly once.
+#[test]
+fn broker_outage_loses_nothing_acknowledged() {
+    let mut broker = Broker::durable();
+    let gw = Gateway::start(
+        &broker,
+        1,
+        PROVISIONING,
+        "[kafka]\nqueue_max_messages = 40\nmessage_timeout_ms = 120000\n[coap]\nbusy_max_age_s = 1\n",
+    );
+    let tele = reader(&broker, &["telemetry.raw.acme"]);
+    let mut notifier = Device::new("urn:imei:123", gw.coap, 1);
+    assert_eq!(notifier.register(4), Code::CREATED);
+    let mut sender = Device::new("urn:imei:env", gw.coap, 2);
+    assert_eq!(sender.register(1), Code::CREATED);
+    // Initial values: 4 + 1.
+    let initial = read_matching(&tele, 5, Duration::from_secs(20), |_| true);
+    assert_eq!(initial.len(), 5);
+    drop(tele);
+
+    let temp = ResourcePath::parse("/3303/0/5700").unwrap();
+    let hum = ResourcePath::parse("/3304/0/5700").unwrap();
+    let mut acked_notify = Vec::new();
+    let mut acked_send = Vec::new();
+    let mut busy_seen = 0;
+    let start = Instant::now();
+    let mut i = 0u32;
+    let mut stopped = false;
+    let mut restarted = false;
+    while start.elapsed() < Duration::from_secs(34) {
+        let t = start.elapsed();
+        if !stopped && t >= Duration::from_secs(2) {
+            broker.stop();
+            stopped = true;
+        }
+        if stopped && !restarted && t >= Duration::from_secs(22) {
+            broker.start();
+            restarted = true;
+        }
+        i += 1;
+        // CON notification with a unique value; the device retransmits until
+        // it is acknowledged (or gives up after 3 s, then the value is not
+        // counted as acknowledged).
+        let v = 10_000.0 + i as f64;
+        notifier.sim.values.insert(temp, v);
+        if notifier.notify_con("/3303/0/5700", Duration::from_secs(3)) {
+            acked_notify.push(v);
+        }
+        // Send with a unique value; on 5.03, retry after Max-Age with a new
+        // request until 2.04.
+        let h = 20_000.0 + i as f64;
+        sender.sim.values.insert(hum, h);
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            let s = sender.sim.send(&["/3304/0/5700"], None, false);
+            match sender.request(&s, Duration::from_secs(2)) {
+                Some(Code::CHANGED) => {
+                    acked_send.push(h);
+                    break;
+                }
+                Some(Code::SERVICE_UNAVAILABLE) => {
+                    busy_seen += 1;
+                    std::thread::sleep(Duration::from_millis(300));
+                }
+                other => panic!("unexpected Send answer {other:?}"),
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(restarted);
+    assert!(busy_seen > 0, "the small queue must have pushed back during the outage");
+    assert!(gw.metric("notifications_deferred_busy") > 0);
+    assert!(!acked_notify.is_empty() && !acked_send.is_empty());
+
+    let tele = reader(&broker, &["telemetry.raw.acme"]);
+    let want = acked_notify.len() + acked_send.len();
+    let all = read_matching(&tele, 5 + want + 50, Duration::from_secs(60), |_| true);
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for r in &all {
+        for m in ["temperature", "humidity"] {
+            if let Some(v) = r.value["numeric_values"][m].as_f64() {
+                if v >= 10_000.0 {
+                    *counts.entry(format!("{m}={v}")).or_default() += 1;
+                }
+            }
+        }
+    }
+    for v in &acked_notify {
+        assert_eq!(counts.get(&format!("temperature={v}")), Some(&1), "acked notification {v}");
+    }
+    for v in &acked_send {
+        assert_eq!(counts.get(&format!("humidity={v}")), Some(&1), "acked send {v}");
+    }
+    assert!(counts.values().all(|n| *n == 1), "no duplicates: {counts:?}");
+    assert_eq!(gw.metric("kafka_delivery_failed"), 0);
+}
