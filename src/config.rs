@@ -198,7 +198,9 @@ impl Config {
         if self.gateway.shards > 0 {
             self.gateway.shards
         } else {
-            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
         }
     }
 }

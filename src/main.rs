@@ -76,7 +76,9 @@ fn load_directory(cfg: &Config) -> anyhow::Result<Directory> {
         let n = d.upsert_many(items)?;
         tracing::info!(endpoints = n, file = %p.display(), "directory loaded from provisioning file");
     } else {
-        tracing::warn!("no snapshot and no provisioning file: the directory is empty (use the admin API)");
+        tracing::warn!(
+            "no snapshot and no provisioning file: the directory is empty (use the admin API)"
+        );
     }
     Ok(d)
 }
@@ -112,7 +114,11 @@ fn run(args: Args) -> anyhow::Result<()> {
 
     let topics = if cfg.kafka.create_topics {
         let tm = Arc::new(TopicManager::new(&cfg.kafka)?);
-        let mut tenants: Vec<String> = directory.all().values().map(|e| e.tenant_id.clone()).collect();
+        let mut tenants: Vec<String> = directory
+            .all()
+            .values()
+            .map(|e| e.tenant_id.clone())
+            .collect();
         tenants.sort();
         tenants.dedup();
         tm.ensure(&tenants);
@@ -157,7 +163,9 @@ fn run(args: Args) -> anyhow::Result<()> {
         if hup.swap(false, Ordering::AcqRel) {
             match profiles.reload() {
                 Ok(n) => tracing::info!(profiles = n, "profiles reloaded (SIGHUP)"),
-                Err(e) => tracing::error!(error = %e, "profile reload failed; keeping the current profiles"),
+                Err(e) => {
+                    tracing::error!(error = %e, "profile reload failed; keeping the current profiles")
+                }
             }
         }
         if Instant::now() >= next_snapshot {
@@ -172,7 +180,9 @@ fn run(args: Args) -> anyhow::Result<()> {
     shards.join();
     admin.stop();
     match directory.write_snapshot(&cfg.directory.snapshot_dir) {
-        Ok(()) => tracing::info!(dir = %cfg.directory.snapshot_dir.display(), "directory snapshot written"),
+        Ok(()) => {
+            tracing::info!(dir = %cfg.directory.snapshot_dir.display(), "directory snapshot written")
+        }
         Err(e) => tracing::error!(error = %e, "final directory snapshot failed"),
     }
     tracing::info!("bye");

@@ -93,7 +93,15 @@ impl SimDevice {
         self.next_token.to_be_bytes()
     }
 
-    fn request(&mut self, code: Code, path: &[&str], queries: &[String], cf: Option<u16>, payload: &[u8], con: bool) -> Vec<u8> {
+    fn request(
+        &mut self,
+        code: Code,
+        path: &[&str],
+        queries: &[String],
+        cf: Option<u16>,
+        payload: &[u8],
+        con: bool,
+    ) -> Vec<u8> {
         let mid = self.mid();
         self.outstanding = Some(mid);
         let tok = self.token();
@@ -141,14 +149,25 @@ impl SimDevice {
             "b=U".to_string(),
         ];
         let links = self.links();
-        self.request(Code::POST, &["rd"], &q, Some(content::CF_LINK), links.as_bytes(), true)
+        self.request(
+            Code::POST,
+            &["rd"],
+            &q,
+            Some(content::CF_LINK),
+            links.as_bytes(),
+            true,
+        )
     }
 
     /// `POST /rd/{location}` (optionally with a new lifetime).
     pub fn update(&mut self, lifetime: Option<u32>, with_links: bool) -> Vec<u8> {
         let loc = self.location.clone().unwrap_or_default();
         let q: Vec<String> = lifetime.map(|l| format!("lt={l}")).into_iter().collect();
-        let links = if with_links { self.links() } else { String::new() };
+        let links = if with_links {
+            self.links()
+        } else {
+            String::new()
+        };
         let cf = with_links.then_some(content::CF_LINK);
         self.request(Code::POST, &["rd", &loc], &q, cf, links.as_bytes(), true)
     }
@@ -169,7 +188,10 @@ impl SimDevice {
         let (cf, body) = if cbor {
             (content::CF_SENML_CBOR, senml_cbor(&vals, time_s))
         } else {
-            (content::CF_SENML_JSON, senml_json(&vals, time_s).into_bytes())
+            (
+                content::CF_SENML_JSON,
+                senml_json(&vals, time_s).into_bytes(),
+            )
         };
         self.request(Code::POST, &["dp"], &[], Some(cf), &body, true)
     }
@@ -196,12 +218,16 @@ impl SimDevice {
                 enc::f64(&mut b, first);
                 (content::CF_CBOR, b)
             }
-            content::CF_SENML_JSON => (content::CF_SENML_JSON, senml_json(&vals, None).into_bytes()),
+            content::CF_SENML_JSON => {
+                (content::CF_SENML_JSON, senml_json(&vals, None).into_bytes())
+            }
             content::CF_SENML_CBOR => (content::CF_SENML_CBOR, senml_cbor(&vals, None)),
             content::CF_LWM2M_JSON => {
                 let e: Vec<String> = vals
                     .iter()
-                    .map(|(k, v)| format!("{{\"n\":\"{}\",\"v\":{}}}", rel_name(path, *k), fmt_num(*v)))
+                    .map(|(k, v)| {
+                        format!("{{\"n\":\"{}\",\"v\":{}}}", rel_name(path, *k), fmt_num(*v))
+                    })
                     .collect();
                 (
                     content::CF_LWM2M_JSON,
@@ -409,7 +435,12 @@ fn encode_tlv_at(out: &mut Vec<u8>, base: ResourcePath, k: ResourcePath, value: 
     if base.instance.is_none() {
         let mut inner = Vec::new();
         content::encode_tlv_resource(&mut inner, tlv_kind::RESOURCE, res, value);
-        content::encode_tlv_resource(out, tlv_kind::OBJECT_INSTANCE, k.instance.unwrap_or(0), &inner);
+        content::encode_tlv_resource(
+            out,
+            tlv_kind::OBJECT_INSTANCE,
+            k.instance.unwrap_or(0),
+            &inner,
+        );
     } else {
         content::encode_tlv_resource(out, tlv_kind::RESOURCE, res, value);
     }

@@ -60,7 +60,10 @@ fn register_then_notification_reaches_kafka() {
     assert_eq!(v["source"]["observe_seq"], 2);
     assert!(v["ts"].as_i64().unwrap() > 1_600_000_000_000);
     assert_eq!(v["string_values"], serde_json::json!({}));
-    let battery = pts.iter().find(|p| p.value["numeric_values"]["battery_level"].is_number()).unwrap();
+    let battery = pts
+        .iter()
+        .find(|p| p.value["numeric_values"]["battery_level"].is_number())
+        .unwrap();
     assert_eq!(battery.value["numeric_values"]["battery_level"], 87.0);
 }
 
@@ -90,11 +93,22 @@ fn every_content_format_decodes_to_metrics() {
         d.sim.values.insert(rp("/3303/0/5700"), -12.75);
         d.sim.values.insert(rp("/3/0/9"), 55.0);
         assert_eq!(d.register(4), Code::CREATED);
-        let pts = read_matching(&tele, 4, Duration::from_secs(20), |r| r.value["device_id"] == format!("dev-{name}"));
-        let temp = pts.iter().find(|p| p.value["numeric_values"].get("temperature").is_some()).expect(name);
-        assert_eq!(temp.value["numeric_values"]["temperature"], -12.75, "{name}");
+        let pts = read_matching(&tele, 4, Duration::from_secs(20), |r| {
+            r.value["device_id"] == format!("dev-{name}")
+        });
+        let temp = pts
+            .iter()
+            .find(|p| p.value["numeric_values"].get("temperature").is_some())
+            .expect(name);
+        assert_eq!(
+            temp.value["numeric_values"]["temperature"], -12.75,
+            "{name}"
+        );
         assert_eq!(temp.value["source"]["content_format"], *cf as i64, "{name}");
-        let bat = pts.iter().find(|p| p.value["numeric_values"].get("battery_level").is_some()).expect(name);
+        let bat = pts
+            .iter()
+            .find(|p| p.value["numeric_values"].get("battery_level").is_some())
+            .expect(name);
         assert_eq!(bat.value["numeric_values"]["battery_level"], 55.0, "{name}");
     }
 }
@@ -111,19 +125,28 @@ fn tlv_instance_observation_and_senml_send_with_time() {
     d.sim.values.insert(rp("/3303/0/5700"), 19.5);
     d.sim.values.insert(rp("/3303/0/5601"), 10.0); // unmapped
     assert_eq!(d.register(1), Code::CREATED);
-    assert!(d
-        .requests_seen
-        .iter()
-        .any(|(p, c, _)| p == "/3303/0" && *c == Code::PUT), "Write-Attributes before Observe: {:?}", d.requests_seen);
+    assert!(
+        d.requests_seen
+            .iter()
+            .any(|(p, c, _)| p == "/3303/0" && *c == Code::PUT),
+        "Write-Attributes before Observe: {:?}",
+        d.requests_seen
+    );
     let pts = read_matching(&tele, 1, Duration::from_secs(20), |_| true);
     assert_eq!(pts[0].value["numeric_values"]["temperature"], 19.5);
     assert_eq!(pts[0].value["source"]["path"], "/3303/0");
     assert!(gw.metric("unmapped_values") >= 1);
 
     // LwM2M 1.1 Send with SenML base time: ts is the device's time.
-    let s = d.sim.send(&["/3303/0/5700", "/3304/0/5700"], Some(1_700_000_000.5), false);
+    let s = d.sim.send(
+        &["/3303/0/5700", "/3304/0/5700"],
+        Some(1_700_000_000.5),
+        false,
+    );
     assert_eq!(d.request(&s, Duration::from_secs(5)), Some(Code::CHANGED));
-    let pts = read_matching(&tele, 1, Duration::from_secs(20), |r| r.value["source"]["operation"] == "send");
+    let pts = read_matching(&tele, 1, Duration::from_secs(20), |r| {
+        r.value["source"]["operation"] == "send"
+    });
     let v = &pts[0].value;
     assert_eq!(v["ts"], 1_700_000_000_500i64);
     assert_eq!(v["numeric_values"]["temperature"], 19.5);
@@ -144,7 +167,15 @@ fn update_deregister_expiry_and_reregistration() {
     let del = d.sim.deregister();
     assert_eq!(d.request(&del, Duration::from_secs(5)), Some(Code::DELETED));
     let st = read_matching(&status, 3, Duration::from_secs(20), |_| true);
-    let reasons: Vec<_> = st.iter().map(|r| (r.value["status"].as_str().unwrap().to_string(), r.value["reason"].as_str().unwrap().to_string())).collect();
+    let reasons: Vec<_> = st
+        .iter()
+        .map(|r| {
+            (
+                r.value["status"].as_str().unwrap().to_string(),
+                r.value["reason"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
     assert_eq!(
         reasons,
         vec![
@@ -171,7 +202,11 @@ fn update_deregister_expiry_and_reregistration() {
     let mut b = Device::new("urn:imei:123", gw.coap, 4);
     assert_eq!(b.register(4), Code::CREATED);
     b.pump(Duration::from_millis(300));
-    let observes = b.requests_seen.iter().filter(|(_, c, o)| *c == Code::GET && *o == Some(0)).count();
+    let observes = b
+        .requests_seen
+        .iter()
+        .filter(|(_, c, o)| *c == Code::GET && *o == Some(0))
+        .count();
     assert_eq!(observes, 4);
     assert_eq!(gw.metric("observations_active"), 4);
     assert_eq!(gw.metric("registrations_active"), 1);
@@ -246,7 +281,11 @@ fn ten_thousand_malformed_datagrams_do_not_hurt() {
     std::thread::sleep(Duration::from_millis(500));
     assert!(gw.is_running());
     assert_eq!(gw.metric("datagrams_rx"), 10_000);
-    assert!(gw.metric("malformed") > 5_000, "malformed={}", gw.metric("malformed"));
+    assert!(
+        gw.metric("malformed") > 5_000,
+        "malformed={}",
+        gw.metric("malformed")
+    );
     // Still serving.
     let mut d = Device::new("urn:imei:123", gw.coap, 1);
     assert_eq!(d.register(4), Code::CREATED);
@@ -262,13 +301,18 @@ fn two_shards_spread_devices_and_publish_each_point_once() {
     }
     let gw = Gateway::start(&broker, 2, &prov, "");
     let tele = reader(&broker, &["telemetry.raw.spread"]);
-    let mut devs: Vec<Device> = (0..24).map(|i| Device::new(&format!("urn:spread:{i}"), gw.coap, i as u16 + 100)).collect();
+    let mut devs: Vec<Device> = (0..24)
+        .map(|i| Device::new(&format!("urn:spread:{i}"), gw.coap, i as u16 + 100))
+        .collect();
     for d in devs.iter_mut() {
         assert_eq!(d.register(4), Code::CREATED);
     }
     let per_shard = gw.metric_by_shard("registrations_active");
     assert_eq!(per_shard.len(), 2);
-    assert!(per_shard.iter().all(|n| *n > 0), "devices on both shards: {per_shard:?}");
+    assert!(
+        per_shard.iter().all(|n| *n > 0),
+        "devices on both shards: {per_shard:?}"
+    );
     assert_eq!(per_shard.iter().sum::<i64>(), 24);
     for (i, d) in devs.iter_mut().enumerate() {
         d.sim.values.insert(rp("/3303/0/5700"), 1000.0 + i as f64);
@@ -284,8 +328,16 @@ fn two_shards_spread_devices_and_publish_each_point_once() {
             .count();
         assert_eq!(n, 1, "device {i}");
         let key = format!("spread-{i}");
-        assert!(pts.iter().filter(|p| p.key.as_deref() == Some(key.as_str())).count() == 5);
+        assert!(
+            pts.iter()
+                .filter(|p| p.key.as_deref() == Some(key.as_str()))
+                .count()
+                == 5
+        );
     }
-    let shards_used: std::collections::BTreeSet<i64> = pts.iter().map(|p| p.value["source"]["shard"].as_i64().unwrap()).collect();
+    let shards_used: std::collections::BTreeSet<i64> = pts
+        .iter()
+        .map(|p| p.value["source"]["shard"].as_i64().unwrap())
+        .collect();
     assert_eq!(shards_used.len(), 2);
 }

@@ -87,14 +87,17 @@ fn main() -> anyhow::Result<()> {
     let mut next_notify = Instant::now() + Duration::from_millis(a.interval_ms);
     let mut buf = [0u8; 2048];
     let mut tick: u64 = 0;
-    while !stop.load(Ordering::Relaxed) && (a.seconds == 0 || start.elapsed().as_secs() < a.seconds) {
+    while !stop.load(Ordering::Relaxed) && (a.seconds == 0 || start.elapsed().as_secs() < a.seconds)
+    {
         for d in devs.iter_mut() {
             if !d.registered && d.last_register.elapsed() > Duration::from_secs(3) {
                 d.last_register = Instant::now();
                 let r = d.sim.register();
                 d.sock.send_to(&r, a.server)?;
             }
-            if d.registered && d.last_update.elapsed() > Duration::from_secs((a.lifetime as u64 * 2 / 3).max(1)) {
+            if d.registered
+                && d.last_update.elapsed() > Duration::from_secs((a.lifetime as u64 * 2 / 3).max(1))
+            {
                 d.last_update = Instant::now();
                 let u = d.sim.update(None, false);
                 d.sock.send_to(&u, a.server)?;
@@ -104,7 +107,11 @@ fn main() -> anyhow::Result<()> {
                 if ev.registered {
                     d.registered = true;
                     d.last_update = Instant::now();
-                    println!("{} registered as /rd/{}", d.sim.endpoint, d.sim.location.as_deref().unwrap_or("?"));
+                    println!(
+                        "{} registered as /rd/{}",
+                        d.sim.endpoint,
+                        d.sim.location.as_deref().unwrap_or("?")
+                    );
                 }
                 if let Some((_, code)) = ev.response {
                     if code.class() == 4 {

@@ -45,7 +45,8 @@ pub struct AdminServer {
 
 impl AdminServer {
     pub fn start(listen: SocketAddr, state: AdminState) -> anyhow::Result<AdminServer> {
-        let server = Server::http(listen).map_err(|e| anyhow::anyhow!("admin listen {listen}: {e}"))?;
+        let server =
+            Server::http(listen).map_err(|e| anyhow::anyhow!("admin listen {listen}: {e}"))?;
         let addr = server
             .server_addr()
             .to_ip()
@@ -94,7 +95,12 @@ fn reply(req: Request, status: u16, body: String, json: bool) {
 }
 
 fn error(req: Request, status: u16, msg: &str) {
-    reply(req, status, serde_json::json!({ "error": msg }).to_string(), true)
+    reply(
+        req,
+        status,
+        serde_json::json!({ "error": msg }).to_string(),
+        true,
+    )
 }
 
 fn read_body(req: &mut Request) -> Result<Vec<u8>, String> {
@@ -143,7 +149,12 @@ fn handle(st: &AdminState, mut req: Request) {
             let all = st.directory.all();
             let m: std::collections::BTreeMap<&String, &EndpointEntry> =
                 all.iter().map(|(k, v)| (k, v.as_ref())).collect();
-            reply(req, 200, serde_json::to_string(&m).unwrap_or_default(), true)
+            reply(
+                req,
+                200,
+                serde_json::to_string(&m).unwrap_or_default(),
+                true,
+            )
         }
         (Method::Post, "/v1/endpoints") => {
             let body = match read_body(&mut req) {
@@ -160,22 +171,40 @@ fn handle(st: &AdminState, mut req: Request) {
                     if let Some(h) = &st.on_tenants {
                         h(&tenants);
                     }
-                    reply(req, 200, serde_json::json!({ "upserted": n }).to_string(), true)
+                    reply(
+                        req,
+                        200,
+                        serde_json::json!({ "upserted": n }).to_string(),
+                        true,
+                    )
                 }
                 Err(e) => error(req, 400, &e.to_string()),
             }
         }
         (Method::Post, "/v1/snapshot") => match st.directory.write_snapshot(&st.snapshot_dir) {
-            Ok(()) => reply(req, 200, serde_json::json!({ "written": true }).to_string(), true),
+            Ok(()) => reply(
+                req,
+                200,
+                serde_json::json!({ "written": true }).to_string(),
+                true,
+            ),
             Err(e) => error(req, 500, &e.to_string()),
         },
-        (Method::Get, "/v1/profiles") => {
-            reply(req, 200, serde_json::to_string(&st.profiles.names()).unwrap_or_default(), true)
-        }
+        (Method::Get, "/v1/profiles") => reply(
+            req,
+            200,
+            serde_json::to_string(&st.profiles.names()).unwrap_or_default(),
+            true,
+        ),
         (Method::Post, "/v1/profiles/reload") => match st.profiles.reload() {
             Ok(n) => {
                 tracing::info!(profiles = n, "profiles reloaded (admin API)");
-                reply(req, 200, serde_json::json!({ "profiles": n }).to_string(), true)
+                reply(
+                    req,
+                    200,
+                    serde_json::json!({ "profiles": n }).to_string(),
+                    true,
+                )
             }
             Err(e) => error(req, 400, &e.to_string()),
         },
@@ -183,7 +212,12 @@ fn handle(st: &AdminState, mut req: Request) {
             let ep = pct_decode(&u["/v1/endpoints/".len()..]);
             match method {
                 Method::Get => match st.directory.get(&ep) {
-                    Some(e) => reply(req, 200, serde_json::to_string(&*e).unwrap_or_default(), true),
+                    Some(e) => reply(
+                        req,
+                        200,
+                        serde_json::to_string(&*e).unwrap_or_default(),
+                        true,
+                    ),
                     None => error(req, 404, "no such endpoint"),
                 },
                 Method::Put => {
@@ -202,7 +236,12 @@ fn handle(st: &AdminState, mut req: Request) {
                                 h(&[tenant]);
                             }
                             let code = if existed { 200 } else { 201 };
-                            reply(req, code, serde_json::json!({ "endpoint": ep }).to_string(), true)
+                            reply(
+                                req,
+                                code,
+                                serde_json::json!({ "endpoint": ep }).to_string(),
+                                true,
+                            )
                         }
                         Err(e) => error(req, 400, &e.to_string()),
                     }

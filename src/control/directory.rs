@@ -220,8 +220,7 @@ impl Directory {
     /// Returns whether a file was written.
     pub fn snapshot_if_changed(&self, dir: &Path) -> Result<bool, DirectoryError> {
         let v = self.version();
-        if v == self.persisted_version.load(Ordering::Acquire) && dir.join(SNAPSHOT_FILE).exists()
-        {
+        if v == self.persisted_version.load(Ordering::Acquire) && dir.join(SNAPSHOT_FILE).exists() {
             return Ok(false);
         }
         self.write_snapshot(dir)?;
@@ -237,7 +236,10 @@ impl Directory {
         let map = self.map.load_full();
         let body = SnapshotBody {
             version,
-            endpoints: map.iter().map(|(k, v)| (k.clone(), (**v).clone())).collect(),
+            endpoints: map
+                .iter()
+                .map(|(k, v)| (k.clone(), (**v).clone()))
+                .collect(),
         };
         let body = serde_json::to_vec(&body).map_err(|e| DirectoryError::Io {
             path: dir.to_path_buf(),
@@ -248,12 +250,8 @@ impl Directory {
         let tmp = dir.join("directory.snap.tmp");
         {
             let mut f = fs::File::create(&tmp).map_err(io_err(&tmp))?;
-            write!(
-                f,
-                "{SNAPSHOT_MAGIC}\ncrc32={crc:08x}\nlen={}\n",
-                body.len()
-            )
-            .map_err(io_err(&tmp))?;
+            write!(f, "{SNAPSHOT_MAGIC}\ncrc32={crc:08x}\nlen={}\n", body.len())
+                .map_err(io_err(&tmp))?;
             f.write_all(&body).map_err(io_err(&tmp))?;
             f.sync_all().map_err(io_err(&tmp))?;
         }
@@ -401,9 +399,15 @@ mod tests {
         assert!(from.ends_with(SNAPSHOT_PREV));
 
         // Truncated too: both bad is an error, not an empty directory.
-        fs::write(tmp.path().join(SNAPSHOT_PREV), b"CLWM2M-DIRECTORY v1\ncrc32=0\n").unwrap();
+        fs::write(
+            tmp.path().join(SNAPSHOT_PREV),
+            b"CLWM2M-DIRECTORY v1\ncrc32=0\n",
+        )
+        .unwrap();
         assert!(Directory::load_snapshot(tmp.path()).is_err());
-        assert!(Directory::load_snapshot(&tmp.path().join("none")).unwrap().is_none());
+        assert!(Directory::load_snapshot(&tmp.path().join("none"))
+            .unwrap()
+            .is_none());
     }
 
     #[test]

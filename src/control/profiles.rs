@@ -207,7 +207,10 @@ impl Profile {
                 m.operation.as_str(),
                 "execute" | "read" | "write" | "observe" | "cancel_observe" | "delete" | "create"
             ) {
-                return Err(inv(format!("rpc {method}: unknown operation {}", m.operation)));
+                return Err(inv(format!(
+                    "rpc {method}: unknown operation {}",
+                    m.operation
+                )));
             }
             rpc.insert(method, (m.operation, p));
         }
@@ -261,8 +264,7 @@ impl Profiles {
             .collect();
         files.sort();
         for f in files {
-            let text =
-                std::fs::read_to_string(&f).map_err(|e| ProfileError::Io(f.clone(), e))?;
+            let text = std::fs::read_to_string(&f).map_err(|e| ProfileError::Io(f.clone(), e))?;
             let stem = f.file_stem().and_then(|s| s.to_str()).unwrap_or("profile");
             let p = Profile::from_toml(&f.display().to_string(), &text, stem)?;
             map.insert(p.name.clone(), Arc::new(p));
@@ -309,12 +311,16 @@ mod tests {
     #[test]
     fn default_profile_has_brief_mappings() {
         let p = Profile::builtin_default();
-        let m = p.mapping(&ResourcePath::parse("/3303/0/5700").unwrap()).unwrap();
+        let m = p
+            .mapping(&ResourcePath::parse("/3303/0/5700").unwrap())
+            .unwrap();
         assert_eq!(&*m.metric, "temperature");
         assert_eq!(p.observe.len(), 4);
         assert_eq!(p.rpc["reboot"].1.to_string(), "/3/0/4");
         assert_eq!(
-            &*p.mapping(&ResourcePath::parse("/3/0/9").unwrap()).unwrap().metric,
+            &*p.mapping(&ResourcePath::parse("/3/0/9").unwrap())
+                .unwrap()
+                .metric,
             "battery_level"
         );
     }
@@ -332,9 +338,15 @@ mod tests {
         assert_eq!(ps.reload().unwrap(), 2);
         let t = ps.get("thermo").unwrap();
         assert_eq!(t.observe[0].1, Some(5));
-        std::fs::write(tmp.path().join("bad.toml"), "[[resource]]\npath='/x'\nmetric='a'\n")
-            .unwrap();
+        std::fs::write(
+            tmp.path().join("bad.toml"),
+            "[[resource]]\npath='/x'\nmetric='a'\n",
+        )
+        .unwrap();
         assert!(ps.reload().is_err());
-        assert!(ps.get("thermo").is_some(), "a failed reload keeps the old set");
+        assert!(
+            ps.get("thermo").is_some(),
+            "a failed reload keeps the old set"
+        );
     }
 }

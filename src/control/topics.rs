@@ -54,7 +54,13 @@ impl TopicManager {
         }
         let topics: Vec<NewTopic> = names
             .iter()
-            .map(|n| NewTopic::new(n, self.cfg.topic_partitions.max(1), TopicReplication::Fixed(1)))
+            .map(|n| {
+                NewTopic::new(
+                    n,
+                    self.cfg.topic_partitions.max(1),
+                    TopicReplication::Fixed(1),
+                )
+            })
             .collect();
         let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
         match futures_executor::block_on(self.admin.create_topics(&topics, &opts)) {
@@ -69,7 +75,9 @@ impl TopicManager {
                         Err((t, RDKafkaErrorCode::TopicAlreadyExists)) => {
                             known.insert(t);
                         }
-                        Err((t, e)) => tracing::warn!(topic = %t, error = %e, "topic creation failed"),
+                        Err((t, e)) => {
+                            tracing::warn!(topic = %t, error = %e, "topic creation failed")
+                        }
                     }
                 }
             }

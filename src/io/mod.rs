@@ -156,7 +156,10 @@ fn storage_to_addr(s: &libc::sockaddr_storage, len: libc::socklen_t) -> Option<S
 /// Returns (sent, failed). Never blocks: a full socket buffer drops the rest
 /// (server-initiated CON requests are retransmitted by the engine; replies are
 /// re-sent when the device retransmits).
-pub fn send_batch<'a>(fd: RawFd, items: impl Iterator<Item = (SocketAddr, &'a [u8])>) -> (usize, usize) {
+pub fn send_batch<'a>(
+    fd: RawFd,
+    items: impl Iterator<Item = (SocketAddr, &'a [u8])>,
+) -> (usize, usize) {
     const CHUNK: usize = 64;
     let mut addrs: Vec<SockAddr> = Vec::with_capacity(CHUNK);
     let mut iovs: Vec<libc::iovec> = Vec::with_capacity(CHUNK);

@@ -323,7 +323,10 @@ mod tests {
 
     #[test]
     fn limits() {
-        assert_eq!(decode(&[0x9b, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]), Err(CborError::Truncated));
+        assert_eq!(
+            decode(&[0x9b, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]),
+            Err(CborError::Truncated)
+        );
         let deep = vec![0x81u8; 100];
         assert_eq!(decode(&deep), Err(CborError::Limit));
         assert_eq!(decode(&[0x01, 0x02]), Err(CborError::Trailing));

@@ -586,7 +586,10 @@ mod tests {
 
     #[test]
     fn rejects_format_errors() {
-        assert_eq!(Message::decode(&[0x40, 1]).unwrap_err(), DecodeError::TooShort);
+        assert_eq!(
+            Message::decode(&[0x40, 1]).unwrap_err(),
+            DecodeError::TooShort
+        );
         assert_eq!(
             Message::decode(&[0x80, 1, 0, 0]).unwrap_err(),
             DecodeError::BadVersion(2)
@@ -641,7 +644,10 @@ mod tests {
     #[test]
     fn unknown_critical_option_is_reported() {
         let d = enc(MsgType::Con, Code::GET, 1, &[], &[(9, vec![1])], b"");
-        assert_eq!(Message::decode(&d).unwrap().unknown_critical_option(), Some(9));
+        assert_eq!(
+            Message::decode(&d).unwrap().unknown_critical_option(),
+            Some(9)
+        );
         let d = enc(MsgType::Con, Code::GET, 1, &[], &[(10, vec![1])], b"");
         assert_eq!(Message::decode(&d).unwrap().unknown_critical_option(), None);
     }

@@ -531,9 +531,10 @@ fn decode_senml_json(payload: &[u8], now_ms: i64) -> Result<Vec<ResourceValue>, 
                 "vs" => r.value = Some(Value::Str(text()?)),
                 "vlo" => r.value = Some(Value::Str(text()?)),
                 "vb" => {
-                    r.value = Some(Value::Bool(v.as_bool().ok_or_else(|| {
-                        malformed("SenML JSON", "vb is not a boolean")
-                    })?))
+                    r.value =
+                        Some(Value::Bool(v.as_bool().ok_or_else(|| {
+                            malformed("SenML JSON", "vb is not a boolean")
+                        })?))
                 }
                 "vd" => r.value = Some(Value::Raw(base64url_decode(&text()?)?)),
                 _ => {}
@@ -673,7 +674,8 @@ fn decode_lwm2m_json(
         };
         r.value = if let Some(v) = it.get("v") {
             Some(Value::Number(
-                v.as_f64().ok_or_else(|| malformed(F, "v is not a number"))?,
+                v.as_f64()
+                    .ok_or_else(|| malformed(F, "v is not a number"))?,
             ))
         } else if let Some(v) = it.get("sv") {
             Some(Value::Str(
@@ -683,7 +685,8 @@ fn decode_lwm2m_json(
             ))
         } else if let Some(v) = it.get("bv") {
             Some(Value::Bool(
-                v.as_bool().ok_or_else(|| malformed(F, "bv is not a boolean"))?,
+                v.as_bool()
+                    .ok_or_else(|| malformed(F, "bv is not a boolean"))?,
             ))
         } else {
             it.get("ov")
@@ -789,7 +792,13 @@ mod tests {
         assert_eq!(v[2].value, Value::Str("Cel".into()));
         assert_eq!(v[3].path, p("/3/0/9"));
         // Relative time (RFC 8428 §4.5.3).
-        let v = decode(CF_SENML_JSON, p("/0"), br#"[{"n":"/3/0/9","v":1,"t":-5}]"#, NOW).unwrap();
+        let v = decode(
+            CF_SENML_JSON,
+            p("/0"),
+            br#"[{"n":"/3/0/9","v":1,"t":-5}]"#,
+            NOW,
+        )
+        .unwrap();
         assert_eq!(v[0].time_ms, Some(NOW - 5000));
         // No time given: none reported.
         let v = decode(CF_SENML_JSON, p("/0"), br#"[{"n":"/3/0/9","v":1}]"#, NOW).unwrap();

@@ -82,8 +82,7 @@ pub fn parse_register<'a>(
         match k {
             "ep" => {
                 let v = v.ok_or(ParamError::Invalid("ep"))?;
-                if v.is_empty() || v.len() > MAX_ENDPOINT_LEN || v.chars().any(|c| c.is_control())
-                {
+                if v.is_empty() || v.len() > MAX_ENDPOINT_LEN || v.chars().any(|c| c.is_control()) {
                     return Err(ParamError::Invalid("ep"));
                 }
                 p.endpoint = v.to_string();
@@ -168,7 +167,10 @@ mod tests {
             vec!["ep=a", "lwm2m=9.9"],
         ] {
             let v = q(&bad);
-            assert!(parse_register(v.iter().map(|x| x.as_slice())).is_err(), "{bad:?}");
+            assert!(
+                parse_register(v.iter().map(|x| x.as_slice())).is_err(),
+                "{bad:?}"
+            );
         }
     }
 

@@ -286,7 +286,13 @@ impl Engine {
     // ------------------------------------------------------------ input
 
     /// One datagram from `peer`.
-    pub fn handle_datagram(&mut self, now: Now, peer: SocketAddr, data: &[u8], sink: &mut dyn Sink) {
+    pub fn handle_datagram(
+        &mut self,
+        now: Now,
+        peer: SocketAddr,
+        data: &[u8],
+        sink: &mut dyn Sink,
+    ) {
         ShardMetrics::inc(&self.metrics.datagrams_rx);
         ShardMetrics::add(&self.metrics.bytes_rx, data.len() as u64);
         let msg = match Message::decode(data) {
@@ -331,8 +337,7 @@ impl Engine {
                         // Separate response follows (RFC 7252 §5.2.2); keep
                         // waiting up to EXCHANGE_LIFETIME.
                         p.acked = true;
-                        p.next_at =
-                            now.instant + Duration::from_secs(self.cfg.exchange_lifetime_s);
+                        p.next_at = now.instant + Duration::from_secs(self.cfg.exchange_lifetime_s);
                         self.retx.push(Reverse((p.next_at, tok)));
                     }
                 }
@@ -348,7 +353,13 @@ impl Engine {
         }
     }
 
-    fn handle_request_msg(&mut self, now: Now, peer: SocketAddr, msg: &Message<'_>, sink: &mut dyn Sink) {
+    fn handle_request_msg(
+        &mut self,
+        now: Now,
+        peer: SocketAddr,
+        msg: &Message<'_>,
+        sink: &mut dyn Sink,
+    ) {
         if msg.mtype == MsgType::Ack || msg.mtype == MsgType::Rst {
             // A request must be CON or NON (RFC 7252 §4.2/§4.3).
             ShardMetrics::inc(&self.metrics.malformed);
@@ -360,9 +371,9 @@ impl Engine {
             if con {
                 match c.clone() {
                     Cached::Response(bytes) => self.push_out(peer, |o| o.extend_from_slice(&bytes)),
-                    Cached::EmptyAck | Cached::Seen => {
-                        self.push_out(peer, |o| coap::encode_empty(MsgType::Ack, msg.message_id, o))
-                    }
+                    Cached::EmptyAck | Cached::Seen => self.push_out(peer, |o| {
+                        coap::encode_empty(MsgType::Ack, msg.message_id, o)
+                    }),
                 };
             }
             return;
@@ -384,25 +395,38 @@ impl Engine {
                     .insert(now.instant, peer, msg.message_id, Cached::Response(bytes));
             }
         } else if !busy {
-            self.dedup.insert(now.instant, peer, msg.message_id, Cached::Seen);
+            self.dedup
+                .insert(now.instant, peer, msg.message_id, Cached::Seen);
         }
         if let Some(reg) = then_observe {
             self.start_observations(now, reg, None);
         }
     }
 
-    fn route(&mut self, now: Now, peer: SocketAddr, msg: &Message<'_>, sink: &mut dyn Sink) -> Reply {
+    fn route(
+        &mut self,
+        now: Now,
+        peer: SocketAddr,
+        msg: &Message<'_>,
+        sink: &mut dyn Sink,
+    ) -> Reply {
         let mut path = msg.option_values(opt::URI_PATH);
         let first = path.next();
         let second = path.next();
         let third = path.next();
         match (first, second, third, msg.code) {
             (Some(b"rd"), None, None, Code::POST) => self.handle_register(now, peer, msg, sink),
-            (Some(b"rd"), Some(id), None, Code::POST) => self.handle_update(now, peer, id, msg, sink),
+            (Some(b"rd"), Some(id), None, Code::POST) => {
+                self.handle_update(now, peer, id, msg, sink)
+            }
             (Some(b"rd"), Some(id), None, Code::DELETE) => self.handle_deregister(now, id, sink),
-            (Some(b"rd"), _, None, _) => Reply::error(Code::METHOD_NOT_ALLOWED, "method not allowed"),
+            (Some(b"rd"), _, None, _) => {
+                Reply::error(Code::METHOD_NOT_ALLOWED, "method not allowed")
+            }
             (Some(b"dp"), None, None, Code::POST) => self.handle_send(now, peer, msg, sink),
-            (Some(b"dp"), None, None, _) => Reply::error(Code::METHOD_NOT_ALLOWED, "method not allowed"),
+            (Some(b"dp"), None, None, _) => {
+                Reply::error(Code::METHOD_NOT_ALLOWED, "method not allowed")
+            }
             _ => {
                 ShardMetrics::inc(&self.metrics.requests_not_found);
                 Reply::error(Code::NOT_FOUND, "no such resource")
@@ -416,13 +440,22 @@ impl Engine {
         ShardMetrics::inc(&self.metrics.busy_responses);
         Reply {
             max_age: Some(self.cfg.busy_max_age_s),
-            ..Reply::error(Code::SERVICE_UNAVAILABLE, "telemetry pipeline busy, retry later")
+            ..Reply::error(
+                Code::SERVICE_UNAVAILABLE,
+                "telemetry pipeline busy, retry later",
+            )
         }
     }
 
     /// LwM2M TS 1.1 Transport §6.2.1 Register: `POST /rd?ep=..` → 2.01 Created
     /// with Location-Path `rd/{id}`.
-    fn handle_register(&mut self, now: Now, peer: SocketAddr, msg: &Message<'_>, sink: &mut dyn Sink) -> Reply {
+    fn handle_register(
+        &mut self,
+        now: Now,
+        peer: SocketAddr,
+        msg: &Message<'_>,
+        sink: &mut dyn Sink,
+    ) -> Reply {
         let params = match registration::parse_register(msg.option_values(opt::URI_QUERY)) {
             Ok(p) => p,
             Err(e) => {
@@ -434,7 +467,10 @@ impl Engine {
         if let Some(cf) = msg.content_format() {
             if cf != content::CF_LINK {
                 ShardMetrics::inc(&self.metrics.register_rejected_bad_request);
-                return Reply::error(Code::BAD_REQUEST, "registration payload must be link-format");
+                return Reply::error(
+                    Code::BAD_REQUEST,
+                    "registration payload must be link-format",
+                );
             }
         }
         let links = match link_format::parse_registration(msg.payload) {
@@ -528,7 +564,14 @@ impl Engine {
     }
 
     /// LwM2M TS 1.1 Transport §6.2.2 Update: `POST /rd/{id}?lt=..&b=..`.
-    fn handle_update(&mut self, now: Now, peer: SocketAddr, id: &[u8], msg: &Message<'_>, sink: &mut dyn Sink) -> Reply {
+    fn handle_update(
+        &mut self,
+        now: Now,
+        peer: SocketAddr,
+        id: &[u8],
+        msg: &Message<'_>,
+        sink: &mut dyn Sink,
+    ) -> Reply {
         let Some(reg_id) = std::str::from_utf8(id)
             .ok()
             .and_then(|s| self.by_location.get(s).copied())
@@ -602,8 +645,8 @@ impl Engine {
                 reg.peer = peer;
                 self.by_peer.insert(peer, reg_id);
             }
-            reg.expires_at =
-                now.instant + Duration::from_secs(reg.lifetime_s as u64 + self.cfg.lifetime_grace_s);
+            reg.expires_at = now.instant
+                + Duration::from_secs(reg.lifetime_s as u64 + self.cfg.lifetime_grace_s);
             expires_at = reg.expires_at;
         }
         self.expiry.push(Reverse((expires_at, reg_id)));
@@ -663,7 +706,9 @@ impl Engine {
     /// Sends Write-Attributes (when the profile asks) and Observe for each
     /// profile path the device declared and that is not observed yet.
     fn start_observations(&mut self, now: Now, reg_id: RegId, _only: Option<ResourcePath>) {
-        let Some(reg) = self.regs.get(&reg_id) else { return };
+        let Some(reg) = self.regs.get(&reg_id) else {
+            return;
+        };
         let Some(profile) = self
             .profiles
             .get(&reg.entry.profile)
@@ -675,13 +720,12 @@ impl Engine {
             .observations
             .iter()
             .filter_map(|t| {
-                self.observations
-                    .get(t)
-                    .map(|o| o.path)
-                    .or_else(|| match self.pending.get(t).map(|p| p.purpose) {
+                self.observations.get(t).map(|o| o.path).or_else(|| {
+                    match self.pending.get(t).map(|p| p.purpose) {
                         Some(Purpose::Observe(p)) => Some(p),
                         _ => None,
-                    })
+                    }
+                })
             })
             .collect();
         let todo: Vec<_> = profile
@@ -701,10 +745,26 @@ impl Engine {
                 if let Some(v) = pmax {
                     q.push(format!("pmax={v}"));
                 }
-                self.send_request(now, reg_id, Code::PUT, path, &q, None, Purpose::WriteAttributes);
+                self.send_request(
+                    now,
+                    reg_id,
+                    Code::PUT,
+                    path,
+                    &q,
+                    None,
+                    Purpose::WriteAttributes,
+                );
             }
             // RFC 7641 §3.1 / LwM2M Information Reporting Observe: GET with Observe=0.
-            if let Some(tok) = self.send_request(now, reg_id, Code::GET, path, &[], Some(0), Purpose::Observe(path)) {
+            if let Some(tok) = self.send_request(
+                now,
+                reg_id,
+                Code::GET,
+                path,
+                &[],
+                Some(0),
+                Purpose::Observe(path),
+            ) {
                 if let Some(reg) = self.regs.get_mut(&reg_id) {
                     reg.observations.push(tok);
                 }
@@ -740,7 +800,10 @@ impl Engine {
             .map(str::to_string)
             .collect();
         segs.push(path.object.to_string());
-        for id in [path.instance, path.resource, path.resource_instance].into_iter().flatten() {
+        for id in [path.instance, path.resource, path.resource_instance]
+            .into_iter()
+            .flatten()
+        {
             segs.push(id.to_string());
         }
         let tok = token.to_be_bytes();
@@ -804,7 +867,13 @@ impl Engine {
         }
     }
 
-    fn handle_response_msg(&mut self, now: Now, peer: SocketAddr, msg: &Message<'_>, sink: &mut dyn Sink) {
+    fn handle_response_msg(
+        &mut self,
+        now: Now,
+        peer: SocketAddr,
+        msg: &Message<'_>,
+        sink: &mut dyn Sink,
+    ) {
         let tok = token_id(msg.token);
         // A response to one of our requests (piggybacked in an ACK, or separate).
         let pending_tok = match msg.mtype {
@@ -816,14 +885,19 @@ impl Engine {
             _ => tok.filter(|t| self.pending.contains_key(t)),
         };
         if let Some(t) = pending_tok {
-            if msg.mtype == MsgType::Con {
-                if self.dedup.check(now.instant, &peer, msg.message_id).is_some() {
-                    ShardMetrics::inc(&self.metrics.duplicates);
-                    self.send_empty(peer, MsgType::Ack, msg.message_id);
-                    return;
-                }
+            if msg.mtype == MsgType::Con
+                && self
+                    .dedup
+                    .check(now.instant, &peer, msg.message_id)
+                    .is_some()
+            {
+                ShardMetrics::inc(&self.metrics.duplicates);
+                self.send_empty(peer, MsgType::Ack, msg.message_id);
+                return;
             }
-            let Some(p) = self.pending.remove(&t) else { return };
+            let Some(p) = self.pending.remove(&t) else {
+                return;
+            };
             self.pending_by_mid.remove(&(p.peer, p.mid));
             let outcome = self.complete_pending(now, peer, t, p, msg, sink);
             self.answer_notification(now, peer, msg, outcome);
@@ -834,7 +908,11 @@ impl Engine {
             return;
         }
         // CON/NON response: a notification?
-        if self.dedup.check(now.instant, &peer, msg.message_id).is_some() {
+        if self
+            .dedup
+            .check(now.instant, &peer, msg.message_id)
+            .is_some()
+        {
             ShardMetrics::inc(&self.metrics.duplicates);
             if msg.mtype == MsgType::Con {
                 self.send_empty(peer, MsgType::Ack, msg.message_id);
@@ -854,14 +932,22 @@ impl Engine {
         self.answer_notification(now, peer, msg, outcome);
     }
 
-    fn answer_notification(&mut self, now: Now, peer: SocketAddr, msg: &Message<'_>, outcome: NotifyOutcome) {
+    fn answer_notification(
+        &mut self,
+        now: Now,
+        peer: SocketAddr,
+        msg: &Message<'_>,
+        outcome: NotifyOutcome,
+    ) {
         match (outcome, msg.mtype) {
             (NotifyOutcome::Ack, MsgType::Con) => {
                 self.send_empty(peer, MsgType::Ack, msg.message_id);
-                self.dedup.insert(now.instant, peer, msg.message_id, Cached::EmptyAck);
+                self.dedup
+                    .insert(now.instant, peer, msg.message_id, Cached::EmptyAck);
             }
             (NotifyOutcome::Ack, MsgType::Non) => {
-                self.dedup.insert(now.instant, peer, msg.message_id, Cached::Seen);
+                self.dedup
+                    .insert(now.instant, peer, msg.message_id, Cached::Seen);
             }
             // RFC 7641 §3.6: a notification we have no interest in is rejected
             // with RST, which removes the observer on the device.
@@ -922,7 +1008,14 @@ impl Engine {
         }
     }
 
-    fn handle_notification(&mut self, now: Now, peer: SocketAddr, token: TokenId, msg: &Message<'_>, sink: &mut dyn Sink) -> NotifyOutcome {
+    fn handle_notification(
+        &mut self,
+        now: Now,
+        peer: SocketAddr,
+        token: TokenId,
+        msg: &Message<'_>,
+        sink: &mut dyn Sink,
+    ) -> NotifyOutcome {
         let Some(obs) = self.observations.get(&token) else {
             return NotifyOutcome::Reject;
         };
@@ -980,14 +1073,23 @@ impl Engine {
     }
 
     /// LwM2M 1.1 Send (TS 1.1 Transport §6.4.? "Send", `POST /dp`, SenML).
-    fn handle_send(&mut self, now: Now, peer: SocketAddr, msg: &Message<'_>, sink: &mut dyn Sink) -> Reply {
+    fn handle_send(
+        &mut self,
+        now: Now,
+        peer: SocketAddr,
+        msg: &Message<'_>,
+        sink: &mut dyn Sink,
+    ) -> Reply {
         ShardMetrics::inc(&self.metrics.send_rx);
         let Some(reg_id) = self.by_peer.get(&peer).copied() else {
             return Reply::error(Code::NOT_FOUND, "not registered");
         };
         let cf = msg.content_format().unwrap_or(content::CF_SENML_CBOR);
         if !matches!(cf, content::CF_SENML_JSON | content::CF_SENML_CBOR) {
-            return Reply::error(Code::UNSUPPORTED_CONTENT_FORMAT, "Send takes SenML JSON or CBOR");
+            return Reply::error(
+                Code::UNSUPPORTED_CONTENT_FORMAT,
+                "Send takes SenML JSON or CBOR",
+            );
         }
         let root = ResourcePath {
             object: 0,
@@ -1007,7 +1109,15 @@ impl Engine {
 
     /// Decodes a payload, maps it through the device profile and publishes the
     /// resulting TelemetryPoints (one per distinct timestamp), all or nothing.
-    fn publish_payload(&mut self, now: Now, reg_id: RegId, base: ResourcePath, msg: &Message<'_>, operation: &'static str, sink: &mut dyn Sink) -> NotifyOutcome {
+    fn publish_payload(
+        &mut self,
+        now: Now,
+        reg_id: RegId,
+        base: ResourcePath,
+        msg: &Message<'_>,
+        operation: &'static str,
+        sink: &mut dyn Sink,
+    ) -> NotifyOutcome {
         let Some(reg) = self.regs.get(&reg_id) else {
             return NotifyOutcome::Reject;
         };
@@ -1060,7 +1170,11 @@ impl Engine {
                 source: PointSource {
                     protocol: "lwm2m",
                     operation,
-                    path: if operation == "send" { "/dp".into() } else { path.clone() },
+                    path: if operation == "send" {
+                        "/dp".into()
+                    } else {
+                        path.clone()
+                    },
                     content_format: cf,
                     observe_seq: seq,
                     shard: self.shard,
@@ -1086,7 +1200,9 @@ impl Engine {
                 break;
             }
             self.retx.pop();
-            let Some(p) = self.pending.get_mut(&tok) else { continue };
+            let Some(p) = self.pending.get_mut(&tok) else {
+                continue;
+            };
             if p.next_at != at {
                 continue;
             }
@@ -1112,14 +1228,18 @@ impl Engine {
                 break;
             }
             self.expiry.pop();
-            let due = self.regs.get(&id).is_some_and(|r| r.expires_at <= now.instant);
+            let due = self
+                .regs
+                .get(&id)
+                .is_some_and(|r| r.expires_at <= now.instant);
             if !due {
                 continue;
             }
             if let Some(reg) = self.remove_registration(id) {
                 ShardMetrics::inc(&self.metrics.expirations);
                 tracing::debug!(endpoint = %reg.endpoint, "registration expired");
-                self.deferred.push_back(deferred(&reg, "offline", "expired"));
+                self.deferred
+                    .push_back(deferred(&reg, "offline", "expired"));
             }
         }
         while let Some(d) = self.deferred.front() {
@@ -1158,7 +1278,10 @@ impl Engine {
             self.next_sweep = Some(now.instant + Duration::from_secs(5));
         }
         ShardMetrics::set(&self.metrics.registrations_active, self.regs.len() as i64);
-        ShardMetrics::set(&self.metrics.observations_active, self.observations.len() as i64);
+        ShardMetrics::set(
+            &self.metrics.observations_active,
+            self.observations.len() as i64,
+        );
         ShardMetrics::set(&self.metrics.pending_requests, self.pending.len() as i64);
     }
 
@@ -1228,7 +1351,12 @@ fn deferred(reg: &Registration, status: &'static str, reason: &'static str) -> D
     }
 }
 
-fn publish_status(sink: &mut dyn Sink, reg: &Registration, status: &'static str, reason: &'static str) -> Result<(), SinkError> {
+fn publish_status(
+    sink: &mut dyn Sink,
+    reg: &Registration,
+    status: &'static str,
+    reason: &'static str,
+) -> Result<(), SinkError> {
     sink.publish_status(&StatusEvent {
         tenant_id: &reg.entry.tenant_id,
         device_id: &reg.entry.device_id,
@@ -1251,7 +1379,11 @@ struct PointValues<'p> {
 /// Maps values to metrics; groups them by timestamp. Returns the points, the
 /// number of unmapped values and the number of values that did not convert to
 /// the metric's kind.
-fn build_points<'p>(profile: &'p Profile, values: &[ResourceValue], now_ms: i64) -> (Vec<(i64, PointValues<'p>)>, usize, usize) {
+fn build_points<'p>(
+    profile: &'p Profile,
+    values: &[ResourceValue],
+    now_ms: i64,
+) -> (Vec<(i64, PointValues<'p>)>, usize, usize) {
     let mut points: Vec<(i64, PointValues<'p>)> = Vec::new();
     let (mut unmapped, mut bad) = (0, 0);
     for v in values {

@@ -69,7 +69,9 @@ pub fn start(
     shutdown: Arc<AtomicBool>,
 ) -> anyhow::Result<Shards> {
     let n = cfg.shard_count();
-    let ncpu = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let ncpu = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     io::raise_memlock(64 << 20);
     // Bind every socket up front so configuration errors surface here, and
     // bind the first on the configured port (possibly 0) and the rest on the
@@ -77,8 +79,12 @@ pub fn start(
     let mut sockets = Vec::with_capacity(n);
     let mut addr = cfg.gateway.listen;
     for _ in 0..n {
-        let s = io::bind_reuseport(addr, cfg.gateway.socket_recv_buffer, cfg.gateway.socket_send_buffer)
-            .map_err(|e| anyhow::anyhow!("binding UDP {addr}: {e}"))?;
+        let s = io::bind_reuseport(
+            addr,
+            cfg.gateway.socket_recv_buffer,
+            cfg.gateway.socket_send_buffer,
+        )
+        .map_err(|e| anyhow::anyhow!("binding UDP {addr}: {e}"))?;
         if addr.port() == 0 {
             addr = s
                 .local_addr()?
@@ -89,12 +95,20 @@ pub fn start(
     }
     let (txs, rxs): (Vec<Sender<ShardMsg>>, Vec<Receiver<ShardMsg>>) =
         (0..n).map(|_| crossbeam_channel::unbounded()).unzip();
-    let metrics: Vec<Arc<ShardMetrics>> = (0..n).map(|_| Arc::new(ShardMetrics::default())).collect();
+    let metrics: Vec<Arc<ShardMetrics>> =
+        (0..n).map(|_| Arc::new(ShardMetrics::default())).collect();
     let mut joins = Vec::with_capacity(n);
     for (i, (sock, rx)) in sockets.into_iter().zip(rxs).enumerate() {
         let cpu = cfg.gateway.cpus.get(i).copied().unwrap_or(i % ncpu);
         let sink = KafkaSink::new(&cfg.kafka, i, metrics[i].clone())?;
-        let engine = Engine::new(i, n, cfg.coap.clone(), directory.clone(), profiles.clone(), metrics[i].clone());
+        let engine = Engine::new(
+            i,
+            n,
+            cfg.coap.clone(),
+            directory.clone(),
+            profiles.clone(),
+            metrics[i].clone(),
+        );
         let peers = txs.clone();
         let shutdown = shutdown.clone();
         let gw = cfg.gateway.clone();
@@ -167,7 +181,8 @@ async fn run_shard(
                 let mut st = recv_state.borrow_mut();
                 let st = &mut *st;
                 let t = now();
-                st.engine.handle_datagram(t, peer, &first[..n], &mut st.sink);
+                st.engine
+                    .handle_datagram(t, peer, &first[..n], &mut st.sink);
                 // Drain whatever else is queued, a batch at a time, bounded so
                 // the tick task (timers, producer poll) is never starved.
                 for _ in 0..32 {

@@ -77,7 +77,11 @@ pub struct KafkaSink {
 }
 
 impl KafkaSink {
-    pub fn new(k: &KafkaConfig, shard: usize, metrics: Arc<ShardMetrics>) -> anyhow::Result<KafkaSink> {
+    pub fn new(
+        k: &KafkaConfig,
+        shard: usize,
+        metrics: Arc<ShardMetrics>,
+    ) -> anyhow::Result<KafkaSink> {
         let mut cfg = client_config(k);
         cfg.set("client.id", format!("{}-shard{shard}", k.client_id));
         let producer = cfg.create_with_context(ShardContext {
@@ -126,7 +130,10 @@ impl KafkaSink {
     /// Serves delivery callbacks; call often from the shard.
     pub fn poll(&self) {
         self.producer.poll(Duration::ZERO);
-        ShardMetrics::set(&self.metrics.kafka_queue, self.producer.in_flight_count() as i64);
+        ShardMetrics::set(
+            &self.metrics.kafka_queue,
+            self.producer.in_flight_count() as i64,
+        );
     }
 
     /// Waits (bounded) for queued records to be delivered.

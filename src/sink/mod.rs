@@ -116,7 +116,8 @@ impl Sink for MemorySink {
         if let Some(c) = &mut self.capacity {
             *c -= 1;
         }
-        self.telemetry.push(serde_json::to_value(p).map_err(|_| SinkError::Rejected)?);
+        self.telemetry
+            .push(serde_json::to_value(p).map_err(|_| SinkError::Rejected)?);
         Ok(())
     }
     fn publish_status(&mut self, e: &StatusEvent<'_>) -> Result<(), SinkError> {
@@ -126,7 +127,8 @@ impl Sink for MemorySink {
         if let Some(c) = &mut self.capacity {
             *c -= 1;
         }
-        self.status.push(serde_json::to_value(e).map_err(|_| SinkError::Rejected)?);
+        self.status
+            .push(serde_json::to_value(e).map_err(|_| SinkError::Rejected)?);
         Ok(())
     }
 }

@@ -18,11 +18,19 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub fn free_tcp_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn tansu_bin() -> PathBuf {
@@ -80,12 +88,23 @@ impl Broker {
         let log = std::fs::File::create(self.dir.join("broker.log")).unwrap();
         let child = Command::new(tansu_bin())
             .current_dir(&self.dir)
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
             .args(["--storage-engine", &self.storage])
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start tansu ({}): {e}; run scripts/setup", tansu_bin().display()));
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start tansu ({}): {e}; run scripts/setup",
+                    tansu_bin().display()
+                )
+            });
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         while TcpStream::connect(self.addr()).is_err() {
@@ -105,12 +124,12 @@ impl Broker {
 impl Drop for Broker {
     fn drop(&mut self) {
         self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
 pub fn tempdir() -> PathBuf {
-    let d = tempfile::tempdir().unwrap().keep();
-    d
+    tempfile::tempdir().unwrap().keep()
 }
 
 pub struct Gateway {
@@ -268,6 +287,7 @@ impl Drop for Gateway {
             let _ = c.kill();
             let _ = c.wait();
         }
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -303,7 +323,12 @@ fn merge_toml(s: &str) -> String {
 }
 
 /// Minimal HTTP/1.1 client for the admin API.
-pub fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> std::io::Result<(u16, String)> {
+pub fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     write!(
@@ -318,7 +343,10 @@ pub fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> std::io::
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let body = resp.split_once("\r\n\r\n").map(|x| x.1.to_string()).unwrap_or_default();
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_string())
+        .unwrap_or_default();
     Ok((code, body))
 }
 
@@ -334,7 +362,8 @@ pub struct Device {
 impl Device {
     pub fn new(endpoint: &str, server: SocketAddr, seed: u16) -> Device {
         let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
-        sock.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
         Device {
             sim: SimDevice::new(endpoint, seed),
             sock,
@@ -362,7 +391,11 @@ impl Device {
                             .option_values(11)
                             .map(|s| String::from_utf8_lossy(s).into_owned())
                             .collect();
-                        self.requests_seen.push((format!("/{}", path.join("/")), m.code, m.observe()));
+                        self.requests_seen.push((
+                            format!("/{}", path.join("/")),
+                            m.code,
+                            m.observe(),
+                        ));
                     }
                 }
                 let ev = self.sim.handle(&d);
@@ -405,13 +438,19 @@ impl Device {
     /// Registers and waits until `n_obs` observations are established.
     pub fn register(&mut self, n_obs: usize) -> Code {
         let r = self.sim.register();
-        let code = self.request(&r, Duration::from_secs(10)).expect("no answer to Register");
+        let code = self
+            .request(&r, Duration::from_secs(10))
+            .expect("no answer to Register");
         if code == Code::CREATED {
             let deadline = Instant::now() + Duration::from_secs(10);
             while self.sim.observations.len() < n_obs && Instant::now() < deadline {
                 self.pump(Duration::from_millis(20));
             }
-            assert!(self.sim.observations.len() >= n_obs, "observations not established: {:?}", self.sim.observations);
+            assert!(
+                self.sim.observations.len() >= n_obs,
+                "observations not established: {:?}",
+                self.sim.observations
+            );
         }
         code
     }
@@ -454,11 +493,20 @@ pub fn reader(broker: &Broker, topics: &[&str]) -> TopicReader {
 }
 
 /// Reads until `want` records match `pred`, or `timeout`.
-pub fn read_matching(r: &TopicReader, want: usize, timeout: Duration, pred: impl Fn(&Record) -> bool) -> Vec<Record> {
+pub fn read_matching(
+    r: &TopicReader,
+    want: usize,
+    timeout: Duration,
+    pred: impl Fn(&Record) -> bool,
+) -> Vec<Record> {
     let deadline = Instant::now() + timeout;
     let mut got = Vec::new();
     while got.len() < want && Instant::now() < deadline {
-        got.extend(r.read(usize::MAX, Duration::from_millis(200)).into_iter().filter(|x| pred(x)));
+        got.extend(
+            r.read(usize::MAX, Duration::from_millis(200))
+                .into_iter()
+                .filter(|x| pred(x)),
+        );
     }
     got
 }

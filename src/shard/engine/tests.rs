@@ -78,7 +78,12 @@ impl Harness {
     }
     /// Delivers engine output to the device and device replies to the engine
     /// until quiet.
-    fn pump(&mut self, peer: SocketAddr, dev: &mut SimDevice, mut inbound: Vec<Vec<u8>>) -> SimEvents {
+    fn pump(
+        &mut self,
+        peer: SocketAddr,
+        dev: &mut SimDevice,
+        mut inbound: Vec<Vec<u8>>,
+    ) -> SimEvents {
         let mut all = SimEvents::default();
         for _ in 0..20 {
             if inbound.is_empty() {
@@ -164,12 +169,16 @@ fn notification_becomes_telemetry_point_con_acked_once() {
     let mut dev = SimDevice::new("urn:imei:123", 1);
     h.register(addr(1000), &mut dev);
     h.sink.telemetry.clear();
-    dev.values.insert(ResourcePath::parse("/3303/0/5700").unwrap(), 23.25);
+    dev.values
+        .insert(ResourcePath::parse("/3303/0/5700").unwrap(), 23.25);
     let (mid, n) = dev.notify("/3303/0/5700", true).unwrap();
     let out = h.input(addr(1000), &n);
     assert_eq!(out.len(), 1);
     let ack = Message::decode(&out[0]).unwrap();
-    assert_eq!((ack.mtype, ack.code, ack.message_id), (MsgType::Ack, Code::EMPTY, mid));
+    assert_eq!(
+        (ack.mtype, ack.code, ack.message_id),
+        (MsgType::Ack, Code::EMPTY, mid)
+    );
     assert_eq!(h.sink.telemetry.len(), 1);
     assert_eq!(h.sink.telemetry[0]["numeric_values"]["temperature"], 23.25);
     assert_eq!(h.sink.telemetry[0]["ts"], WALL0);
@@ -211,8 +220,14 @@ fn register_errors() {
     // Update / De-register of an unknown location → 4.04.
     let mut d3 = SimDevice::new("urn:imei:123", 3);
     d3.location = Some("0000000000000000".into());
-    assert_eq!(code_of(&h.input(addr(3), &d3.update(None, false))[0]), Code::NOT_FOUND);
-    assert_eq!(code_of(&h.input(addr(3), &d3.deregister())[0]), Code::NOT_FOUND);
+    assert_eq!(
+        code_of(&h.input(addr(3), &d3.update(None, false))[0]),
+        Code::NOT_FOUND
+    );
+    assert_eq!(
+        code_of(&h.input(addr(3), &d3.deregister())[0]),
+        Code::NOT_FOUND
+    );
 }
 
 #[test]
@@ -233,7 +248,10 @@ fn update_and_deregister() {
     let out = h.input(addr(1000), &dev.deregister());
     assert_eq!(code_of(&out[0]), Code::DELETED);
     let s = h.sink.status.last().unwrap();
-    assert_eq!((s["status"].as_str(), s["reason"].as_str()), (Some("offline"), Some("deregistered")));
+    assert_eq!(
+        (s["status"].as_str(), s["reason"].as_str()),
+        (Some("offline"), Some("deregistered"))
+    );
     assert_eq!(h.engine.registration_count(), 0);
     assert_eq!(h.engine.observation_count(), 0);
     // A notification on the dead observation is rejected with RST.
@@ -256,7 +274,10 @@ fn lifetime_expiry_publishes_offline_expired() {
     h.advance(Duration::from_secs(2));
     assert_eq!(h.engine.registration_count(), 0);
     let s = h.sink.status.last().unwrap();
-    assert_eq!((s["status"].as_str(), s["reason"].as_str()), (Some("offline"), Some("expired")));
+    assert_eq!(
+        (s["status"].as_str(), s["reason"].as_str()),
+        (Some("offline"), Some("expired"))
+    );
     assert_eq!(h.metric("expirations"), 1);
 }
 
@@ -274,7 +295,10 @@ fn reregistration_replaces_old_without_duplicate_observations() {
     assert_eq!(h.engine.observation_count(), 4);
     assert_eq!(h.metric("registrations_replaced"), 1);
     // Old location is gone.
-    assert_eq!(code_of(&h.input(addr(1000), &dev.update(None, false))[0]), Code::NOT_FOUND);
+    assert_eq!(
+        code_of(&h.input(addr(1000), &dev.update(None, false))[0]),
+        Code::NOT_FOUND
+    );
 }
 
 #[test]
@@ -295,7 +319,14 @@ fn ping_malformed_and_critical_options() {
     let mut m = Vec::new();
     let mut opts: Vec<(u16, &[u8])> = vec![(opt::URI_PATH, b"rd"), (9, b"x")];
     coap::encode(
-        Outgoing { mtype: MsgType::Con, code: Code::POST, message_id: 9, token: &[1], options: &mut opts, payload: b"" },
+        Outgoing {
+            mtype: MsgType::Con,
+            code: Code::POST,
+            message_id: 9,
+            token: &[1],
+            options: &mut opts,
+            payload: b"",
+        },
         &mut m,
     );
     assert_eq!(code_of(&h.input(addr(5), &m)[0]), Code::BAD_OPTION);
@@ -303,7 +334,14 @@ fn ping_malformed_and_critical_options() {
     let mut m = Vec::new();
     let mut opts: Vec<(u16, &[u8])> = vec![(opt::URI_PATH, b"nope")];
     coap::encode(
-        Outgoing { mtype: MsgType::Con, code: Code::GET, message_id: 10, token: &[], options: &mut opts, payload: b"" },
+        Outgoing {
+            mtype: MsgType::Con,
+            code: Code::GET,
+            message_id: 10,
+            token: &[],
+            options: &mut opts,
+            payload: b"",
+        },
         &mut m,
     );
     assert_eq!(code_of(&h.input(addr(5), &m)[0]), Code::NOT_FOUND);
@@ -388,16 +426,24 @@ fn every_content_format_maps_to_metrics() {
         dev.format = cf;
         h.register(addr(1000), &mut dev);
         h.sink.telemetry.clear();
-        dev.values.insert(ResourcePath::parse("/3303/0/5700").unwrap(), -7.5);
-        dev.values.insert(ResourcePath::parse("/3/0/9").unwrap(), 42.0);
+        dev.values
+            .insert(ResourcePath::parse("/3303/0/5700").unwrap(), -7.5);
+        dev.values
+            .insert(ResourcePath::parse("/3/0/9").unwrap(), 42.0);
         let (_, n) = dev.notify("/3303/0/5700", false).unwrap();
         h.input(addr(1000), &n);
         let (_, n) = dev.notify("/3/0/9", false).unwrap();
         h.input(addr(1000), &n);
         assert_eq!(h.sink.telemetry.len(), 2, "cf {cf}");
-        assert_eq!(h.sink.telemetry[0]["numeric_values"]["temperature"], -7.5, "cf {cf}");
+        assert_eq!(
+            h.sink.telemetry[0]["numeric_values"]["temperature"], -7.5,
+            "cf {cf}"
+        );
         assert_eq!(h.sink.telemetry[0]["source"]["content_format"], cf);
-        assert_eq!(h.sink.telemetry[1]["numeric_values"]["battery_level"], 42.0, "cf {cf}");
+        assert_eq!(
+            h.sink.telemetry[1]["numeric_values"]["battery_level"], 42.0,
+            "cf {cf}"
+        );
     }
 }
 
@@ -423,11 +469,21 @@ fn takeover_from_another_shard_drops_registration_silently() {
     let mut h = Harness::with_shards(2, 0);
     let mut dev = SimDevice::new("urn:imei:123", 1);
     h.register(addr(1000), &mut dev);
-    assert!(matches!(h.engine.poll_broadcast(), Some(ShardMsg::Takeover { .. })));
+    assert!(matches!(
+        h.engine.poll_broadcast(),
+        Some(ShardMsg::Takeover { .. })
+    ));
     let statuses = h.sink.status.len();
-    h.engine.handle_control(ShardMsg::Takeover { endpoint: "urn:imei:123".into(), shard: 1 });
+    h.engine.handle_control(ShardMsg::Takeover {
+        endpoint: "urn:imei:123".into(),
+        shard: 1,
+    });
     assert_eq!(h.engine.registration_count(), 0);
-    assert_eq!(h.sink.status.len(), statuses, "no offline event: it is online elsewhere");
+    assert_eq!(
+        h.sink.status.len(),
+        statuses,
+        "no offline event: it is online elsewhere"
+    );
 }
 
 #[test]
@@ -445,7 +501,11 @@ fn random_datagrams_never_panic() {
             (0..n).map(|_| rng.gen()).collect()
         } else {
             // Mutate a valid notification / register.
-            let mut v = if i % 4 == 1 { valid.clone() } else { dev.register() };
+            let mut v = if i % 4 == 1 {
+                valid.clone()
+            } else {
+                dev.register()
+            };
             for _ in 0..rng.gen_range(1..4) {
                 let k = rng.gen_range(0..v.len());
                 v[k] = rng.gen();
