@@ -216,6 +216,21 @@ pub fn send_batch<'a>(
     (sent, failed)
 }
 
+/// CPUs this process may run on (sched_getaffinity), in ascending order. In a
+/// container with a cpuset these are not necessarily 0..N.
+pub fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: cpu_set_t is a plain bitmask; sched_getaffinity fills it.
+    unsafe {
+        let mut set: libc::cpu_set_t = zeroed();
+        if libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Vec::new();
+        }
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|c| libc::CPU_ISSET(*c, &set))
+            .collect()
+    }
+}
+
 /// Raises RLIMIT_MEMLOCK (io_uring buffers) as far as allowed; returns the limit.
 pub fn raise_memlock(want: u64) -> u64 {
     // SAFETY: plain getrlimit/setrlimit on a local struct.

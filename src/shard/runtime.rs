@@ -69,9 +69,10 @@ pub fn start(
     shutdown: Arc<AtomicBool>,
 ) -> anyhow::Result<Shards> {
     let n = cfg.shard_count();
-    let ncpu = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
+    let mut allowed = io::allowed_cpus();
+    if allowed.is_empty() {
+        allowed.push(0);
+    }
     io::raise_memlock(64 << 20);
     // Bind every socket up front so configuration errors surface here, and
     // bind the first on the configured port (possibly 0) and the rest on the
@@ -99,7 +100,12 @@ pub fn start(
         (0..n).map(|_| Arc::new(ShardMetrics::default())).collect();
     let mut joins = Vec::with_capacity(n);
     for (i, (sock, rx)) in sockets.into_iter().zip(rxs).enumerate() {
-        let cpu = cfg.gateway.cpus.get(i).copied().unwrap_or(i % ncpu);
+        let cpu = cfg
+            .gateway
+            .cpus
+            .get(i)
+            .copied()
+            .unwrap_or(allowed[i % allowed.len()]);
         let sink = KafkaSink::new(&cfg.kafka, i, metrics[i].clone())?;
         let engine = Engine::new(
             i,
