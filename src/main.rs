@@ -121,7 +121,15 @@ fn run(args: Args) -> anyhow::Result<()> {
             .collect();
         tenants.sort();
         tenants.dedup();
-        tm.ensure(&tenants);
+        // In the background: a broker that is down must not delay start-up.
+        let bg = tm.clone();
+        std::thread::Builder::new()
+            .name("topic-setup".into())
+            .spawn(move || {
+                while !bg.ensure(&tenants) {
+                    std::thread::sleep(Duration::from_secs(5));
+                }
+            })?;
         Some(tm)
     } else {
         None
@@ -130,7 +138,9 @@ fn run(args: Args) -> anyhow::Result<()> {
     let shutdown = Arc::new(AtomicBool::new(false));
     let shards = runtime::start(&cfg, directory.clone(), profiles.clone(), shutdown.clone())?;
     let on_tenants: Option<TenantHook> = topics.map(|tm| {
-        let h: TenantHook = Arc::new(move |t: &[String]| tm.ensure(t));
+        let h: TenantHook = Arc::new(move |t: &[String]| {
+            tm.ensure(t);
+        });
         h
     });
     let admin = AdminServer::start(

@@ -34,9 +34,10 @@ impl TopicManager {
         })
     }
 
-    /// Ensures both topics of each tenant exist. Errors are logged, not fatal:
-    /// the producer retries until the topic appears or the message times out.
-    pub fn ensure(&self, tenants: &[String]) {
+    /// Ensures both topics of each tenant exist; returns true when they all do.
+    /// Errors are logged, not fatal: the producer retries until the topic
+    /// appears or the message times out.
+    pub fn ensure(&self, tenants: &[String]) -> bool {
         let mut names = Vec::new();
         {
             let known = self.known.lock().unwrap_or_else(|p| p.into_inner());
@@ -50,7 +51,7 @@ impl TopicManager {
             }
         }
         if names.is_empty() {
-            return;
+            return true;
         }
         let topics: Vec<NewTopic> = names
             .iter()
@@ -62,9 +63,12 @@ impl TopicManager {
                 )
             })
             .collect();
-        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        let opts = AdminOptions::new()
+            .operation_timeout(Some(Duration::from_secs(10)))
+            .request_timeout(Some(Duration::from_secs(10)));
         match futures_executor::block_on(self.admin.create_topics(&topics, &opts)) {
             Ok(results) => {
+                let mut ok = true;
                 let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
                 for r in results {
                     match r {
@@ -76,12 +80,17 @@ impl TopicManager {
                             known.insert(t);
                         }
                         Err((t, e)) => {
-                            tracing::warn!(topic = %t, error = %e, "topic creation failed")
+                            ok = false;
+                            tracing::warn!(topic = %t, error = %e, "topic creation failed");
                         }
                     }
                 }
+                ok
             }
-            Err(e) => tracing::warn!(error = %e, "topic creation request failed (broker down?)"),
+            Err(e) => {
+                tracing::warn!(error = %e, "topic creation request failed (broker down?); will retry");
+                false
+            }
         }
     }
 }

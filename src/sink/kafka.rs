@@ -26,7 +26,17 @@ pub struct ShardContext {
 
 impl ClientContext for ShardContext {
     fn error(&self, error: KafkaError, reason: &str) {
-        tracing::warn!(shard = self.shard, %error, reason, "kafka client error");
+        // librdkafka logs transport failures itself; surface only the state
+        // an operator acts on (no broker reachable) at warn level.
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+            tracing::warn!(
+                shard = self.shard,
+                reason,
+                "kafka: all brokers down; records stay queued until message.timeout.ms"
+            );
+        } else {
+            tracing::debug!(shard = self.shard, %error, reason, "kafka client error");
+        }
     }
 }
 
