@@ -88,6 +88,12 @@ impl SimDevice {
         self.next_mid
     }
 
+    /// Allocates a message ID from the device's counter (for messages built
+    /// outside this type, e.g. by the load generator).
+    pub fn next_mid(&mut self) -> u16 {
+        self.mid()
+    }
+
     fn token(&mut self) -> [u8; 4] {
         self.next_token = self.next_token.wrapping_add(1);
         self.next_token.to_be_bytes()

@@ -1,0 +1,947 @@
+//! `lwm2m-loadgen`: a fleet of LwM2M clients for benchmarking the gateway.
+//!
+//! Every device has its own UDP socket (its own source address:port, spread
+//! over 127.0.0.x when one address runs out of ports). Devices are handled by
+//! worker processes (`--workers`, so that a fleet larger than one process's
+//! file-descriptor limit fits), each a single-threaded mio event loop.
+//!
+//! Phases: ramped Register (`--register-rate`), wait for the gateway's
+//! Observe, steady-state notifications at `--rate` (or open loop with 0),
+//! Update before the lifetime runs out, De-register at the end. Devices answer
+//! the gateway like real clients (Write-Attributes, Observe, Read, Execute) via
+//! `corem_lwm2m::sim::SimDevice`.
+//!
+//! Measurement: every notification carries its send time (µs since the epoch)
+//! as the value of /3303/0/5700, unique and increasing per device. The parent
+//! consumes the telemetry topic and matches values to measure end-to-end
+//! latency (send → readable in Kafka), loss and duplicates. Registration and
+//! CON ACK latency are measured in the workers with hdrhistogram and merged.
+//! A live progress line runs on stderr; a summary and a JSON report come at
+//! the end.
+
+use clap::Parser;
+use corem_lwm2m::proto::coap::{self, opt, Code, Message, MsgType, Outgoing};
+use corem_lwm2m::proto::content;
+use corem_lwm2m::sim::SimDevice;
+use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
+use hdrhistogram::Histogram;
+use mio::net::UdpSocket;
+use mio::{Events, Interest, Poll, Token};
+use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+#[derive(Parser, Debug, Clone)]
+#[command(version, about = "LwM2M fleet load generator for corem-lwm2m")]
+struct Args {
+    /// Gateway CoAP address.
+    #[arg(long, default_value = "127.0.0.1:5683")]
+    server: SocketAddr,
+    /// Number of devices.
+    #[arg(long, default_value_t = 1000)]
+    devices: usize,
+    /// Endpoint names are PREFIX{index}.
+    #[arg(long, default_value = "urn:loadgen:")]
+    prefix: String,
+    /// Tenant used in the provisioning file (topic telemetry.raw.{tenant}).
+    #[arg(long, default_value = "loadgen")]
+    tenant: String,
+    /// Write a provisioning file for the gateway and exit.
+    #[arg(long)]
+    write_provisioning: Option<std::path::PathBuf>,
+    /// Registrations per second over the fleet (0 = as fast as accepted).
+    #[arg(long, default_value_t = 0)]
+    register_rate: u64,
+    /// Maximum registrations outstanding at once (per worker).
+    #[arg(long, default_value_t = 512)]
+    register_window: usize,
+    /// Steady-state notifications per second over the fleet (0 = open loop:
+    /// as fast as accepted).
+    #[arg(long, default_value_t = 1000)]
+    rate: u64,
+    /// Steady-state duration in seconds.
+    #[arg(long, default_value_t = 60)]
+    duration: u64,
+    /// Use NON notifications (default CON).
+    #[arg(long)]
+    non: bool,
+    /// Use LwM2M Send (POST /dp, SenML) instead of Observe notifications.
+    #[arg(long)]
+    send: bool,
+    /// Content format of notifications: text, tlv, senml-json, senml-cbor, cbor.
+    #[arg(long, default_value = "text")]
+    format: String,
+    /// Registration lifetime (s); devices Update at 2/3 of it.
+    #[arg(long, default_value_t = 300)]
+    lifetime: u32,
+    /// Skip notifications: register, hold for --duration, de-register (idle scale).
+    #[arg(long)]
+    idle: bool,
+    /// Do not de-register at the end.
+    #[arg(long)]
+    no_deregister: bool,
+    /// Kafka brokers: consume the telemetry topic to measure end-to-end latency and loss.
+    #[arg(long)]
+    brokers: Option<String>,
+    /// Seconds to wait for the last points to reach Kafka after the steady state.
+    #[arg(long, default_value_t = 15)]
+    drain: u64,
+    /// Worker processes (0 = enough to stay under the fd limit, at least 1).
+    #[arg(long, default_value_t = 0)]
+    workers: usize,
+    /// Baseline mode: no LwM2M; send notification-sized CON datagrams to a UDP
+    /// echo/ACK server (perf/udp_echo.rs) and count the echoes.
+    #[arg(long)]
+    baseline: bool,
+    /// Write the JSON report here (also printed on stdout).
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+    /// Internal: run as worker I of the fleet.
+    #[arg(long, hide = true)]
+    worker_index: Option<usize>,
+    #[arg(long, hide = true)]
+    worker_count: Option<usize>,
+}
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+fn format_code(s: &str) -> u16 {
+    match s {
+        "tlv" => content::CF_TLV,
+        "senml-json" => content::CF_SENML_JSON,
+        "senml-cbor" => content::CF_SENML_CBOR,
+        "cbor" => content::CF_CBOR,
+        _ => content::CF_TEXT,
+    }
+}
+
+fn hist() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).unwrap_or_else(|_| unreachable!())
+}
+
+fn ser(h: &Histogram<u64>) -> String {
+    let mut v = Vec::new();
+    let _ = V2Serializer::new().serialize(h, &mut v);
+    v.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn de(s: &str) -> Histogram<u64> {
+    let bytes: Vec<u8> = (0..s.len() / 2)
+        .filter_map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok())
+        .collect();
+    Deserializer::new()
+        .deserialize(&mut &bytes[..])
+        .unwrap_or_else(|_| hist())
+}
+
+#[derive(Serialize, Deserialize, Default, Debug, Clone)]
+struct WorkerReport {
+    devices: usize,
+    registered: u64,
+    register_failed: u64,
+    register_retransmits: u64,
+    observed: u64,
+    notifications_sent: u64,
+    notifications_acked: u64,
+    notifications_retransmitted: u64,
+    notifications_rejected: u64,
+    busy_503: u64,
+    updates: u64,
+    deregistered: u64,
+    server_requests: u64,
+    steady_seconds: f64,
+    register_seconds: f64,
+    reg_hist: String,
+    ack_hist: String,
+}
+
+#[derive(Serialize, Deserialize, Default)]
+struct Progress {
+    registered: u64,
+    sent: u64,
+    acked: u64,
+}
+
+struct Dev {
+    sim: SimDevice,
+    sock: UdpSocket,
+    state: DevState,
+    /// Send time and MID of the outstanding CON (register / notification / update).
+    outstanding: Option<(Instant, u16, u8, u8)>,
+    obs_token: Option<Vec<u8>>,
+    seq: u32,
+    last_value: u64,
+    registered_at: Instant,
+    last_update: Instant,
+    pending_msg: Vec<u8>,
+}
+
+#[derive(PartialEq, Eq, Clone, Copy, Debug)]
+enum DevState {
+    Idle,
+    Registering,
+    Registered,
+    Deregistering,
+    Done,
+    Failed,
+}
+
+// Outstanding kinds.
+const K_REGISTER: u8 = 1;
+const K_NOTIFY: u8 = 2;
+const K_UPDATE: u8 = 3;
+const K_DEREGISTER: u8 = 4;
+
+fn bind_addr(global: usize) -> SocketAddr {
+    // ~25k ephemeral ports per address: spread over 127.0.0.1, .2, ...
+    let host = 1 + (global / 25_000) as u8;
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, host)), 0)
+}
+
+fn raise_nofile() {
+    // SAFETY: plain getrlimit/setrlimit.
+    unsafe {
+        let mut r: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+    }
+}
+
+fn fd_limit() -> usize {
+    // SAFETY: plain getrlimit.
+    unsafe {
+        let mut r: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 {
+            return r.rlim_max as usize;
+        }
+    }
+    1024
+}
+
+/// Builds a notification (or baseline datagram) carrying `value`.
+fn build_notification(d: &Dev, mid: u16, value: u64, fmt: u16, con: bool, out: &mut Vec<u8>) {
+    out.clear();
+    let token = d.obs_token.as_deref().unwrap_or(&[0, 0, 0, 1]);
+    let (cf, body): (u16, Vec<u8>) = match fmt {
+        content::CF_TLV => {
+            let mut b = Vec::with_capacity(16);
+            content::encode_tlv_resource(&mut b, content::tlv_kind::RESOURCE, 5700, &(value as f64).to_be_bytes());
+            (fmt, b)
+        }
+        content::CF_SENML_JSON => (fmt, format!("[{{\"n\":\"/3303/0/5700\",\"v\":{value}}}]").into_bytes()),
+        content::CF_SENML_CBOR => {
+            let mut b = Vec::with_capacity(32);
+            corem_lwm2m::proto::cbor::enc::array(&mut b, 1);
+            corem_lwm2m::proto::cbor::enc::map(&mut b, 2);
+            corem_lwm2m::proto::cbor::enc::int(&mut b, 0);
+            corem_lwm2m::proto::cbor::enc::text(&mut b, "/3303/0/5700");
+            corem_lwm2m::proto::cbor::enc::int(&mut b, 2);
+            corem_lwm2m::proto::cbor::enc::f64(&mut b, value as f64);
+            (fmt, b)
+        }
+        content::CF_CBOR => {
+            let mut b = Vec::with_capacity(9);
+            corem_lwm2m::proto::cbor::enc::f64(&mut b, value as f64);
+            (fmt, b)
+        }
+        _ => (content::CF_TEXT, value.to_string().into_bytes()),
+    };
+    let mut ob = [0u8; 4];
+    let mut cb = [0u8; 4];
+    let seq = coap::uint_bytes(d.seq & 0xff_ffff, &mut ob).to_vec();
+    let cfb = coap::uint_bytes(cf as u32, &mut cb).to_vec();
+    let mut opts: Vec<(u16, &[u8])> = vec![(opt::OBSERVE, &seq), (opt::CONTENT_FORMAT, &cfb)];
+    coap::encode(
+        Outgoing {
+            mtype: if con { MsgType::Con } else { MsgType::Non },
+            code: Code::CONTENT,
+            message_id: mid,
+            token,
+            options: &mut opts,
+            payload: &body,
+        },
+        out,
+    );
+}
+
+fn run_worker(a: &Args, index: usize, count: usize) -> anyhow::Result<()> {
+    raise_nofile();
+    let lo = a.devices * index / count;
+    let hi = a.devices * (index + 1) / count;
+    let fmt = format_code(&a.format);
+    let mut poll = Poll::new()?;
+    let mut devs: Vec<Dev> = Vec::with_capacity(hi - lo);
+    for g in lo..hi {
+        let std_sock = std::net::UdpSocket::bind(bind_addr(g))?;
+        std_sock.set_nonblocking(true)?;
+        let mut sock = UdpSocket::from_std(std_sock);
+        poll.registry()
+            .register(&mut sock, Token(devs.len()), Interest::READABLE)?;
+        let mut sim = SimDevice::new(&format!("{}{}", a.prefix, g), g as u16);
+        sim.lifetime_s = a.lifetime;
+        sim.format = fmt;
+        // Only the temperature object: one observation per device.
+        sim.objects = vec!["/1/0".into(), "/3/0".into(), "/3303/0".into()];
+        devs.push(Dev {
+            sim,
+            sock,
+            state: DevState::Idle,
+            outstanding: None,
+            obs_token: None,
+            seq: 1,
+            last_value: 0,
+            registered_at: Instant::now(),
+            last_update: Instant::now(),
+            pending_msg: Vec::new(),
+        });
+    }
+    let n = devs.len();
+    let mut rep = WorkerReport {
+        devices: n,
+        ..Default::default()
+    };
+    let mut reg_h = hist();
+    let mut ack_h = hist();
+    let mut events = Events::with_capacity(1024);
+    let mut buf = vec![0u8; 2048];
+    let mut out = Vec::with_capacity(256);
+    let server = a.server;
+    let stdout = std::io::stdout();
+    let mut last_progress = Instant::now();
+    let progress = |rep: &WorkerReport| {
+        let p = Progress {
+            registered: rep.registered,
+            sent: rep.notifications_sent,
+            acked: rep.notifications_acked,
+        };
+        let mut s = stdout.lock();
+        let _ = writeln!(s, "P {}", serde_json::to_string(&p).unwrap_or_default());
+        let _ = s.flush();
+    };
+
+    // ---------------------------------------------------------- handle input
+    // Returns true when the datagram completed the device's outstanding request.
+    #[allow(clippy::too_many_arguments)]
+    fn on_datagram(
+        d: &mut Dev,
+        data: &[u8],
+        server: SocketAddr,
+        rep: &mut WorkerReport,
+        reg_h: &mut Histogram<u64>,
+        ack_h: &mut Histogram<u64>,
+        baseline: bool,
+    ) {
+        let Ok(m) = Message::decode(data) else { return };
+        if let Some((t0, mid, kind, _)) = d.outstanding {
+            let matches_mid = m.message_id == mid && (m.mtype == MsgType::Ack || m.mtype == MsgType::Rst || baseline);
+            if matches_mid {
+                let us = t0.elapsed().as_micros() as u64;
+                d.outstanding = None;
+                match kind {
+                    K_NOTIFY => {
+                        if m.mtype == MsgType::Rst {
+                            rep.notifications_rejected += 1;
+                        } else if m.code == Code::SERVICE_UNAVAILABLE {
+                            rep.busy_503 += 1;
+                        } else {
+                            rep.notifications_acked += 1;
+                            let _ = ack_h.record(us.max(1));
+                        }
+                    }
+                    K_REGISTER => {
+                        let ev = d.sim.handle(data);
+                        if ev.registered {
+                            rep.registered += 1;
+                            let _ = reg_h.record(us.max(1));
+                            d.state = DevState::Registered;
+                            d.registered_at = Instant::now();
+                            d.last_update = Instant::now();
+                        } else if m.code == Code::SERVICE_UNAVAILABLE {
+                            rep.busy_503 += 1;
+                            d.state = DevState::Idle;
+                        } else {
+                            rep.register_failed += 1;
+                            d.state = DevState::Failed;
+                        }
+                        return;
+                    }
+                    K_UPDATE => {
+                        rep.updates += 1;
+                        let _ = d.sim.handle(data);
+                        if m.code == Code::NOT_FOUND {
+                            d.state = DevState::Idle;
+                            d.obs_token = None;
+                        }
+                        return;
+                    }
+                    K_DEREGISTER => {
+                        let _ = d.sim.handle(data);
+                        rep.deregistered += 1;
+                        d.state = DevState::Done;
+                        return;
+                    }
+                    _ => {}
+                }
+                return;
+            }
+        }
+        if m.code.is_request() {
+            rep.server_requests += 1;
+            let ev = d.sim.handle(data);
+            for r in &ev.replies {
+                let _ = d.sock.send_to(r, server);
+            }
+            if !ev.observed.is_empty() {
+                if let Some(o) = d.sim.observations.iter().find(|o| o.path.object == 3303) {
+                    if d.obs_token.is_none() {
+                        rep.observed += 1;
+                    }
+                    d.obs_token = Some(o.token.clone());
+                }
+            }
+        }
+    }
+
+    let drain = |devs: &mut Vec<Dev>,
+                 poll: &mut Poll,
+                 events: &mut Events,
+                 buf: &mut Vec<u8>,
+                 rep: &mut WorkerReport,
+                 reg_h: &mut Histogram<u64>,
+                 ack_h: &mut Histogram<u64>,
+                 timeout: Duration| {
+        let _ = poll.poll(events, Some(timeout));
+        for ev in events.iter() {
+            let i = ev.token().0;
+            let Some(d) = devs.get_mut(i) else { continue };
+            loop {
+                match d.sock.recv_from(buf) {
+                    Ok((k, _)) => {
+                        let data = buf[..k].to_vec();
+                        on_datagram(d, &data, server, rep, reg_h, ack_h, a.baseline);
+                    }
+                    Err(_) => break,
+                }
+            }
+        }
+    };
+
+    // Retransmission of the outstanding CON (RFC 7252 §4.2 back-off).
+    let retransmit = |d: &mut Dev, rep: &mut WorkerReport| {
+        if let Some((t0, mid, kind, tries)) = d.outstanding {
+            let timeout = Duration::from_millis(2000 << tries.min(5));
+            if t0.elapsed() >= timeout {
+                if tries >= 4 {
+                    d.outstanding = None;
+                    if kind == K_REGISTER {
+                        rep.register_failed += 1;
+                        d.state = DevState::Failed;
+                    }
+                    if kind == K_DEREGISTER {
+                        d.state = DevState::Done;
+                    }
+                    return;
+                }
+                let _ = d.sock.send_to(&d.pending_msg, server);
+                // Keep the original start time for latency; count the retry.
+                d.outstanding = Some((t0, mid, kind, tries + 1));
+                match kind {
+                    K_REGISTER => rep.register_retransmits += 1,
+                    K_NOTIFY => rep.notifications_retransmitted += 1,
+                    _ => {}
+                }
+            }
+        }
+    };
+
+    // ---------------------------------------------------------- phase 1: register
+    let t_reg = Instant::now();
+    if !a.baseline {
+        let per_worker_rate = if a.register_rate == 0 { 0 } else { (a.register_rate / count as u64).max(1) };
+        let mut next = 0usize;
+        let mut issued = 0u64;
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            let in_flight = devs.iter().filter(|d| d.state == DevState::Registering).count();
+            let allowed = if per_worker_rate == 0 {
+                u64::MAX
+            } else {
+                (t_reg.elapsed().as_secs_f64() * per_worker_rate as f64) as u64
+            };
+            let mut room = a.register_window.saturating_sub(in_flight);
+            while next < n && room > 0 && issued < allowed {
+                let d = &mut devs[next];
+                let msg = d.sim.register();
+                let mid = d.sim.outstanding.unwrap_or(0);
+                let _ = d.sock.send_to(&msg, server);
+                d.pending_msg = msg;
+                d.outstanding = Some((Instant::now(), mid, K_REGISTER, 0));
+                d.state = DevState::Registering;
+                next += 1;
+                issued += 1;
+                room -= 1;
+            }
+            drain(&mut devs, &mut poll, &mut events, &mut buf, &mut rep, &mut reg_h, &mut ack_h, Duration::from_millis(1));
+            for d in devs.iter_mut() {
+                retransmit(d, &mut rep);
+                // 5.03: try again (back to Idle); re-issue now.
+                if d.state == DevState::Idle && next > 0 && d.outstanding.is_none() && d.sim.location.is_none() {
+                    let msg = d.sim.register();
+                    let mid = d.sim.outstanding.unwrap_or(0);
+                    let _ = d.sock.send_to(&msg, server);
+                    d.pending_msg = msg;
+                    d.outstanding = Some((Instant::now(), mid, K_REGISTER, 0));
+                    d.state = DevState::Registering;
+                }
+            }
+            if last_progress.elapsed() >= Duration::from_secs(1) {
+                last_progress = Instant::now();
+                progress(&rep);
+            }
+            let done = next == n && devs.iter().all(|d| matches!(d.state, DevState::Registered | DevState::Failed));
+            let observed = a.idle || a.send || devs.iter().all(|d| d.state != DevState::Registered || d.obs_token.is_some());
+            if (done && observed) || Instant::now() > deadline {
+                break;
+            }
+        }
+        // Let the observe exchanges settle.
+        let settle = Instant::now() + Duration::from_millis(300);
+        while Instant::now() < settle {
+            drain(&mut devs, &mut poll, &mut events, &mut buf, &mut rep, &mut reg_h, &mut ack_h, Duration::from_millis(5));
+        }
+    }
+    rep.register_seconds = t_reg.elapsed().as_secs_f64();
+
+    // ---------------------------------------------------------- phase 2: steady state
+    let t_steady = Instant::now();
+    let steady = Duration::from_secs(a.duration);
+    let per_worker_rate = a.rate as f64 / count as f64;
+    let mut sent_total = 0u64;
+    let mut rr = 0usize;
+    let con = !a.non;
+    let lifetime = Duration::from_secs(a.lifetime as u64);
+    while t_steady.elapsed() < steady {
+        if !a.idle {
+            let due = if a.rate == 0 {
+                u64::MAX
+            } else {
+                (t_steady.elapsed().as_secs_f64() * per_worker_rate) as u64
+            };
+            let mut budget = 256usize; // per loop iteration, to keep reading.
+            let mut scanned = 0usize;
+            while sent_total < due && budget > 0 && scanned < n {
+                let d = &mut devs[rr];
+                rr = (rr + 1) % n;
+                scanned += 1;
+                let ready = (d.state == DevState::Registered && (a.send || d.obs_token.is_some())) || a.baseline;
+                if !ready || (con && d.outstanding.is_some()) {
+                    continue;
+                }
+                let v = now_us().max(d.last_value + 1);
+                d.last_value = v;
+                d.seq = d.seq.wrapping_add(1);
+                let mid = d.sim_mid();
+                if a.send {
+                    // LwM2M Send with the value as SenML.
+                    d.sim.values.insert(corem_lwm2m::proto::content::ResourcePath::resource(3303, 0, 5700), v as f64);
+                    out = d.sim.send(&["/3303/0/5700"], None, fmt == content::CF_SENML_CBOR);
+                    let mid = d.sim.outstanding.unwrap_or(0);
+                    d.outstanding = Some((Instant::now(), mid, K_NOTIFY, 0));
+                } else {
+                    build_notification(d, mid, v, fmt, con, &mut out);
+                    if con {
+                        d.outstanding = Some((Instant::now(), mid, K_NOTIFY, 0));
+                    }
+                }
+                if con {
+                    d.pending_msg.clear();
+                    d.pending_msg.extend_from_slice(&out);
+                }
+                let _ = d.sock.send_to(&out, server);
+                rep.notifications_sent += 1;
+                sent_total += 1;
+                budget -= 1;
+            }
+        }
+        drain(&mut devs, &mut poll, &mut events, &mut buf, &mut rep, &mut reg_h, &mut ack_h, Duration::from_micros(if a.rate == 0 { 0 } else { 500 }));
+        for d in devs.iter_mut() {
+            retransmit(d, &mut rep);
+            // Update at 2/3 of the lifetime (LwM2M client behaviour).
+            if !a.baseline && d.state == DevState::Registered && d.outstanding.is_none() && d.last_update.elapsed() >= lifetime * 2 / 3 {
+                d.last_update = Instant::now();
+                let msg = d.sim.update(None, false);
+                let mid = d.sim.outstanding.unwrap_or(0);
+                let _ = d.sock.send_to(&msg, server);
+                d.pending_msg = msg;
+                d.outstanding = Some((Instant::now(), mid, K_UPDATE, 0));
+            }
+        }
+        if last_progress.elapsed() >= Duration::from_secs(1) {
+            last_progress = Instant::now();
+            progress(&rep);
+        }
+    }
+    rep.steady_seconds = t_steady.elapsed().as_secs_f64();
+    // Wait for the last ACKs.
+    let settle = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < settle && devs.iter().any(|d| d.outstanding.is_some()) {
+        drain(&mut devs, &mut poll, &mut events, &mut buf, &mut rep, &mut reg_h, &mut ack_h, Duration::from_millis(5));
+        for d in devs.iter_mut() {
+            retransmit(d, &mut rep);
+        }
+    }
+
+    // ---------------------------------------------------------- phase 3: de-register
+    if !a.baseline && !a.no_deregister {
+        for d in devs.iter_mut() {
+            d.outstanding = None;
+        }
+        let mut next = 0;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            let in_flight = devs.iter().filter(|d| d.state == DevState::Deregistering).count();
+            let mut room = a.register_window.saturating_sub(in_flight);
+            while next < n && room > 0 {
+                let d = &mut devs[next];
+                next += 1;
+                if d.state != DevState::Registered {
+                    continue;
+                }
+                let msg = d.sim.deregister();
+                let mid = d.sim.outstanding.unwrap_or(0);
+                let _ = d.sock.send_to(&msg, server);
+                d.pending_msg = msg;
+                d.outstanding = Some((Instant::now(), mid, K_DEREGISTER, 0));
+                d.state = DevState::Deregistering;
+                room -= 1;
+            }
+            drain(&mut devs, &mut poll, &mut events, &mut buf, &mut rep, &mut reg_h, &mut ack_h, Duration::from_millis(2));
+            for d in devs.iter_mut() {
+                retransmit(d, &mut rep);
+            }
+            if next >= n && !devs.iter().any(|d| d.state == DevState::Deregistering) {
+                break;
+            }
+        }
+    }
+    progress(&rep);
+    rep.reg_hist = ser(&reg_h);
+    rep.ack_hist = ser(&ack_h);
+    let mut s = stdout.lock();
+    writeln!(s, "R {}", serde_json::to_string(&rep)?)?;
+    s.flush()?;
+    Ok(())
+}
+
+impl Dev {
+    /// Next message id for a device-originated message (one counter for all
+    /// of the device's messages, as RFC 7252 §4.4 wants).
+    fn sim_mid(&mut self) -> u16 {
+        self.sim.next_mid()
+    }
+}
+
+// -------------------------------------------------------------- parent side
+
+struct E2e {
+    hist: Mutex<Histogram<u64>>,
+    seen: Mutex<HashSet<(u64, u64)>>,
+    records: AtomicU64,
+    duplicates: AtomicU64,
+}
+
+fn key_hash(k: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    k.hash(&mut h);
+    h.finish()
+}
+
+/// Pulls `"temperature":<number>` out of a TelemetryPoint without a full parse.
+fn temperature(payload: &[u8]) -> Option<u64> {
+    let pat = b"\"temperature\":";
+    let pos = payload.windows(pat.len()).position(|w| w == pat)? + pat.len();
+    let rest = &payload[pos..];
+    let end = rest
+        .iter()
+        .position(|c| !(c.is_ascii_digit() || *c == b'.' || *c == b'e' || *c == b'E' || *c == b'+' || *c == b'-'))
+        .unwrap_or(rest.len());
+    std::str::from_utf8(&rest[..end]).ok()?.parse::<f64>().ok().map(|v| v as u64)
+}
+
+fn start_consumer(brokers: &str, topic: &str, stop: Arc<AtomicBool>, e2e: Arc<E2e>) -> anyhow::Result<std::thread::JoinHandle<()>> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::{ClientConfig, Message as _, Offset, TopicPartitionList};
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "lwm2m-loadgen")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "5")
+        .set("enable.partition.eof", "false")
+        .create()?;
+    let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let parts = md
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .map(|t| t.partitions().len())
+        .unwrap_or(0);
+    if parts == 0 {
+        anyhow::bail!("topic {topic} not found (is the tenant provisioned in the gateway?)");
+    }
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..parts as i32 {
+        tpl.add_partition_offset(topic, p, Offset::End)?;
+    }
+    consumer.assign(&tpl)?;
+    Ok(std::thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(50)) {
+                let now = now_us();
+                let Some(p) = m.payload() else { continue };
+                let Some(v) = temperature(p) else { continue };
+                e2e.records.fetch_add(1, Ordering::Relaxed);
+                let k = key_hash(m.key().unwrap_or(b""));
+                if !e2e.seen.lock().unwrap_or_else(|x| x.into_inner()).insert((k, v)) {
+                    e2e.duplicates.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                let lat = now.saturating_sub(v).max(1);
+                let _ = e2e.hist.lock().unwrap_or_else(|x| x.into_inner()).record(lat);
+            }
+        }
+    }))
+}
+
+fn pct(h: &Histogram<u64>) -> serde_json::Value {
+    if h.is_empty() {
+        return serde_json::json!(null);
+    }
+    serde_json::json!({
+        "count": h.len(),
+        "p50_us": h.value_at_quantile(0.50),
+        "p90_us": h.value_at_quantile(0.90),
+        "p99_us": h.value_at_quantile(0.99),
+        "p999_us": h.value_at_quantile(0.999),
+        "max_us": h.max(),
+        "mean_us": h.mean().round(),
+    })
+}
+
+fn ms(h: &Histogram<u64>, q: f64) -> String {
+    if h.is_empty() {
+        "-".into()
+    } else {
+        format!("{:.2} ms", h.value_at_quantile(q) as f64 / 1000.0)
+    }
+}
+
+fn write_provisioning(a: &Args, path: &std::path::Path) -> anyhow::Result<()> {
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+    writeln!(f, "# Written by lwm2m-loadgen: {} devices, tenant {}", a.devices, a.tenant)?;
+    for i in 0..a.devices {
+        writeln!(
+            f,
+            "[[endpoint]]\nendpoint = \"{}{}\"\ndevice_id = \"lg-{:08}\"\ntenant_id = \"{}\"\n",
+            a.prefix, i, i, a.tenant
+        )?;
+    }
+    f.flush()?;
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let a = Args::parse();
+    if let (Some(i), Some(c)) = (a.worker_index, a.worker_count) {
+        return run_worker(&a, i, c);
+    }
+    if let Some(p) = &a.write_provisioning {
+        write_provisioning(&a, p)?;
+        eprintln!("wrote {} endpoints to {}", a.devices, p.display());
+        return Ok(());
+    }
+    raise_nofile();
+    let per_worker_cap = fd_limit().saturating_sub(200).max(100);
+    let workers = if a.workers > 0 {
+        a.workers
+    } else {
+        a.devices.div_ceil(per_worker_cap).max(1)
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let e2e = Arc::new(E2e {
+        hist: Mutex::new(hist()),
+        seen: Mutex::new(HashSet::new()),
+        records: AtomicU64::new(0),
+        duplicates: AtomicU64::new(0),
+    });
+    let topic = format!("telemetry.raw.{}", a.tenant);
+    let consumer = match (&a.brokers, a.baseline || a.idle) {
+        (Some(b), false) => Some(start_consumer(b, &topic, stop.clone(), e2e.clone())?),
+        _ => None,
+    };
+    let t0 = Instant::now();
+    let exe = std::env::current_exe()?;
+    let mut children = Vec::new();
+    let progress: Arc<Mutex<Vec<Progress>>> = Arc::new(Mutex::new((0..workers).map(|_| Progress::default()).collect()));
+    let reports: Arc<Mutex<Vec<WorkerReport>>> = Arc::new(Mutex::new(Vec::new()));
+    let mut readers = Vec::new();
+    for i in 0..workers {
+        let mut cmd = Command::new(&exe);
+        cmd.args(std::env::args_os().skip(1));
+        cmd.arg("--worker-index").arg(i.to_string());
+        cmd.arg("--worker-count").arg(workers.to_string());
+        let mut child = cmd.stdout(Stdio::piped()).spawn()?;
+        let out = child.stdout.take().ok_or_else(|| anyhow::anyhow!("no worker stdout"))?;
+        let progress = progress.clone();
+        let reports = reports.clone();
+        readers.push(std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if let Some(p) = line.strip_prefix("P ") {
+                    if let Ok(p) = serde_json::from_str::<Progress>(p) {
+                        progress.lock().unwrap_or_else(|x| x.into_inner())[i] = p;
+                    }
+                } else if let Some(r) = line.strip_prefix("R ") {
+                    if let Ok(r) = serde_json::from_str::<WorkerReport>(r) {
+                        reports.lock().unwrap_or_else(|x| x.into_inner()).push(r);
+                    }
+                }
+            }
+        }));
+        children.push(child);
+    }
+    // Live progress line.
+    let mut last = (0u64, Instant::now());
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+        let done = children.iter_mut().all(|c| matches!(c.try_wait(), Ok(Some(_))));
+        let (reg, sent, acked) = {
+            let p = progress.lock().unwrap_or_else(|x| x.into_inner());
+            p.iter().fold((0, 0, 0), |a, x| (a.0 + x.registered, a.1 + x.sent, a.2 + x.acked))
+        };
+        let rate = (sent - last.0) as f64 / last.1.elapsed().as_secs_f64();
+        last = (sent, Instant::now());
+        eprint!(
+            "\r[{:>5.0}s] registered {reg:>7}/{}  sent {sent:>9}  acked {acked:>9}  {rate:>9.0}/s  kafka {:>9}   ",
+            t0.elapsed().as_secs_f64(),
+            a.devices,
+            e2e.records.load(Ordering::Relaxed)
+        );
+        if done {
+            break;
+        }
+    }
+    eprintln!();
+    for r in readers {
+        let _ = r.join();
+    }
+    let reports = reports.lock().unwrap_or_else(|x| x.into_inner()).clone();
+    let mut total = WorkerReport::default();
+    let mut reg_h = hist();
+    let mut ack_h = hist();
+    for r in &reports {
+        total.devices += r.devices;
+        total.registered += r.registered;
+        total.register_failed += r.register_failed;
+        total.register_retransmits += r.register_retransmits;
+        total.observed += r.observed;
+        total.notifications_sent += r.notifications_sent;
+        total.notifications_acked += r.notifications_acked;
+        total.notifications_retransmitted += r.notifications_retransmitted;
+        total.notifications_rejected += r.notifications_rejected;
+        total.busy_503 += r.busy_503;
+        total.updates += r.updates;
+        total.deregistered += r.deregistered;
+        total.server_requests += r.server_requests;
+        total.steady_seconds = total.steady_seconds.max(r.steady_seconds);
+        total.register_seconds = total.register_seconds.max(r.register_seconds);
+        let _ = reg_h.add(de(&r.reg_hist));
+        let _ = ack_h.add(de(&r.ack_hist));
+    }
+    // Points the gateway accepted: ACKed for CON / Send, sent for NON.
+    let expected = if a.non && !a.send { total.notifications_sent } else { total.notifications_acked };
+    let mut lost = 0u64;
+    if let Some(c) = consumer {
+        let deadline = Instant::now() + Duration::from_secs(a.drain);
+        while Instant::now() < deadline {
+            let got = e2e.seen.lock().unwrap_or_else(|x| x.into_inner()).len() as u64;
+            if got >= expected {
+                // A moment more for late duplicates.
+                std::thread::sleep(Duration::from_millis(500));
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        stop.store(true, Ordering::Relaxed);
+        let _ = c.join();
+        let got = e2e.seen.lock().unwrap_or_else(|x| x.into_inner()).len() as u64;
+        lost = expected.saturating_sub(got);
+    }
+    let e2e_h = e2e.hist.lock().unwrap_or_else(|x| x.into_inner()).clone();
+    let throughput = total.notifications_sent as f64 / total.steady_seconds.max(1e-9);
+    let acked_rate = total.notifications_acked as f64 / total.steady_seconds.max(1e-9);
+    let reg_rate = total.registered as f64 / total.register_seconds.max(1e-9);
+    let report = serde_json::json!({
+        "config": {
+            "server": a.server.to_string(), "devices": a.devices, "workers": workers,
+            "rate": a.rate, "duration_s": a.duration, "con": !a.non, "send": a.send,
+            "format": a.format, "lifetime_s": a.lifetime, "idle": a.idle, "baseline": a.baseline,
+        },
+        "registration": {
+            "registered": total.registered, "failed": total.register_failed,
+            "retransmits": total.register_retransmits, "observed": total.observed,
+            "seconds": total.register_seconds, "per_second": reg_rate, "latency": pct(&reg_h),
+        },
+        "notifications": {
+            "sent": total.notifications_sent, "acked": total.notifications_acked,
+            "retransmitted": total.notifications_retransmitted, "rejected": total.notifications_rejected,
+            "busy_503": total.busy_503, "steady_seconds": total.steady_seconds,
+            "sent_per_second": throughput, "acked_per_second": acked_rate,
+            "ack_latency": pct(&ack_h),
+        },
+        "kafka": if a.brokers.is_some() && !a.baseline && !a.idle { serde_json::json!({
+            "topic": topic, "expected": expected,
+            "received_unique": e2e.seen.lock().unwrap_or_else(|x| x.into_inner()).len(),
+            "records": e2e.records.load(Ordering::Relaxed),
+            "duplicates": e2e.duplicates.load(Ordering::Relaxed), "lost": lost,
+            "e2e_latency": pct(&e2e_h),
+        }) } else { serde_json::json!(null) },
+        "updates": total.updates, "deregistered": total.deregistered,
+        "server_requests": total.server_requests,
+    });
+    println!("== lwm2m-loadgen summary ==");
+    println!("devices            {} ({} workers), registered {}, failed {}, observed {}", a.devices, workers, total.registered, total.register_failed, total.observed);
+    println!("registration       {:.0}/s over {:.2} s; latency p50 {} p99 {}", reg_rate, total.register_seconds, ms(&reg_h, 0.5), ms(&reg_h, 0.99));
+    println!(
+        "notifications      {} sent ({:.0}/s), {} acked ({:.0}/s), {} retransmitted, {} 5.03, {} RST",
+        total.notifications_sent, throughput, total.notifications_acked, acked_rate, total.notifications_retransmitted, total.busy_503, total.notifications_rejected
+    );
+    println!("CON ACK latency    p50 {} p99 {} max {}", ms(&ack_h, 0.5), ms(&ack_h, 0.99), ms(&ack_h, 1.0));
+    if a.brokers.is_some() && !a.baseline && !a.idle {
+        println!(
+            "kafka              expected {expected}, lost {lost}, duplicates {}; end-to-end p50 {} p99 {} max {}",
+            e2e.duplicates.load(Ordering::Relaxed),
+            ms(&e2e_h, 0.5),
+            ms(&e2e_h, 0.99),
+            ms(&e2e_h, 1.0)
+        );
+    }
+    println!("updates {}, de-registered {}", total.updates, total.deregistered);
+    let js = serde_json::to_string_pretty(&report)?;
+    println!("{js}");
+    if let Some(p) = &a.json {
+        std::fs::write(p, &js)?;
+    }
+    Ok(())
+}
