@@ -35,7 +35,11 @@ fn main() -> anyhow::Result<()> {
             let mut rb = RecvBatch::new(64, 2048);
             let mut acks: Vec<(SocketAddr, [u8; 4])> = Vec::with_capacity(64);
             loop {
-                let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+                let mut pfd = libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
                 // SAFETY: one valid pollfd.
                 unsafe { libc::poll(&mut pfd, 1, 100) };
                 loop {

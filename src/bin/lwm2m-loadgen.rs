@@ -237,10 +237,18 @@ fn build_notification(d: &Dev, mid: u16, value: u64, fmt: u16, con: bool, out: &
     let (cf, body): (u16, Vec<u8>) = match fmt {
         content::CF_TLV => {
             let mut b = Vec::with_capacity(16);
-            content::encode_tlv_resource(&mut b, content::tlv_kind::RESOURCE, 5700, &(value as f64).to_be_bytes());
+            content::encode_tlv_resource(
+                &mut b,
+                content::tlv_kind::RESOURCE,
+                5700,
+                &(value as f64).to_be_bytes(),
+            );
             (fmt, b)
         }
-        content::CF_SENML_JSON => (fmt, format!("[{{\"n\":\"/3303/0/5700\",\"v\":{value}}}]").into_bytes()),
+        content::CF_SENML_JSON => (
+            fmt,
+            format!("[{{\"n\":\"/3303/0/5700\",\"v\":{value}}}]").into_bytes(),
+        ),
         content::CF_SENML_CBOR => {
             let mut b = Vec::with_capacity(32);
             corem_lwm2m::proto::cbor::enc::array(&mut b, 1);
@@ -345,7 +353,8 @@ fn run_worker(a: &Args, index: usize, count: usize) -> anyhow::Result<()> {
     ) {
         let Ok(m) = Message::decode(data) else { return };
         if let Some((t0, mid, kind, _)) = d.outstanding {
-            let matches_mid = m.message_id == mid && (m.mtype == MsgType::Ack || m.mtype == MsgType::Rst || baseline);
+            let matches_mid = m.message_id == mid
+                && (m.mtype == MsgType::Ack || m.mtype == MsgType::Rst || baseline);
             if matches_mid {
                 let us = t0.elapsed().as_micros() as u64;
                 d.outstanding = None;
@@ -469,12 +478,19 @@ fn run_worker(a: &Args, index: usize, count: usize) -> anyhow::Result<()> {
     // ---------------------------------------------------------- phase 1: register
     let t_reg = Instant::now();
     if !a.baseline {
-        let per_worker_rate = if a.register_rate == 0 { 0 } else { (a.register_rate / count as u64).max(1) };
+        let per_worker_rate = if a.register_rate == 0 {
+            0
+        } else {
+            (a.register_rate / count as u64).max(1)
+        };
         let mut next = 0usize;
         let mut issued = 0u64;
         let deadline = Instant::now() + Duration::from_secs(300);
         loop {
-            let in_flight = devs.iter().filter(|d| d.state == DevState::Registering).count();
+            let in_flight = devs
+                .iter()
+                .filter(|d| d.state == DevState::Registering)
+                .count();
             let allowed = if per_worker_rate == 0 {
                 u64::MAX
             } else {
@@ -493,11 +509,24 @@ fn run_worker(a: &Args, index: usize, count: usize) -> anyhow::Result<()> {
                 issued += 1;
                 room -= 1;
             }
-            drain(&mut devs, &mut poll, &mut events, &mut buf, &mut rep, &mut reg_h, &mut ack_h, Duration::from_millis(1));
+            drain(
+                &mut devs,
+                &mut poll,
+                &mut events,
+                &mut buf,
+                &mut rep,
+                &mut reg_h,
+                &mut ack_h,
+                Duration::from_millis(1),
+            );
             for d in devs.iter_mut() {
                 retransmit(d, &mut rep);
                 // 5.03: try again (back to Idle); re-issue now.
-                if d.state == DevState::Idle && next > 0 && d.outstanding.is_none() && d.sim.location.is_none() {
+                if d.state == DevState::Idle
+                    && next > 0
+                    && d.outstanding.is_none()
+                    && d.sim.location.is_none()
+                {
                     let msg = d.sim.register();
                     let mid = d.sim.outstanding.unwrap_or(0);
                     let _ = d.sock.send_to(&msg, server);
@@ -510,8 +539,15 @@ fn run_worker(a: &Args, index: usize, count: usize) -> anyhow::Result<()> {
                 last_progress = Instant::now();
                 progress(&rep);
             }
-            let done = next == n && devs.iter().all(|d| matches!(d.state, DevState::Registered | DevState::Failed));
-            let observed = a.idle || a.send || devs.iter().all(|d| d.state != DevState::Registered || d.obs_token.is_some());
+            let done = next == n
+                && devs
+                    .iter()
+                    .all(|d| matches!(d.state, DevState::Registered | DevState::Failed));
+            let observed = a.idle
+                || a.send
+                || devs
+                    .iter()
+                    .all(|d| d.state != DevState::Registered || d.obs_token.is_some());
             if (done && observed) || Instant::now() > deadline {
                 break;
             }
@@ -519,7 +555,16 @@ fn run_worker(a: &Args, index: usize, count: usize) -> anyhow::Result<()> {
         // Let the observe exchanges settle.
         let settle = Instant::now() + Duration::from_millis(300);
         while Instant::now() < settle {
-            drain(&mut devs, &mut poll, &mut events, &mut buf, &mut rep, &mut reg_h, &mut ack_h, Duration::from_millis(5));
+            drain(
+                &mut devs,
+                &mut poll,
+                &mut events,
+                &mut buf,
+                &mut rep,
+                &mut reg_h,
+                &mut ack_h,
+                Duration::from_millis(5),
+            );
         }
     }
     rep.register_seconds = t_reg.elapsed().as_secs_f64();
@@ -545,7 +590,8 @@ fn run_worker(a: &Args, index: usize, count: usize) -> anyhow::Result<()> {
                 let d = &mut devs[rr];
                 rr = (rr + 1) % n;
                 scanned += 1;
-                let ready = (d.state == DevState::Registered && (a.send || d.obs_token.is_some())) || a.baseline;
+                let ready = (d.state == DevState::Registered && (a.send || d.obs_token.is_some()))
+                    || a.baseline;
                 if !ready || (con && d.outstanding.is_some()) {
                     continue;
                 }
@@ -555,8 +601,13 @@ fn run_worker(a: &Args, index: usize, count: usize) -> anyhow::Result<()> {
                 let mid = d.sim_mid();
                 if a.send {
                     // LwM2M Send with the value as SenML.
-                    d.sim.values.insert(corem_lwm2m::proto::content::ResourcePath::resource(3303, 0, 5700), v as f64);
-                    out = d.sim.send(&["/3303/0/5700"], None, fmt == content::CF_SENML_CBOR);
+                    d.sim.values.insert(
+                        corem_lwm2m::proto::content::ResourcePath::resource(3303, 0, 5700),
+                        v as f64,
+                    );
+                    out = d
+                        .sim
+                        .send(&["/3303/0/5700"], None, fmt == content::CF_SENML_CBOR);
                     let mid = d.sim.outstanding.unwrap_or(0);
                     d.outstanding = Some((Instant::now(), mid, K_NOTIFY, 0));
                 } else {
@@ -575,11 +626,24 @@ fn run_worker(a: &Args, index: usize, count: usize) -> anyhow::Result<()> {
                 budget -= 1;
             }
         }
-        drain(&mut devs, &mut poll, &mut events, &mut buf, &mut rep, &mut reg_h, &mut ack_h, Duration::from_micros(if a.rate == 0 { 0 } else { 500 }));
+        drain(
+            &mut devs,
+            &mut poll,
+            &mut events,
+            &mut buf,
+            &mut rep,
+            &mut reg_h,
+            &mut ack_h,
+            Duration::from_micros(if a.rate == 0 { 0 } else { 500 }),
+        );
         for d in devs.iter_mut() {
             retransmit(d, &mut rep);
             // Update at 2/3 of the lifetime (LwM2M client behaviour).
-            if !a.baseline && d.state == DevState::Registered && d.outstanding.is_none() && d.last_update.elapsed() >= lifetime * 2 / 3 {
+            if !a.baseline
+                && d.state == DevState::Registered
+                && d.outstanding.is_none()
+                && d.last_update.elapsed() >= lifetime * 2 / 3
+            {
                 d.last_update = Instant::now();
                 let msg = d.sim.update(None, false);
                 let mid = d.sim.outstanding.unwrap_or(0);
@@ -597,7 +661,16 @@ fn run_worker(a: &Args, index: usize, count: usize) -> anyhow::Result<()> {
     // Wait for the last ACKs.
     let settle = Instant::now() + Duration::from_secs(3);
     while Instant::now() < settle && devs.iter().any(|d| d.outstanding.is_some()) {
-        drain(&mut devs, &mut poll, &mut events, &mut buf, &mut rep, &mut reg_h, &mut ack_h, Duration::from_millis(5));
+        drain(
+            &mut devs,
+            &mut poll,
+            &mut events,
+            &mut buf,
+            &mut rep,
+            &mut reg_h,
+            &mut ack_h,
+            Duration::from_millis(5),
+        );
         for d in devs.iter_mut() {
             retransmit(d, &mut rep);
         }
@@ -611,7 +684,10 @@ fn run_worker(a: &Args, index: usize, count: usize) -> anyhow::Result<()> {
         let mut next = 0;
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
-            let in_flight = devs.iter().filter(|d| d.state == DevState::Deregistering).count();
+            let in_flight = devs
+                .iter()
+                .filter(|d| d.state == DevState::Deregistering)
+                .count();
             let mut room = a.register_window.saturating_sub(in_flight);
             while next < n && room > 0 {
                 let d = &mut devs[next];
@@ -627,7 +703,16 @@ fn run_worker(a: &Args, index: usize, count: usize) -> anyhow::Result<()> {
                 d.state = DevState::Deregistering;
                 room -= 1;
             }
-            drain(&mut devs, &mut poll, &mut events, &mut buf, &mut rep, &mut reg_h, &mut ack_h, Duration::from_millis(2));
+            drain(
+                &mut devs,
+                &mut poll,
+                &mut events,
+                &mut buf,
+                &mut rep,
+                &mut reg_h,
+                &mut ack_h,
+                Duration::from_millis(2),
+            );
             for d in devs.iter_mut() {
                 retransmit(d, &mut rep);
             }
@@ -676,12 +761,28 @@ fn temperature(payload: &[u8]) -> Option<u64> {
     let rest = &payload[pos..];
     let end = rest
         .iter()
-        .position(|c| !(c.is_ascii_digit() || *c == b'.' || *c == b'e' || *c == b'E' || *c == b'+' || *c == b'-'))
+        .position(|c| {
+            !(c.is_ascii_digit()
+                || *c == b'.'
+                || *c == b'e'
+                || *c == b'E'
+                || *c == b'+'
+                || *c == b'-')
+        })
         .unwrap_or(rest.len());
-    std::str::from_utf8(&rest[..end]).ok()?.parse::<f64>().ok().map(|v| v as u64)
+    std::str::from_utf8(&rest[..end])
+        .ok()?
+        .parse::<f64>()
+        .ok()
+        .map(|v| v as u64)
 }
 
-fn start_consumer(brokers: &str, topic: &str, stop: Arc<AtomicBool>, e2e: Arc<E2e>) -> anyhow::Result<std::thread::JoinHandle<()>> {
+fn start_consumer(
+    brokers: &str,
+    topic: &str,
+    stop: Arc<AtomicBool>,
+    e2e: Arc<E2e>,
+) -> anyhow::Result<std::thread::JoinHandle<()>> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::{ClientConfig, Message as _, Offset, TopicPartitionList};
     let consumer: BaseConsumer = ClientConfig::new()
@@ -712,14 +813,28 @@ fn start_consumer(brokers: &str, topic: &str, stop: Arc<AtomicBool>, e2e: Arc<E2
                 let now = now_us();
                 let Some(p) = m.payload() else { continue };
                 let Some(v) = temperature(p) else { continue };
+                // Only our stamped values (µs since the epoch), not the
+                // devices' initial readings.
+                if v < 1_000_000_000_000_000 {
+                    continue;
+                }
                 e2e.records.fetch_add(1, Ordering::Relaxed);
                 let k = key_hash(m.key().unwrap_or(b""));
-                if !e2e.seen.lock().unwrap_or_else(|x| x.into_inner()).insert((k, v)) {
+                if !e2e
+                    .seen
+                    .lock()
+                    .unwrap_or_else(|x| x.into_inner())
+                    .insert((k, v))
+                {
                     e2e.duplicates.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
                 let lat = now.saturating_sub(v).max(1);
-                let _ = e2e.hist.lock().unwrap_or_else(|x| x.into_inner()).record(lat);
+                let _ = e2e
+                    .hist
+                    .lock()
+                    .unwrap_or_else(|x| x.into_inner())
+                    .record(lat);
             }
         }
     }))
@@ -750,7 +865,11 @@ fn ms(h: &Histogram<u64>, q: f64) -> String {
 
 fn write_provisioning(a: &Args, path: &std::path::Path) -> anyhow::Result<()> {
     let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
-    writeln!(f, "# Written by lwm2m-loadgen: {} devices, tenant {}", a.devices, a.tenant)?;
+    writeln!(
+        f,
+        "# Written by lwm2m-loadgen: {} devices, tenant {}",
+        a.devices, a.tenant
+    )?;
     for i in 0..a.devices {
         writeln!(
             f,
@@ -794,7 +913,9 @@ fn main() -> anyhow::Result<()> {
     let t0 = Instant::now();
     let exe = std::env::current_exe()?;
     let mut children = Vec::new();
-    let progress: Arc<Mutex<Vec<Progress>>> = Arc::new(Mutex::new((0..workers).map(|_| Progress::default()).collect()));
+    let progress: Arc<Mutex<Vec<Progress>>> = Arc::new(Mutex::new(
+        (0..workers).map(|_| Progress::default()).collect(),
+    ));
     let reports: Arc<Mutex<Vec<WorkerReport>>> = Arc::new(Mutex::new(Vec::new()));
     let mut readers = Vec::new();
     for i in 0..workers {
@@ -803,7 +924,10 @@ fn main() -> anyhow::Result<()> {
         cmd.arg("--worker-index").arg(i.to_string());
         cmd.arg("--worker-count").arg(workers.to_string());
         let mut child = cmd.stdout(Stdio::piped()).spawn()?;
-        let out = child.stdout.take().ok_or_else(|| anyhow::anyhow!("no worker stdout"))?;
+        let out = child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("no worker stdout"))?;
         let progress = progress.clone();
         let reports = reports.clone();
         readers.push(std::thread::spawn(move || {
@@ -825,10 +949,14 @@ fn main() -> anyhow::Result<()> {
     let mut last = (0u64, Instant::now());
     loop {
         std::thread::sleep(Duration::from_secs(1));
-        let done = children.iter_mut().all(|c| matches!(c.try_wait(), Ok(Some(_))));
+        let done = children
+            .iter_mut()
+            .all(|c| matches!(c.try_wait(), Ok(Some(_))));
         let (reg, sent, acked) = {
             let p = progress.lock().unwrap_or_else(|x| x.into_inner());
-            p.iter().fold((0, 0, 0), |a, x| (a.0 + x.registered, a.1 + x.sent, a.2 + x.acked))
+            p.iter().fold((0, 0, 0), |a, x| {
+                (a.0 + x.registered, a.1 + x.sent, a.2 + x.acked)
+            })
         };
         let rate = (sent - last.0) as f64 / last.1.elapsed().as_secs_f64();
         last = (sent, Instant::now());
@@ -870,7 +998,11 @@ fn main() -> anyhow::Result<()> {
         let _ = ack_h.add(de(&r.ack_hist));
     }
     // Points the gateway accepted: ACKed for CON / Send, sent for NON.
-    let expected = if a.non && !a.send { total.notifications_sent } else { total.notifications_acked };
+    let expected = if a.non && !a.send {
+        total.notifications_sent
+    } else {
+        total.notifications_acked
+    };
     let mut lost = 0u64;
     if let Some(c) = consumer {
         let deadline = Instant::now() + Duration::from_secs(a.drain);
@@ -921,13 +1053,27 @@ fn main() -> anyhow::Result<()> {
         "server_requests": total.server_requests,
     });
     println!("== lwm2m-loadgen summary ==");
-    println!("devices            {} ({} workers), registered {}, failed {}, observed {}", a.devices, workers, total.registered, total.register_failed, total.observed);
-    println!("registration       {:.0}/s over {:.2} s; latency p50 {} p99 {}", reg_rate, total.register_seconds, ms(&reg_h, 0.5), ms(&reg_h, 0.99));
+    println!(
+        "devices            {} ({} workers), registered {}, failed {}, observed {}",
+        a.devices, workers, total.registered, total.register_failed, total.observed
+    );
+    println!(
+        "registration       {:.0}/s over {:.2} s; latency p50 {} p99 {}",
+        reg_rate,
+        total.register_seconds,
+        ms(&reg_h, 0.5),
+        ms(&reg_h, 0.99)
+    );
     println!(
         "notifications      {} sent ({:.0}/s), {} acked ({:.0}/s), {} retransmitted, {} 5.03, {} RST",
         total.notifications_sent, throughput, total.notifications_acked, acked_rate, total.notifications_retransmitted, total.busy_503, total.notifications_rejected
     );
-    println!("CON ACK latency    p50 {} p99 {} max {}", ms(&ack_h, 0.5), ms(&ack_h, 0.99), ms(&ack_h, 1.0));
+    println!(
+        "CON ACK latency    p50 {} p99 {} max {}",
+        ms(&ack_h, 0.5),
+        ms(&ack_h, 0.99),
+        ms(&ack_h, 1.0)
+    );
     if a.brokers.is_some() && !a.baseline && !a.idle {
         println!(
             "kafka              expected {expected}, lost {lost}, duplicates {}; end-to-end p50 {} p99 {} max {}",
@@ -937,7 +1083,10 @@ fn main() -> anyhow::Result<()> {
             ms(&e2e_h, 1.0)
         );
     }
-    println!("updates {}, de-registered {}", total.updates, total.deregistered);
+    println!(
+        "updates {}, de-registered {}",
+        total.updates, total.deregistered
+    );
     let js = serde_json::to_string_pretty(&report)?;
     println!("{js}");
     if let Some(p) = &a.json {

@@ -1,0 +1,108 @@
+#!/usr/bin/env python3
+"""Turns perf/run-scenarios results (JSON lines) into the markdown section
+appended to perf/RESULTS.md: machine, commit, command, one table, targets."""
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+
+path, duration, devices, big, args = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
+rows = {}
+for line in open(path):
+    r = json.loads(line)
+    rows[r["scenario"]] = r
+
+
+def sh(cmd):
+    try:
+        return subprocess.check_output(cmd, shell=True, text=True, stderr=subprocess.DEVNULL).strip()
+    except Exception:
+        return "?"
+
+
+def get(d, *ks, default=None):
+    for k in ks:
+        if not isinstance(d, dict) or k not in d or d[k] is None:
+            return default
+        d = d[k]
+    return d
+
+
+def ms(us):
+    return "-" if us is None else f"{us / 1000:.2f}"
+
+
+cpu = sh("lscpu | sed -n 's/^Model name: *//p'")
+mem = sh("awk '/MemTotal/ {printf \"%.0f GiB\", $2/1048576}' /proc/meminfo")
+commit = sh("git rev-parse --short HEAD") + (" (dirty)" if sh("git status --porcelain -uno") else "")
+now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+base_con = get(rows, "baseline-con", "report", "notifications", "acked_per_second")
+base_non = None
+if "baseline-non" in rows:
+    r = rows["baseline-non"]
+    secs = get(r, "report", "notifications", "steady_seconds", default=0) or 0
+    if secs:
+        base_non = r.get("echo_received", 0) / secs
+
+out = []
+out.append(f"\n## Run of {now} — commit {commit}\n")
+out.append(f"* machine: {cpu}, {os.cpu_count()} cores, {mem}, Linux {platform.release()}; "
+           "broker, gateway and load generator share these cores")
+out.append(f"* command: `DURATION={duration} DEVICES={devices} BIG={big} perf/run-scenarios {args}`".replace("  ", " "))
+out.append("* gateway: release build, shards = one per core, kafka linger 5 ms, tansu 0.6.0 memory storage, loopback UDP\n")
+out.append("| scenario | devices | offered /s | accepted /s | ratio to baseline | lost | dup | CON ACK p50 / p99 ms | notify→Kafka p50 / p99 ms | gateway CPU µs / point | gateway RSS MiB |")
+out.append("|---|---|---|---|---|---|---|---|---|---|---|")
+
+for name in ["baseline-con", "baseline-non", "non-10k", "non-10k-half", "con-10k", "con-10k-half"]:
+    if name not in rows:
+        continue
+    r = rows[name]
+    rep = r["report"]
+    n = rep.get("notifications", {})
+    secs = n.get("steady_seconds") or 1
+    offered = n.get("sent_per_second", 0)
+    ack = get(n, "ack_latency")
+    e2e = get(rep, "kafka", "e2e_latency")
+    lost = get(rep, "kafka", "lost", default="-")
+    dup = get(rep, "kafka", "duplicates", default="-")
+    con = get(rep, "config", "con")
+    if name == "baseline-non":
+        accepted = r.get("echo_received", 0) / secs
+        ratio = "1.00 (ceiling)"
+    elif name == "baseline-con":
+        accepted = n.get("acked_per_second", 0)
+        ratio = "1.00 (ceiling)"
+    else:
+        pub = r.get("points_published", 0)
+        accepted = (get(rep, "kafka", "received_unique", default=0) or 0) / secs if not con else n.get("acked_per_second", 0)
+        base = base_con if con else base_non
+        ratio = f"{accepted / base:.2f}" if base else "-"
+    cpu_us = "-"
+    if r.get("gw_cpu_s") is not None and r.get("points_published"):
+        cpu_us = f"{r['gw_cpu_s'] * 1e6 / r['points_published']:.2f}"
+    rss = f"{r['gw_rss_kib_end'] / 1024:.0f}" if r.get("gw_rss_kib_end") else "-"
+    ackc = f"{ms(get(ack, 'p50_us'))} / {ms(get(ack, 'p99_us'))}" if ack else "-"
+    e2ec = f"{ms(get(e2e, 'p50_us'))} / {ms(get(e2e, 'p99_us'))}" if e2e else "-"
+    kind = "CON" if con else "NON"
+    out.append(f"| {name} ({kind}) | {get(rep, 'config', 'devices')} | {offered:,.0f} | {accepted:,.0f} | {ratio} | {lost} | {dup} | {ackc} | {e2ec} | {cpu_us} | {rss} |")
+
+out.append("")
+if "reg-storm-100k" in rows:
+    r = rows["reg-storm-100k"]
+    reg = r["report"]["registration"]
+    lat = reg.get("latency") or {}
+    out.append(f"* **registration storm**: {reg['registered']:,} of {r['report']['config']['devices']:,} registered "
+               f"in {reg['seconds']:.1f} s = **{reg['per_second']:,.0f} registrations/s** (window 2048 outstanding); "
+               f"latency p50 {ms(lat.get('p50_us'))} ms, p99 {ms(lat.get('p99_us'))} ms; {reg['retransmits']} retransmissions, "
+               f"{reg['failed']} failed; gateway CPU {r['gw_cpu_s']:.1f} s, RSS {r['gw_rss_kib_end'] / 1024:.0f} MiB")
+if "idle-100k" in rows:
+    r = rows["idle-100k"]
+    act = r.get("registrations_active", 0)
+    per = (r["gw_rss_kib_idle"] - r["gw_rss_kib_start"]) * 1024 / act if act else 0
+    out.append(f"* **idle scale**: {act:,} registered idle devices; gateway RSS {r['gw_rss_kib_start'] / 1024:.0f} MiB → "
+               f"{r['gw_rss_kib_idle'] / 1024:.0f} MiB = **{per:,.0f} bytes per registered device** (includes its observation)")
+out.append("")
+print("\n".join(out))
