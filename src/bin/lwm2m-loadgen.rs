@@ -28,7 +28,7 @@ use hdrhistogram::Histogram;
 use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token};
 use serde::{Deserialize, Serialize};
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::{Command, Stdio};
@@ -189,6 +189,8 @@ struct Dev {
 #[derive(PartialEq, Eq, Clone, Copy, Debug)]
 enum DevState {
     Idle,
+    /// Register answered 5.03: register again.
+    Busy,
     Registering,
     Registered,
     Deregistering,
@@ -379,7 +381,9 @@ fn run_worker(a: &Args, index: usize, count: usize) -> anyhow::Result<()> {
                             d.last_update = Instant::now();
                         } else if m.code == Code::SERVICE_UNAVAILABLE {
                             rep.busy_503 += 1;
-                            d.state = DevState::Idle;
+                            d.state = DevState::Busy;
+                            // Retry after Max-Age (RFC 7252 §5.9.3.4), at least 1 s.
+                            d.registered_at = Instant::now();
                         } else {
                             rep.register_failed += 1;
                             d.state = DevState::Failed;
@@ -390,7 +394,7 @@ fn run_worker(a: &Args, index: usize, count: usize) -> anyhow::Result<()> {
                         rep.updates += 1;
                         let _ = d.sim.handle(data);
                         if m.code == Code::NOT_FOUND {
-                            d.state = DevState::Idle;
+                            d.state = DevState::Busy;
                             d.obs_token = None;
                         }
                         return;
@@ -521,11 +525,10 @@ fn run_worker(a: &Args, index: usize, count: usize) -> anyhow::Result<()> {
             );
             for d in devs.iter_mut() {
                 retransmit(d, &mut rep);
-                // 5.03: try again (back to Idle); re-issue now.
-                if d.state == DevState::Idle
-                    && next > 0
+                // Register answered 5.03 (or Update 4.04): register again.
+                if d.state == DevState::Busy
                     && d.outstanding.is_none()
-                    && d.sim.location.is_none()
+                    && d.registered_at.elapsed() >= Duration::from_secs(1)
                 {
                     let msg = d.sim.register();
                     let mid = d.sim.outstanding.unwrap_or(0);
@@ -548,6 +551,12 @@ fn run_worker(a: &Args, index: usize, count: usize) -> anyhow::Result<()> {
                 || devs
                     .iter()
                     .all(|d| d.state != DevState::Registered || d.obs_token.is_some());
+            if done && rep.register_seconds == 0.0 {
+                // The registration storm ends with the last 2.01.
+                if rep.register_seconds == 0.0 {
+        rep.register_seconds = t_reg.elapsed().as_secs_f64();
+    }
+            }
             if (done && observed) || Instant::now() > deadline {
                 break;
             }
@@ -567,7 +576,9 @@ fn run_worker(a: &Args, index: usize, count: usize) -> anyhow::Result<()> {
             );
         }
     }
-    rep.register_seconds = t_reg.elapsed().as_secs_f64();
+    if rep.register_seconds == 0.0 {
+        rep.register_seconds = t_reg.elapsed().as_secs_f64();
+    }
 
     // ---------------------------------------------------------- phase 2: steady state
     let t_steady = Instant::now();
@@ -742,9 +753,13 @@ impl Dev {
 
 struct E2e {
     hist: Mutex<Histogram<u64>>,
-    seen: Mutex<HashSet<(u64, u64)>>,
+    /// (device key hash, value) → (partition, offset) of the first record.
+    seen: Mutex<HashMap<(u64, u64), (i32, i64)>>,
     records: AtomicU64,
+    /// The same value in two different records of the log.
     duplicates: AtomicU64,
+    /// The same record delivered twice by the consumer (not a log duplicate).
+    redelivered: AtomicU64,
 }
 
 fn key_hash(k: &[u8]) -> u64 {
@@ -820,14 +835,19 @@ fn start_consumer(
                 }
                 e2e.records.fetch_add(1, Ordering::Relaxed);
                 let k = key_hash(m.key().unwrap_or(b""));
-                if !e2e
-                    .seen
-                    .lock()
-                    .unwrap_or_else(|x| x.into_inner())
-                    .insert((k, v))
-                {
-                    e2e.duplicates.fetch_add(1, Ordering::Relaxed);
-                    continue;
+                let at = (m.partition(), m.offset());
+                match e2e.seen.lock().unwrap_or_else(|x| x.into_inner()).entry((k, v)) {
+                    std::collections::hash_map::Entry::Occupied(o) => {
+                        if *o.get() == at {
+                            e2e.redelivered.fetch_add(1, Ordering::Relaxed);
+                        } else {
+                            e2e.duplicates.fetch_add(1, Ordering::Relaxed);
+                        }
+                        continue;
+                    }
+                    std::collections::hash_map::Entry::Vacant(slot) => {
+                        slot.insert(at);
+                    }
                 }
                 let lat = now.saturating_sub(v).max(1);
                 let _ = e2e
@@ -901,9 +921,10 @@ fn main() -> anyhow::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let e2e = Arc::new(E2e {
         hist: Mutex::new(hist()),
-        seen: Mutex::new(HashSet::new()),
+        seen: Mutex::new(HashMap::new()),
         records: AtomicU64::new(0),
         duplicates: AtomicU64::new(0),
+        redelivered: AtomicU64::new(0),
     });
     let topic = format!("telemetry.raw.{}", a.tenant);
     let consumer = match (&a.brokers, a.baseline || a.idle) {
@@ -1046,7 +1067,8 @@ fn main() -> anyhow::Result<()> {
             "topic": topic, "expected": expected,
             "received_unique": e2e.seen.lock().unwrap_or_else(|x| x.into_inner()).len(),
             "records": e2e.records.load(Ordering::Relaxed),
-            "duplicates": e2e.duplicates.load(Ordering::Relaxed), "lost": lost,
+            "duplicates": e2e.duplicates.load(Ordering::Relaxed),
+            "consumer_redelivered": e2e.redelivered.load(Ordering::Relaxed), "lost": lost,
             "e2e_latency": pct(&e2e_h),
         }) } else { serde_json::json!(null) },
         "updates": total.updates, "deregistered": total.deregistered,
@@ -1076,8 +1098,9 @@ fn main() -> anyhow::Result<()> {
     );
     if a.brokers.is_some() && !a.baseline && !a.idle {
         println!(
-            "kafka              expected {expected}, lost {lost}, duplicates {}; end-to-end p50 {} p99 {} max {}",
+            "kafka              expected {expected}, lost {lost}, duplicates {} (consumer re-deliveries {}); end-to-end p50 {} p99 {} max {}",
             e2e.duplicates.load(Ordering::Relaxed),
+            e2e.redelivered.load(Ordering::Relaxed),
             ms(&e2e_h, 0.5),
             ms(&e2e_h, 0.99),
             ms(&e2e_h, 1.0)
