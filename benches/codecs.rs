@@ -200,19 +200,21 @@ fn telemetry_encoding(c: &mut Criterion) {
     let mut nv = BTreeMap::new();
     nv.insert("temperature", 22.5);
     nv.insert("battery_level", 87.0);
+    let sv = BTreeMap::new();
+    let bv = BTreeMap::new();
     let p = TelemetryPoint {
         tenant_id: "acme",
         device_id: "d7b1c0e2-3f44-4a91-9b2e-2c5a1f0e9d33",
         endpoint: "urn:imei:123456789012345",
         ts: 1_795_608_634_287,
         received_at: 1_795_608_634_287,
-        numeric_values: nv,
-        string_values: BTreeMap::new(),
-        bool_values: BTreeMap::new(),
+        numeric_values: &nv,
+        string_values: &sv,
+        bool_values: &bv,
         source: PointSource {
             protocol: "lwm2m",
             operation: "notify",
-            path: "/3303/0/5700".into(),
+            path: "/3303/0/5700",
             content_format: 0,
             observe_seq: Some(12),
             shard: 0,

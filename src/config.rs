@@ -36,6 +36,10 @@ pub struct GatewayConfig {
     pub max_datagram: usize,
     /// Timer / producer-poll tick of each shard, in milliseconds.
     pub tick_ms: u64,
+    /// Receive coalescing: while datagrams keep arriving, a shard polls its
+    /// socket every this many microseconds instead of waking per datagram
+    /// (0 = wake per datagram). Adds at most this much latency.
+    pub coalesce_us: u64,
     /// Bound on the time spent flushing Kafka at shutdown.
     pub shutdown_flush_ms: u64,
 }
@@ -51,6 +55,7 @@ impl Default for GatewayConfig {
             socket_send_buffer: 4 << 20,
             max_datagram: 2048,
             tick_ms: 5,
+            coalesce_us: 1000,
             shutdown_flush_ms: 10_000,
         }
     }

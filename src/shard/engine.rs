@@ -1164,17 +1164,13 @@ impl Engine {
                 endpoint: &reg.endpoint,
                 ts: *ts,
                 received_at: now.wall_ms,
-                numeric_values: p.numeric.clone(),
-                string_values: p.string.clone(),
-                bool_values: p.boolean.clone(),
+                numeric_values: &p.numeric,
+                string_values: &p.string,
+                bool_values: &p.boolean,
                 source: PointSource {
                     protocol: "lwm2m",
                     operation,
-                    path: if operation == "send" {
-                        "/dp".into()
-                    } else {
-                        path.clone()
-                    },
+                    path: if operation == "send" { "/dp" } else { &path },
                     content_format: cf,
                     observe_seq: seq,
                     shard: self.shard,

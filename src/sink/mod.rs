@@ -18,11 +18,15 @@ pub struct TelemetryPoint<'a> {
     /// Epoch ms: the SenML time when the device gave one, else receive time.
     pub ts: i64,
     pub received_at: i64,
-    pub numeric_values: BTreeMap<&'a str, f64>,
-    pub string_values: BTreeMap<&'a str, String>,
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    pub bool_values: BTreeMap<&'a str, bool>,
+    pub numeric_values: &'a BTreeMap<&'a str, f64>,
+    pub string_values: &'a BTreeMap<&'a str, String>,
+    #[serde(skip_serializing_if = "is_empty")]
+    pub bool_values: &'a BTreeMap<&'a str, bool>,
     pub source: PointSource<'a>,
+}
+
+fn is_empty<K, V>(m: &&BTreeMap<K, V>) -> bool {
+    m.is_empty()
 }
 
 /// Where the point came from, for tracing a value back to the device.
@@ -31,7 +35,7 @@ pub struct PointSource<'a> {
     pub protocol: &'static str,
     /// `notify` (Observe) or `send` (LwM2M 1.1 Send) or `read`.
     pub operation: &'static str,
-    pub path: String,
+    pub path: &'a str,
     pub content_format: u16,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub observe_seq: Option<u32>,
