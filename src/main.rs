@@ -168,6 +168,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     signal_hook::flag::register(SIGHUP, hup.clone())?;
     let interval = Duration::from_secs(cfg.directory.snapshot_interval_s.max(1));
     let mut next_snapshot = Instant::now() + interval;
+    let mut next_trim = Instant::now() + Duration::from_secs(30);
     while !term.load(Ordering::Acquire) {
         std::thread::sleep(Duration::from_millis(100));
         if hup.swap(false, Ordering::AcqRel) {
@@ -176,6 +177,16 @@ fn run(args: Args) -> anyhow::Result<()> {
                 Err(e) => {
                     tracing::error!(error = %e, "profile reload failed; keeping the current profiles")
                 }
+            }
+        }
+        if Instant::now() >= next_trim {
+            next_trim = Instant::now() + Duration::from_secs(30);
+            // librdkafka allocates its message buffers with the C allocator;
+            // after a burst (registration storm, broker outage) glibc keeps the
+            // freed pages. Hand them back so RSS tracks live state.
+            // SAFETY: malloc_trim only releases free memory.
+            unsafe {
+                libc::malloc_trim(0);
             }
         }
         if Instant::now() >= next_snapshot {
