@@ -499,10 +499,7 @@ fn run_worker(a: &Args, index: usize, count: usize) -> anyhow::Result<()> {
             while next < n && room > 0 && issued < allowed {
                 let d = &mut devs[next];
                 let msg = d.sim.register();
-                let mid = d.sim.outstanding.unwrap_or(0);
-                let _ = d.sock.send_to(&msg, server);
-                d.pending_msg = msg;
-                d.outstanding = Some((Instant::now(), mid, K_REGISTER, 0));
+                d.start_request(msg, K_REGISTER, server);
                 d.state = DevState::Registering;
                 next += 1;
                 issued += 1;
@@ -526,10 +523,7 @@ fn run_worker(a: &Args, index: usize, count: usize) -> anyhow::Result<()> {
                     && d.registered_at.elapsed() >= Duration::from_secs(1)
                 {
                     let msg = d.sim.register();
-                    let mid = d.sim.outstanding.unwrap_or(0);
-                    let _ = d.sock.send_to(&msg, server);
-                    d.pending_msg = msg;
-                    d.outstanding = Some((Instant::now(), mid, K_REGISTER, 0));
+                    d.start_request(msg, K_REGISTER, server);
                     d.state = DevState::Registering;
                 }
             }
@@ -652,10 +646,7 @@ fn run_worker(a: &Args, index: usize, count: usize) -> anyhow::Result<()> {
             {
                 d.last_update = Instant::now();
                 let msg = d.sim.update(None, false);
-                let mid = d.sim.outstanding.unwrap_or(0);
-                let _ = d.sock.send_to(&msg, server);
-                d.pending_msg = msg;
-                d.outstanding = Some((Instant::now(), mid, K_UPDATE, 0));
+                d.start_request(msg, K_UPDATE, server);
             }
         }
         if last_progress.elapsed() >= Duration::from_secs(1) {
@@ -702,10 +693,7 @@ fn run_worker(a: &Args, index: usize, count: usize) -> anyhow::Result<()> {
                     continue;
                 }
                 let msg = d.sim.deregister();
-                let mid = d.sim.outstanding.unwrap_or(0);
-                let _ = d.sock.send_to(&msg, server);
-                d.pending_msg = msg;
-                d.outstanding = Some((Instant::now(), mid, K_DEREGISTER, 0));
+                d.start_request(msg, K_DEREGISTER, server);
                 d.state = DevState::Deregistering;
                 room -= 1;
             }
@@ -737,6 +725,15 @@ fn run_worker(a: &Args, index: usize, count: usize) -> anyhow::Result<()> {
 }
 
 impl Dev {
+    /// Sends a CON request built by the simulated device and tracks it for
+    /// retransmission and latency.
+    fn start_request(&mut self, msg: Vec<u8>, kind: u8, server: SocketAddr) {
+        let mid = self.sim.outstanding.unwrap_or(0);
+        let _ = self.sock.send_to(&msg, server);
+        self.pending_msg = msg;
+        self.outstanding = Some((Instant::now(), mid, kind, 0));
+    }
+
     /// Next message id for a device-originated message (one counter for all
     /// of the device's messages, as RFC 7252 §4.4 wants).
     fn sim_mid(&mut self) -> u16 {

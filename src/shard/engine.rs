@@ -572,10 +572,7 @@ impl Engine {
         msg: &Message<'_>,
         sink: &mut dyn Sink,
     ) -> Reply {
-        let Some(reg_id) = std::str::from_utf8(id)
-            .ok()
-            .and_then(|s| self.by_location.get(s).copied())
-        else {
+        let Some(reg_id) = self.lookup_location(id) else {
             // Unknown here (expired, or registered on another shard before the
             // device's address moved): 4.04 makes the client register again
             // (LwM2M TS 1.1 Core §6.2.2 / §8.2.2 client behaviour).
@@ -662,12 +659,16 @@ impl Engine {
         }
     }
 
-    /// LwM2M TS 1.1 Transport §6.2.3 De-register: `DELETE /rd/{id}` → 2.02.
-    fn handle_deregister(&mut self, _now: Now, id: &[u8], sink: &mut dyn Sink) -> Reply {
-        let Some(reg_id) = std::str::from_utf8(id)
+    /// The registration behind a `/rd/{location}` path segment.
+    fn lookup_location(&self, id: &[u8]) -> Option<RegId> {
+        std::str::from_utf8(id)
             .ok()
             .and_then(|s| self.by_location.get(s).copied())
-        else {
+    }
+
+    /// LwM2M TS 1.1 Transport §6.2.3 De-register: `DELETE /rd/{id}` → 2.02.
+    fn handle_deregister(&mut self, _now: Now, id: &[u8], sink: &mut dyn Sink) -> Reply {
+        let Some(reg_id) = self.lookup_location(id) else {
             ShardMetrics::inc(&self.metrics.update_unknown);
             return Reply::error(Code::NOT_FOUND, "unknown registration");
         };
