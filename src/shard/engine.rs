@@ -35,6 +35,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
+use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -161,6 +162,24 @@ impl Reply {
     }
 }
 
+/// Which LwM2M operation carried the values being published.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Operation {
+    /// An Observe notification (or the initial Observe response).
+    Notify,
+    /// LwM2M 1.1 Send (`POST /dp`).
+    Send,
+}
+
+impl Operation {
+    fn as_str(self) -> &'static str {
+        match self {
+            Operation::Notify => "notify",
+            Operation::Send => "send",
+        }
+    }
+}
+
 enum NotifyOutcome {
     /// Processed (or deliberately discarded): ACK a CON.
     Ack,
@@ -193,6 +212,8 @@ pub struct Engine {
     out: Vec<u8>,
     out_meta: Vec<(SocketAddr, usize, usize)>,
     broadcast: Vec<ShardMsg>,
+    /// Reused for the `source.path` of published points.
+    path_buf: String,
 }
 
 fn token_id(token: &[u8]) -> Option<TokenId> {
@@ -232,6 +253,7 @@ impl Engine {
             out: Vec::with_capacity(64 * 1024),
             out_meta: Vec::with_capacity(256),
             broadcast: Vec::new(),
+            path_buf: String::with_capacity(32),
         }
     }
 
@@ -996,7 +1018,7 @@ impl Engine {
                     // we still publish the value we got.
                     reg.observations.retain(|t| *t != token);
                 }
-                let out = self.publish_payload(now, p.reg, path, msg, "notify", sink);
+                let out = self.publish_payload(now, p.reg, path, msg, Operation::Notify, sink);
                 if matches!(out, NotifyOutcome::Defer) {
                     // The initial value could not be queued; the next
                     // notification will carry a fresh one. The response itself
@@ -1052,7 +1074,7 @@ impl Engine {
         if let Some(reg) = self.regs.get_mut(&reg_id) {
             reg.last_seen_ms = now.wall_ms;
         }
-        let outcome = self.publish_payload(now, reg_id, path, msg, "notify", sink);
+        let outcome = self.publish_payload(now, reg_id, path, msg, Operation::Notify, sink);
         match outcome {
             NotifyOutcome::Ack => {
                 if let (Some(seq), Some(o)) = (msg.observe(), self.observations.get_mut(&token)) {
@@ -1101,7 +1123,7 @@ impl Engine {
         if let Some(reg) = self.regs.get_mut(&reg_id) {
             reg.last_seen_ms = now.wall_ms;
         }
-        match self.publish_payload(now, reg_id, root, msg, "send", sink) {
+        match self.publish_payload(now, reg_id, root, msg, Operation::Send, sink) {
             NotifyOutcome::Ack => Reply::code(Code::CHANGED),
             NotifyOutcome::Defer => self.busy(),
             NotifyOutcome::Reject => Reply::error(Code::BAD_REQUEST, "undecodable payload"),
@@ -1116,7 +1138,7 @@ impl Engine {
         reg_id: RegId,
         base: ResourcePath,
         msg: &Message<'_>,
-        operation: &'static str,
+        operation: Operation,
         sink: &mut dyn Sink,
     ) -> NotifyOutcome {
         let Some(reg) = self.regs.get(&reg_id) else {
@@ -1132,11 +1154,11 @@ impl Engine {
             Err(e) => {
                 ShardMetrics::inc(&self.metrics.decode_errors);
                 tracing::debug!(endpoint = %reg.endpoint, error = %e, "payload decode failed");
-                // Acknowledge: retrying the same bytes cannot succeed.
-                return if operation == "send" {
-                    NotifyOutcome::Reject
-                } else {
-                    NotifyOutcome::Ack
+                // A notification is acknowledged (retrying the same bytes
+                // cannot succeed); a Send request gets 4.00.
+                return match operation {
+                    Operation::Send => NotifyOutcome::Reject,
+                    Operation::Notify => NotifyOutcome::Ack,
                 };
             }
         };
@@ -1156,7 +1178,14 @@ impl Engine {
         if !sink.has_capacity(points.len()) {
             return NotifyOutcome::Defer;
         }
-        let path = base.to_string();
+        // Source path, formatted into a reused buffer (no allocation).
+        self.path_buf.clear();
+        match operation {
+            Operation::Send => self.path_buf.push_str("/dp"),
+            Operation::Notify => {
+                let _ = write!(self.path_buf, "{base}");
+            }
+        }
         let seq = msg.observe();
         for (ts, p) in &points {
             let tp = TelemetryPoint {
@@ -1170,8 +1199,8 @@ impl Engine {
                 bool_values: &p.boolean,
                 source: PointSource {
                     protocol: "lwm2m",
-                    operation,
-                    path: if operation == "send" { "/dp" } else { &path },
+                    operation: operation.as_str(),
+                    path: &self.path_buf,
                     content_format: cf,
                     observe_seq: seq,
                     shard: self.shard,

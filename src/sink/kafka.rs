@@ -109,7 +109,9 @@ impl KafkaSink {
         })
     }
 
-    fn topics(&mut self, tenant: &str) -> &(String, String) {
+    /// Queues `self.buf` on the tenant's telemetry or status topic. Topic
+    /// names are built once per tenant; no allocation per record.
+    fn send(&mut self, telemetry: bool, tenant: &str, key: &str) -> Result<(), SinkError> {
         if !self.topics.contains_key(tenant) {
             let t = (
                 topic_for(&self.telemetry_template, tenant),
@@ -117,13 +119,9 @@ impl KafkaSink {
             );
             self.topics.insert(tenant.to_string(), t);
         }
-        &self.topics[tenant]
-    }
-
-    fn send(&mut self, telemetry: bool, tenant: &str, key: &str) -> Result<(), SinkError> {
-        let (t, s) = self.topics(tenant).clone();
-        let topic = if telemetry { t } else { s };
-        let rec = BaseRecord::to(&topic).key(key).payload(&self.buf[..]);
+        let (t, s) = &self.topics[tenant];
+        let topic: &str = if telemetry { t } else { s };
+        let rec = BaseRecord::to(topic).key(key).payload(&self.buf[..]);
         match self.producer.send(rec) {
             Ok(()) => Ok(()),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
