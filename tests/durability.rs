@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use corem_lwm2m::proto::coap::Code;
+use corem_lwm2m::proto::coap::{Code, MsgType};
 use corem_lwm2m::proto::content::ResourcePath;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -164,7 +164,7 @@ fn broker_outage_loses_nothing_acknowledged() {
         // counted as acknowledged).
         let v = 10_000.0 + i as f64;
         notifier.sim.values.insert(temp, v);
-        if notifier.notify_con("/3303/0/5700", Duration::from_secs(3)) {
+        if notifier.notify_con("/3303/0/5700", Duration::from_secs(3)) == Some(MsgType::Ack) {
             acked_notify.push(v);
         }
         // Send with a unique value; on 5.03, retry after Max-Age with a new

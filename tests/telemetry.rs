@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use corem_lwm2m::proto::coap::Code;
+use corem_lwm2m::proto::coap::{Code, MsgType};
 use corem_lwm2m::proto::content::{self, ResourcePath};
 use std::time::Duration;
 
@@ -44,7 +44,10 @@ fn register_then_notification_reaches_kafka() {
 
     // The initial observe responses carried values; now a fresh notification.
     dev.sim.values.insert(rp("/3303/0/5700"), 22.5);
-    assert!(dev.notify_con("/3303/0/5700", Duration::from_secs(5)));
+    assert_eq!(
+        dev.notify_con("/3303/0/5700", Duration::from_secs(5)),
+        Some(MsgType::Ack)
+    );
     let pts = read_matching(&tele, 5, Duration::from_secs(20), |_| true);
     assert_eq!(pts.len(), 5, "4 initial values + 1 notification");
     let last = pts.last().unwrap();
@@ -211,7 +214,10 @@ fn update_deregister_expiry_and_reregistration() {
     assert_eq!(gw.metric("observations_active"), 4);
     assert_eq!(gw.metric("registrations_active"), 1);
     // The old device's notification is refused (RST cancels it there).
-    assert!(!a.notify_con("/3303/0/5700", Duration::from_secs(2)));
+    assert_eq!(
+        a.notify_con("/3303/0/5700", Duration::from_secs(2)),
+        Some(MsgType::Rst)
+    );
     // Update on the replaced registration → 4.04.
     let u = a.sim.update(None, false);
     assert_eq!(a.request(&u, Duration::from_secs(5)), Some(Code::NOT_FOUND));
@@ -316,7 +322,10 @@ fn two_shards_spread_devices_and_publish_each_point_once() {
     assert_eq!(per_shard.iter().sum::<i64>(), 24);
     for (i, d) in devs.iter_mut().enumerate() {
         d.sim.values.insert(rp("/3303/0/5700"), 1000.0 + i as f64);
-        assert!(d.notify_con("/3303/0/5700", Duration::from_secs(5)));
+        assert_eq!(
+            d.notify_con("/3303/0/5700", Duration::from_secs(5)),
+            Some(MsgType::Ack)
+        );
     }
     // 24 x 4 initial values + 24 notifications, each exactly once.
     let pts = read_matching(&tele, 24 * 5 + 1, Duration::from_secs(10), |_| true);

@@ -455,9 +455,10 @@ impl Device {
         code
     }
 
-    /// Sends a CON notification and waits for its empty ACK, retransmitting
-    /// until `timeout` (as a device's CoAP stack would).
-    pub fn notify_con(&mut self, path: &str, timeout: Duration) -> bool {
+    /// Sends a CON notification and waits for the gateway's answer (ACK or
+    /// RST), retransmitting until `timeout` as a device's CoAP stack would.
+    /// `None` when nothing answered.
+    pub fn notify_con(&mut self, path: &str, timeout: Duration) -> Option<MsgType> {
         let (mid, n) = self.sim.notify(path, true).expect("not observed");
         let deadline = Instant::now() + timeout;
         let mut backoff = Duration::from_millis(200);
@@ -469,10 +470,10 @@ impl Device {
                 if let Ok((k, _)) = self.sock.recv_from(&mut buf) {
                     if let Ok(m) = Message::decode(&buf[..k]) {
                         if m.mtype == MsgType::Ack && m.message_id == mid {
-                            return true;
+                            return Some(MsgType::Ack);
                         }
                         if m.mtype == MsgType::Rst && m.message_id == mid {
-                            return false;
+                            return Some(MsgType::Rst);
                         }
                     }
                     let ev = self.sim.handle(&buf[..k]);
@@ -483,7 +484,7 @@ impl Device {
             }
             backoff = (backoff * 2).min(Duration::from_secs(2));
         }
-        false
+        None
     }
 }
 

@@ -245,6 +245,7 @@ fn update_and_deregister() {
     // Not expired at the old deadline (300 s after register).
     h.advance(Duration::from_secs(250));
     assert_eq!(h.engine.registration_count(), 1);
+    let (late_mid, late) = dev.notify("/3303/0/5700", true).unwrap();
     let out = h.input(addr(1000), &dev.deregister());
     assert_eq!(code_of(&out[0]), Code::DELETED);
     let s = h.sink.status.last().unwrap();
@@ -254,13 +255,12 @@ fn update_and_deregister() {
     );
     assert_eq!(h.engine.registration_count(), 0);
     assert_eq!(h.engine.observation_count(), 0);
-    // A notification on the dead observation is rejected with RST.
-    let (mid, n) = dev.notify("/3303/0/5700", true).unwrap_or((0, vec![]));
-    if !n.is_empty() {
-        let out = h.input(addr(1000), &n);
-        let m = Message::decode(&out[0]).unwrap();
-        assert_eq!((m.mtype, m.message_id), (MsgType::Rst, mid));
-    }
+    // A late notification on the dead observation (built before the
+    // De-register completed on the device) is rejected with RST.
+    let out = h.input(addr(1000), &late);
+    assert_eq!(out.len(), 1);
+    let m = Message::decode(&out[0]).unwrap();
+    assert_eq!((m.mtype, m.message_id), (MsgType::Rst, late_mid));
 }
 
 #[test]
