@@ -445,6 +445,21 @@ fn run_worker(a: &Args, index: usize, count: usize) -> anyhow::Result<()> {
             }
         }
     };
+    // Every phase waits for input the same way.
+    macro_rules! drain {
+        ($timeout:expr) => {
+            drain(
+                &mut devs,
+                &mut poll,
+                &mut events,
+                &mut buf,
+                &mut rep,
+                &mut reg_h,
+                &mut ack_h,
+                $timeout,
+            )
+        };
+    }
 
     // Retransmission of the outstanding CON (RFC 7252 §4.2 back-off).
     let retransmit = |d: &mut Dev, rep: &mut WorkerReport| {
@@ -505,16 +520,7 @@ fn run_worker(a: &Args, index: usize, count: usize) -> anyhow::Result<()> {
                 issued += 1;
                 room -= 1;
             }
-            drain(
-                &mut devs,
-                &mut poll,
-                &mut events,
-                &mut buf,
-                &mut rep,
-                &mut reg_h,
-                &mut ack_h,
-                Duration::from_millis(1),
-            );
+            drain!(Duration::from_millis(1));
             for d in devs.iter_mut() {
                 retransmit(d, &mut rep);
                 // Register answered 5.03 (or Update 4.04): register again.
@@ -553,16 +559,7 @@ fn run_worker(a: &Args, index: usize, count: usize) -> anyhow::Result<()> {
         // Let the observe exchanges settle.
         let settle = Instant::now() + Duration::from_millis(300);
         while Instant::now() < settle {
-            drain(
-                &mut devs,
-                &mut poll,
-                &mut events,
-                &mut buf,
-                &mut rep,
-                &mut reg_h,
-                &mut ack_h,
-                Duration::from_millis(5),
-            );
+            drain!(Duration::from_millis(5));
         }
     }
     if rep.register_seconds == 0.0 {
@@ -626,16 +623,7 @@ fn run_worker(a: &Args, index: usize, count: usize) -> anyhow::Result<()> {
                 budget -= 1;
             }
         }
-        drain(
-            &mut devs,
-            &mut poll,
-            &mut events,
-            &mut buf,
-            &mut rep,
-            &mut reg_h,
-            &mut ack_h,
-            Duration::from_micros(if a.rate == 0 { 0 } else { 500 }),
-        );
+        drain!(Duration::from_micros(if a.rate == 0 { 0 } else { 500 }));
         for d in devs.iter_mut() {
             retransmit(d, &mut rep);
             // Update at 2/3 of the lifetime (LwM2M client behaviour).
@@ -658,16 +646,7 @@ fn run_worker(a: &Args, index: usize, count: usize) -> anyhow::Result<()> {
     // Wait for the last ACKs.
     let settle = Instant::now() + Duration::from_secs(3);
     while Instant::now() < settle && devs.iter().any(|d| d.outstanding.is_some()) {
-        drain(
-            &mut devs,
-            &mut poll,
-            &mut events,
-            &mut buf,
-            &mut rep,
-            &mut reg_h,
-            &mut ack_h,
-            Duration::from_millis(5),
-        );
+        drain!(Duration::from_millis(5));
         for d in devs.iter_mut() {
             retransmit(d, &mut rep);
         }
@@ -697,16 +676,7 @@ fn run_worker(a: &Args, index: usize, count: usize) -> anyhow::Result<()> {
                 d.state = DevState::Deregistering;
                 room -= 1;
             }
-            drain(
-                &mut devs,
-                &mut poll,
-                &mut events,
-                &mut buf,
-                &mut rep,
-                &mut reg_h,
-                &mut ack_h,
-                Duration::from_millis(2),
-            );
+            drain!(Duration::from_millis(2));
             for d in devs.iter_mut() {
                 retransmit(d, &mut rep);
             }
