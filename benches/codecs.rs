@@ -6,15 +6,15 @@
 
 use corem_lwm2m::config::CoapConfig;
 use corem_lwm2m::control::directory::{Directory, EndpointEntry, ProvisionedEndpoint};
-use corem_lwm2m::control::metrics::ShardMetrics;
 use corem_lwm2m::control::profiles::Profiles;
+use corem_lwm2m::metrics::ShardMetrics;
 use corem_lwm2m::proto::cbor::enc;
-use corem_lwm2m::proto::coap::{self, opt, Code, Message, MsgType, Outgoing};
-use corem_lwm2m::proto::content::{self, tlv_kind, ResourcePath};
-use corem_lwm2m::proto::link_format;
-use corem_lwm2m::shard::engine::{Engine, Now};
-use corem_lwm2m::sim::SimDevice;
+use corem_lwm2m::proto::coap::{Code, Message, MessageBuilder, MsgType};
+use corem_lwm2m::proto::lwm2m::content::{self, tlv_kind, ResourcePath};
+use corem_lwm2m::proto::lwm2m::link_format;
+use corem_lwm2m::proto::lwm2m::server::{Engine, Now};
 use corem_lwm2m::sink::{PointSource, Sink, SinkError, StatusEvent, TelemetryPoint};
+use corem_lwm2m::testkit::sim::SimDevice;
 use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,21 +22,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 fn notification() -> Vec<u8> {
-    let mut out = Vec::new();
-    let mut opts: Vec<(u16, &[u8])> =
-        vec![(opt::OBSERVE, &[0x12, 0x34]), (opt::CONTENT_FORMAT, &[])];
-    coap::encode(
-        Outgoing {
-            mtype: MsgType::Con,
-            code: Code::CONTENT,
-            message_id: 0x1234,
-            token: &[1, 2, 3, 4, 5, 6, 7, 8],
-            options: &mut opts,
-            payload: b"22.5",
-        },
-        &mut out,
-    );
-    out
+    MessageBuilder::request(Code::CONTENT, true)
+        .mid(0x1234)
+        .token(&[1, 2, 3, 4, 5, 6, 7, 8])
+        .observe(0x1234)
+        .content_format(0)
+        .payload(b"22.5")
+        .to_vec()
 }
 
 fn coap_benches(c: &mut Criterion) {
@@ -61,21 +53,11 @@ fn coap_benches(c: &mut Criterion) {
     g.bench_function("encode_register_response", |b| {
         b.iter(|| {
             out.clear();
-            let mut opts: Vec<(u16, &[u8])> = vec![
-                (opt::LOCATION_PATH, b"rd"),
-                (opt::LOCATION_PATH, b"07eb3e554bfdee5f"),
-            ];
-            coap::encode(
-                Outgoing {
-                    mtype: MsgType::Ack,
-                    code: Code::CREATED,
-                    message_id: 7,
-                    token: &[1, 2, 3, 4],
-                    options: &mut opts,
-                    payload: &[],
-                },
-                &mut out,
-            );
+            MessageBuilder::response_to(MsgType::Con, 7, Code::CREATED)
+                .token(&[1, 2, 3, 4])
+                .location_segment(b"rd")
+                .location_segment(b"07eb3e554bfdee5f")
+                .encode(&mut out);
             black_box(out.len())
         })
     });

@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use corem_lwm2m::proto::coap::{Code, MsgType};
-use corem_lwm2m::proto::content::ResourcePath;
+use corem_lwm2m::proto::lwm2m::content::ResourcePath;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 

@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use corem_lwm2m::proto::coap::{Code, MsgType};
-use corem_lwm2m::proto::content::{self, ResourcePath};
+use corem_lwm2m::proto::lwm2m::content::{self, ResourcePath};
 use std::time::Duration;
 
 const DEV: &str = "d7b1c0e2-3f44-4a91-9b2e-2c5a1f0e9d33";
@@ -267,7 +267,7 @@ fn ten_thousand_malformed_datagrams_do_not_hurt() {
     let mut gw = Gateway::start(&broker, 2, PROVISIONING, "");
     let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(42);
-    let mut sim = corem_lwm2m::sim::SimDevice::new("urn:imei:123", 5);
+    let mut sim = corem_lwm2m::testkit::sim::SimDevice::new("urn:imei:123", 5);
     for i in 0..10_000 {
         let d: Vec<u8> = if i % 3 == 0 {
             let mut v = sim.register();

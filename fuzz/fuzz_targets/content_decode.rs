@@ -2,7 +2,7 @@
 //! JSON/CBOR, LwM2M JSON) must be total. The first byte picks the format and
 //! the base path depth.
 #![no_main]
-use corem_lwm2m::proto::content::{self, ResourcePath};
+use corem_lwm2m::proto::lwm2m::content::{self, ResourcePath};
 use corem_lwm2m::proto::{cbor, registration};
 use libfuzzer_sys::fuzz_target;
 

@@ -3,10 +3,10 @@
 #![no_main]
 use corem_lwm2m::config::CoapConfig;
 use corem_lwm2m::control::directory::{Directory, EndpointEntry};
-use corem_lwm2m::control::metrics::ShardMetrics;
+use corem_lwm2m::metrics::ShardMetrics;
 use corem_lwm2m::control::profiles::Profiles;
-use corem_lwm2m::shard::engine::{Engine, Now};
-use corem_lwm2m::sim::SimDevice;
+use corem_lwm2m::proto::lwm2m::server::{Engine, Now};
+use corem_lwm2m::testkit::sim::SimDevice;
 use corem_lwm2m::sink::MemorySink;
 use libfuzzer_sys::fuzz_target;
 use std::sync::Arc;

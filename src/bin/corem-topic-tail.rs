@@ -3,7 +3,7 @@
 //! Debian's kcat is too old for the bundled broker; this is our window.
 
 use clap::Parser;
-use corem_lwm2m::sink::consume::TopicReader;
+use corem_lwm2m::tools::topic_reader::TopicReader;
 use std::io::Write;
 use std::time::{Duration, Instant};
 

@@ -5,8 +5,8 @@
 //! values, updates before its lifetime runs out, and de-registers on exit.
 
 use clap::Parser;
-use corem_lwm2m::proto::content::{self, ResourcePath};
-use corem_lwm2m::sim::SimDevice;
+use corem_lwm2m::proto::lwm2m::content::{self, ResourcePath};
+use corem_lwm2m::testkit::sim::SimDevice;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

@@ -9,7 +9,7 @@
 //! Observe, steady-state notifications at `--rate` (or open loop with 0),
 //! Update before the lifetime runs out, De-register at the end. Devices answer
 //! the gateway like real clients (Write-Attributes, Observe, Read, Execute) via
-//! `corem_lwm2m::sim::SimDevice`.
+//! `corem_lwm2m::testkit::sim::SimDevice`.
 //!
 //! Measurement: every notification carries its send time (µs since the epoch)
 //! as the value of /3303/0/5700, unique and increasing per device. The parent
@@ -20,9 +20,10 @@
 //! the end.
 
 use clap::Parser;
-use corem_lwm2m::proto::coap::{self, opt, Code, Message, MsgType, Outgoing};
-use corem_lwm2m::proto::content;
-use corem_lwm2m::sim::SimDevice;
+use corem_lwm2m::proto::coap::{Code, Message, MsgType};
+use corem_lwm2m::proto::lwm2m::content;
+use corem_lwm2m::proto::lwm2m::content::ResourcePath;
+use corem_lwm2m::testkit::sim::{SimDevice, SimObservation};
 use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
 use hdrhistogram::Histogram;
 use mio::net::UdpSocket;
@@ -108,6 +109,13 @@ struct Args {
     worker_count: Option<usize>,
 }
 
+const TEMPERATURE: ResourcePath = ResourcePath {
+    object: 3303,
+    instance: Some(0),
+    resource: Some(5700),
+    resource_instance: None,
+};
+
 fn now_us() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -179,7 +187,6 @@ struct Dev {
     /// Send time and MID of the outstanding CON (register / notification / update).
     outstanding: Option<(Instant, u16, u8, u8)>,
     obs_token: Option<Vec<u8>>,
-    seq: u32,
     last_value: u64,
     registered_at: Instant,
     last_update: Instant,
@@ -232,60 +239,6 @@ fn fd_limit() -> usize {
     1024
 }
 
-/// Builds a notification (or baseline datagram) carrying `value`.
-fn build_notification(d: &Dev, mid: u16, value: u64, fmt: u16, con: bool, out: &mut Vec<u8>) {
-    out.clear();
-    let token = d.obs_token.as_deref().unwrap_or(&[0, 0, 0, 1]);
-    let (cf, body): (u16, Vec<u8>) = match fmt {
-        content::CF_TLV => {
-            let mut b = Vec::with_capacity(16);
-            content::encode_tlv_resource(
-                &mut b,
-                content::tlv_kind::RESOURCE,
-                5700,
-                &(value as f64).to_be_bytes(),
-            );
-            (fmt, b)
-        }
-        content::CF_SENML_JSON => (
-            fmt,
-            format!("[{{\"n\":\"/3303/0/5700\",\"v\":{value}}}]").into_bytes(),
-        ),
-        content::CF_SENML_CBOR => {
-            let mut b = Vec::with_capacity(32);
-            corem_lwm2m::proto::cbor::enc::array(&mut b, 1);
-            corem_lwm2m::proto::cbor::enc::map(&mut b, 2);
-            corem_lwm2m::proto::cbor::enc::int(&mut b, 0);
-            corem_lwm2m::proto::cbor::enc::text(&mut b, "/3303/0/5700");
-            corem_lwm2m::proto::cbor::enc::int(&mut b, 2);
-            corem_lwm2m::proto::cbor::enc::f64(&mut b, value as f64);
-            (fmt, b)
-        }
-        content::CF_CBOR => {
-            let mut b = Vec::with_capacity(9);
-            corem_lwm2m::proto::cbor::enc::f64(&mut b, value as f64);
-            (fmt, b)
-        }
-        _ => (content::CF_TEXT, value.to_string().into_bytes()),
-    };
-    let mut ob = [0u8; 4];
-    let mut cb = [0u8; 4];
-    let seq = coap::uint_bytes(d.seq & 0xff_ffff, &mut ob).to_vec();
-    let cfb = coap::uint_bytes(cf as u32, &mut cb).to_vec();
-    let mut opts: Vec<(u16, &[u8])> = vec![(opt::OBSERVE, &seq), (opt::CONTENT_FORMAT, &cfb)];
-    coap::encode(
-        Outgoing {
-            mtype: if con { MsgType::Con } else { MsgType::Non },
-            code: Code::CONTENT,
-            message_id: mid,
-            token,
-            options: &mut opts,
-            payload: &body,
-        },
-        out,
-    );
-}
-
 fn run_worker(a: &Args, index: usize, count: usize) -> anyhow::Result<()> {
     raise_nofile();
     let lo = a.devices * index / count;
@@ -304,13 +257,21 @@ fn run_worker(a: &Args, index: usize, count: usize) -> anyhow::Result<()> {
         sim.format = fmt;
         // Only the temperature object: one observation per device.
         sim.objects = vec!["/1/0".into(), "/3/0".into(), "/3303/0".into()];
+        if a.baseline {
+            // No gateway to observe us: notification-sized datagrams on a
+            // fixed token.
+            sim.observations.push(SimObservation {
+                token: vec![0, 0, 0, 1],
+                path: TEMPERATURE,
+                seq: 1,
+            });
+        }
         devs.push(Dev {
             sim,
             sock,
             state: DevState::Idle,
             outstanding: None,
             obs_token: None,
-            seq: 1,
             last_value: 0,
             registered_at: Instant::now(),
             last_update: Instant::now(),
@@ -326,7 +287,7 @@ fn run_worker(a: &Args, index: usize, count: usize) -> anyhow::Result<()> {
     let mut ack_h = hist();
     let mut events = Events::with_capacity(1024);
     let mut buf = vec![0u8; 2048];
-    let mut out = Vec::with_capacity(256);
+    let mut out;
     let server = a.server;
     let stdout = std::io::stdout();
     let mut last_progress = Instant::now();
@@ -594,21 +555,22 @@ fn run_worker(a: &Args, index: usize, count: usize) -> anyhow::Result<()> {
                 }
                 let v = now_us().max(d.last_value + 1);
                 d.last_value = v;
-                d.seq = d.seq.wrapping_add(1);
-                let mid = d.sim_mid();
                 if a.send {
                     // LwM2M Send with the value as SenML.
-                    d.sim.values.insert(
-                        corem_lwm2m::proto::content::ResourcePath::resource(3303, 0, 5700),
-                        v as f64,
-                    );
+                    d.sim.values.insert(TEMPERATURE, v as f64);
                     out = d
                         .sim
                         .send(&["/3303/0/5700"], None, fmt == content::CF_SENML_CBOR);
                     let mid = d.sim.outstanding.unwrap_or(0);
                     d.outstanding = Some((Instant::now(), mid, K_NOTIFY, 0));
                 } else {
-                    build_notification(d, mid, v, fmt, con, &mut out);
+                    // The value is the send time: one builder for all formats
+                    // (the simulated device's).
+                    d.sim.values.insert(TEMPERATURE, v as f64);
+                    let Some((mid, msg)) = d.sim.notify("/3303/0/5700", con) else {
+                        continue;
+                    };
+                    out = msg;
                     if con {
                         d.outstanding = Some((Instant::now(), mid, K_NOTIFY, 0));
                     }
@@ -702,12 +664,6 @@ impl Dev {
         let _ = self.sock.send_to(&msg, server);
         self.pending_msg = msg;
         self.outstanding = Some((Instant::now(), mid, kind, 0));
-    }
-
-    /// Next message id for a device-originated message (one counter for all
-    /// of the device's messages, as RFC 7252 §4.4 wants).
-    fn sim_mid(&mut self) -> u16 {
-        self.sim.next_mid()
     }
 }
 

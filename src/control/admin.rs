@@ -13,8 +13,8 @@
 //! Errors are JSON `{"error": "..."}` with 400 / 404 / 500.
 
 use super::directory::{Directory, EndpointEntry, ProvisionedEndpoint};
-use super::metrics::{render_prometheus, ShardMetrics};
 use super::profiles::Profiles;
+use crate::metrics::{render_prometheus, ShardMetrics};
 use std::io::Read;
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -146,7 +146,9 @@ impl Directory {
 
     fn validate(endpoint: &str, e: &EndpointEntry) -> Result<(), DirectoryError> {
         let bad = |why| Err(DirectoryError::Invalid(endpoint.to_string(), why));
-        if endpoint.is_empty() || endpoint.len() > crate::proto::registration::MAX_ENDPOINT_LEN {
+        if endpoint.is_empty()
+            || endpoint.len() > crate::proto::lwm2m::registration::MAX_ENDPOINT_LEN
+        {
             return bad("endpoint name must be 1..=256 bytes");
         }
         if e.device_id.is_empty() {

@@ -9,7 +9,7 @@
 //! `POST /v1/profiles/reload`) takes effect without a restart. Observation
 //! sets of existing registrations change at their next Register.
 
-use crate::proto::content::{DataType, ResourcePath};
+use crate::proto::lwm2m::content::{DataType, ResourcePath};
 use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;

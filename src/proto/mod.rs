@@ -1,10 +1,15 @@
-//! Sans-IO protocol layer: CoAP, CBOR, link-format, LwM2M content formats,
-//! registration parameters and Observe ordering. No sockets, no async, no
-//! clock reads: time is always passed in.
+//! Sans-IO protocol layers. No sockets, no async, no clock reads, no globals:
+//! every input carries the current time, every output is returned to the
+//! caller.
+//!
+//! * [`coap`]: the CoAP codec (RFC 7252 §3), the one message builder, and the
+//!   exchange layer (deduplication, message IDs and tokens, retransmission,
+//!   separate responses, NSTART) keyed by a [`coap::PeerId`].
+//! * [`lwm2m`]: the LwM2M server: registration, observe, send, content
+//!   formats and the telemetry mapping, composed into one per-shard
+//!   [`lwm2m::server::Server`].
+//! * [`cbor`]: the CBOR subset the content formats need (RFC 8949).
 
 pub mod cbor;
 pub mod coap;
-pub mod content;
-pub mod link_format;
-pub mod observe;
-pub mod registration;
+pub mod lwm2m;

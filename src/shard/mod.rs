@@ -1,7 +1,5 @@
-//! Per-core data plane: the sans-IO [`engine::Engine`] and the glommio
-//! executor wiring in [`runtime`] (one pinned executor per shard, its own
-//! SO_REUSEPORT socket, engine, producer and timers).
+//! Per-core wiring of the data plane: [`runtime`] starts one pinned glommio
+//! executor per shard with its own SO_REUSEPORT socket, LwM2M server, Kafka
+//! producer and timers.
 
-pub mod dedup;
-pub mod engine;
 pub mod runtime;

@@ -13,12 +13,12 @@
 //! shard: explicit messages, no shared mutable state, nothing on the
 //! per-datagram path blocks.
 
-use super::engine::{Engine, Now, ShardMsg};
 use crate::config::Config;
 use crate::control::directory::Directory;
-use crate::control::metrics::ShardMetrics;
 use crate::control::profiles::Profiles;
 use crate::io::{self, RecvBatch};
+use crate::metrics::ShardMetrics;
+use crate::proto::lwm2m::server::{Engine, Now, ShardMsg};
 use crate::sink::kafka::KafkaSink;
 use crossbeam_channel::{Receiver, Sender};
 use glommio::{LocalExecutorBuilder, Placement};

@@ -9,7 +9,7 @@
 
 use super::{topic_for, Sink, SinkError, StatusEvent, TelemetryPoint};
 use crate::config::KafkaConfig;
-use crate::control::metrics::ShardMetrics;
+use crate::metrics::ShardMetrics;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::DeliveryResult;

@@ -3,7 +3,6 @@
 //! the sans-IO engine publishes through. [`kafka::KafkaSink`] is the real
 //! implementation (one rdkafka producer per shard); tests use [`MemorySink`].
 
-pub mod consume;
 pub mod kafka;
 
 use serde::Serialize;

@@ -8,8 +8,8 @@
 #![allow(dead_code)]
 
 use corem_lwm2m::proto::coap::{Code, Message, MsgType};
-use corem_lwm2m::sim::{SimDevice, SimEvents};
-use corem_lwm2m::sink::consume::{Record, TopicReader};
+use corem_lwm2m::testkit::sim::{SimDevice, SimEvents};
+use corem_lwm2m::tools::topic_reader::{Record, TopicReader};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};

@@ -1,9 +1,10 @@
 //! CoAP message codec (RFC 7252 §3), zero-copy.
 //!
-//! [`Message::decode`] validates a datagram once and returns a view whose token,
-//! options and payload borrow from the receive buffer; [`Message::options`] walks
-//! the options lazily, so decoding allocates nothing. [`encode`] writes a message
-//! into a caller-owned `Vec<u8>` that is reused between datagrams.
+//! [`Message::decode`] validates a datagram in one pass over its options and
+//! returns a view whose token, options and payload borrow from the receive
+//! buffer, with the options the LwM2M layers need already extracted; decoding
+//! allocates nothing. Messages are written with
+//! [`MessageBuilder`](super::MessageBuilder).
 //!
 //! Invariants: decoding never panics and never reads out of bounds on any input
 //! (fuzzed in `fuzz/`); a `Message` that decoded successfully has a well-formed
@@ -187,7 +188,22 @@ pub enum DecodeError {
     NonEmptyEmpty,
 }
 
+/// A span of consecutive options with one number (e.g. all Uri-Path
+/// segments): byte range within the option area and the option number that
+/// precedes the span, so the span can be walked without rescanning.
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+struct Span {
+    start: u16,
+    end: u16,
+    base: u16,
+}
+
 /// A decoded CoAP message; every slice borrows from the datagram.
+///
+/// [`Message::decode`] walks the options exactly once: it validates them and
+/// records the ones the LwM2M layers look at (Observe, Content-Format,
+/// Accept, Block1/2, Size1/2, Max-Age, the Uri-Path and Uri-Query spans, the
+/// first unknown critical option), so later lookups cost nothing.
 #[derive(Clone, Copy)]
 pub struct Message<'a> {
     pub mtype: MsgType,
@@ -196,6 +212,18 @@ pub struct Message<'a> {
     pub token: &'a [u8],
     options: &'a [u8],
     pub payload: &'a [u8],
+    observe: Option<u32>,
+    content_format: Option<u16>,
+    accept: Option<u16>,
+    max_age: Option<u32>,
+    block1: Option<u32>,
+    block2: Option<u32>,
+    size1: Option<u32>,
+    size2: Option<u32>,
+    unknown_critical: Option<u16>,
+    path: Span,
+    query: Span,
+    location: Span,
 }
 
 impl fmt::Debug for Message<'_> {
@@ -292,7 +320,8 @@ fn read_option_header(buf: &[u8]) -> Result<Option<(u32, usize, usize)>, DecodeE
 }
 
 impl<'a> Message<'a> {
-    /// Decodes and validates a datagram (RFC 7252 §3).
+    /// Decodes and validates a datagram (RFC 7252 §3), scanning the options
+    /// once.
     pub fn decode(buf: &'a [u8]) -> Result<Message<'a>, DecodeError> {
         let h = Header::peek(buf).ok_or(DecodeError::TooShort)?;
         if h.version != VERSION {
@@ -310,9 +339,30 @@ impl<'a> Message<'a> {
         }
         let token = &buf[4..tend];
         let rest = &buf[tend..];
+        let mut m = Message {
+            mtype: h.mtype,
+            code: h.code,
+            message_id: h.message_id,
+            token,
+            options: &[],
+            payload: &[],
+            observe: None,
+            content_format: None,
+            accept: None,
+            max_age: None,
+            block1: None,
+            block2: None,
+            size1: None,
+            size2: None,
+            unknown_critical: None,
+            path: Span::default(),
+            query: Span::default(),
+            location: Span::default(),
+        };
         let mut pos = 0usize;
         let mut number = 0u32;
-        let mut payload: &[u8] = &[];
+        let mut options_end = rest.len();
+        let mut seen = 0u16;
         while pos < rest.len() {
             match read_option_header(&rest[pos..])? {
                 None => {
@@ -321,43 +371,122 @@ impl<'a> Message<'a> {
                     if pos + 1 == rest.len() {
                         return Err(DecodeError::EmptyPayload);
                     }
-                    payload = &rest[pos + 1..];
+                    options_end = pos;
+                    m.payload = &rest[pos + 1..];
                     break;
                 }
                 Some((delta, len, hsize)) => {
+                    let prev = number;
                     number += delta;
                     if number > u16::MAX as u32 {
                         return Err(DecodeError::OptionOverflow);
                     }
-                    let end = pos
-                        .checked_add(hsize)
-                        .and_then(|p| p.checked_add(len))
+                    let vstart = pos.checked_add(hsize).ok_or(DecodeError::TruncatedOption)?;
+                    let end = vstart
+                        .checked_add(len)
                         .ok_or(DecodeError::TruncatedOption)?;
                     if end > rest.len() {
                         return Err(DecodeError::TruncatedOption);
                     }
+                    m.record_option(
+                        number as u16,
+                        prev as u16,
+                        pos,
+                        end,
+                        &rest[vstart..end],
+                        &mut seen,
+                    );
                     pos = end;
                 }
             }
         }
-        let options_end = if payload.is_empty() {
-            rest.len()
-        } else {
-            rest.len() - payload.len() - 1
-        };
-        let options = &rest[..options_end];
+        m.options = &rest[..options_end];
         // RFC 7252 §4.1: an Empty message has only the 4-byte header.
-        if h.code.is_empty() && (tkl != 0 || !options.is_empty() || !payload.is_empty()) {
+        if h.code.is_empty() && (tkl != 0 || !m.options.is_empty() || !m.payload.is_empty()) {
             return Err(DecodeError::NonEmptyEmpty);
         }
-        Ok(Message {
-            mtype: h.mtype,
-            code: h.code,
-            message_id: h.message_id,
-            token,
-            options,
-            payload,
-        })
+        Ok(m)
+    }
+
+    /// Notes one option seen by the scan in [`Message::decode`]. Spans are
+    /// byte offsets within the option area; datagrams are far below 64 KiB,
+    /// larger offsets simply leave the span empty.
+    fn record_option(
+        &mut self,
+        number: u16,
+        prev: u16,
+        start: usize,
+        end: usize,
+        value: &[u8],
+        seen: &mut u16,
+    ) {
+        let extend = |span: &mut Span| {
+            let (Ok(s), Ok(e)) = (u16::try_from(start), u16::try_from(end)) else {
+                return;
+            };
+            if span.end == 0 {
+                *span = Span {
+                    start: s,
+                    end: e,
+                    base: prev,
+                };
+            } else {
+                span.end = e;
+            }
+        };
+        // Repeated non-repeatable options: the first occurrence counts (RFC
+        // 7252 §5.4.5 lets us treat the rest as unrecognised; being elective
+        // they are ignored). `seen` has one bit per recorded option.
+        let mut first = |bit: u16| {
+            let new = *seen & bit == 0;
+            *seen |= bit;
+            new
+        };
+        let uint = || decode_uint(value);
+        let u16v = || decode_uint(value).and_then(|v| u16::try_from(v).ok());
+        match number {
+            opt::URI_PATH => extend(&mut self.path),
+            opt::URI_QUERY => extend(&mut self.query),
+            opt::LOCATION_PATH => extend(&mut self.location),
+            opt::OBSERVE if first(1) => self.observe = uint(),
+            opt::CONTENT_FORMAT if first(2) => self.content_format = u16v(),
+            opt::ACCEPT if first(4) => self.accept = u16v(),
+            opt::MAX_AGE if first(8) => self.max_age = uint(),
+            opt::BLOCK1 if first(16) => self.block1 = uint(),
+            opt::BLOCK2 if first(32) => self.block2 = uint(),
+            opt::SIZE1 if first(64) => self.size1 = uint(),
+            opt::SIZE2 if first(128) => self.size2 = uint(),
+            n if opt::is_critical(n) && !opt::is_known(n) && self.unknown_critical.is_none() => {
+                self.unknown_critical = Some(n)
+            }
+            _ => {}
+        }
+    }
+
+    fn span(&self, s: Span) -> impl Iterator<Item = &'a [u8]> {
+        OptionIter {
+            buf: self
+                .options
+                .get(s.start as usize..s.end as usize)
+                .unwrap_or(&[]),
+            number: s.base as u32,
+        }
+        .map(|o| o.value)
+    }
+
+    /// Uri-Path segments (RFC 7252 §5.10.1), from the span recorded by decode.
+    pub fn uri_path(&self) -> impl Iterator<Item = &'a [u8]> {
+        self.span(self.path)
+    }
+
+    /// Uri-Query arguments.
+    pub fn uri_query(&self) -> impl Iterator<Item = &'a [u8]> {
+        self.span(self.query)
+    }
+
+    /// Location-Path segments (of a 2.01 response).
+    pub fn location_path(&self) -> impl Iterator<Item = &'a [u8]> {
+        self.span(self.location)
     }
 
     /// Lazily iterates the options in wire order (ascending numbers).
@@ -385,28 +514,56 @@ impl<'a> Message<'a> {
     }
 
     pub fn uint_option(&self, number: u16) -> Option<u32> {
-        self.option(number).and_then(|o| o.as_uint())
+        match number {
+            opt::OBSERVE => self.observe,
+            opt::MAX_AGE => self.max_age,
+            opt::BLOCK1 => self.block1,
+            opt::BLOCK2 => self.block2,
+            opt::SIZE1 => self.size1,
+            opt::SIZE2 => self.size2,
+            opt::CONTENT_FORMAT => self.content_format.map(u32::from),
+            opt::ACCEPT => self.accept.map(u32::from),
+            _ => self.option(number).and_then(|o| o.as_uint()),
+        }
     }
 
     pub fn content_format(&self) -> Option<u16> {
-        self.uint_option(opt::CONTENT_FORMAT)
-            .and_then(|v| u16::try_from(v).ok())
+        self.content_format
+    }
+
+    pub fn accept(&self) -> Option<u16> {
+        self.accept
     }
 
     pub fn observe(&self) -> Option<u32> {
-        self.uint_option(opt::OBSERVE)
+        self.observe
+    }
+
+    pub fn max_age(&self) -> Option<u32> {
+        self.max_age
+    }
+
+    /// Block1 / Block2 (RFC 7959 §2.2), when present and well-formed.
+    pub fn block1(&self) -> Option<Block> {
+        self.block1.and_then(Block::decode)
+    }
+
+    pub fn block2(&self) -> Option<Block> {
+        self.block2.and_then(Block::decode)
+    }
+
+    pub fn size1(&self) -> Option<u32> {
+        self.size1
     }
 
     /// The first unrecognised critical option (RFC 7252 §5.4.1).
     pub fn unknown_critical_option(&self) -> Option<u16> {
-        self.options()
-            .map(|o| o.number)
-            .find(|n| opt::is_critical(*n) && !opt::is_known(*n))
+        self.unknown_critical
     }
 
     /// True when the Uri-Path segments equal `segments`.
     pub fn path_is(&self, segments: &[&str]) -> bool {
-        let mut it = self.option_values(opt::URI_PATH);
+        let mut it = self.uri_path();
         for s in segments {
             match it.next() {
                 Some(v) if v == s.as_bytes() => {}
@@ -443,74 +600,6 @@ impl<'a> Iterator for OptionIter<'a> {
     }
 }
 
-/// A message to encode. Options may be given in any order; they are written
-/// sorted by number (stable, so repeated options keep their order).
-pub struct Outgoing<'o> {
-    pub mtype: MsgType,
-    pub code: Code,
-    pub message_id: u16,
-    pub token: &'o [u8],
-    pub options: &'o mut [(u16, &'o [u8])],
-    pub payload: &'o [u8],
-}
-
-fn write_ext(out: &mut Vec<u8>, v: usize) {
-    if v >= 269 {
-        out.extend_from_slice(&((v - 269) as u16).to_be_bytes());
-    } else if v >= 13 {
-        out.push((v - 13) as u8);
-    }
-}
-
-fn nibble(v: usize) -> u8 {
-    if v >= 269 {
-        14
-    } else if v >= 13 {
-        13
-    } else {
-        v as u8
-    }
-}
-
-/// Encodes `m` and appends it to `out`. Values longer than 65 804 bytes and
-/// tokens longer than 8 bytes are programming errors and are truncated.
-pub fn encode(m: Outgoing<'_>, out: &mut Vec<u8>) {
-    let tkl = m.token.len().min(8);
-    out.push((VERSION << 6) | ((m.mtype as u8) << 4) | tkl as u8);
-    out.push(m.code.0);
-    out.extend_from_slice(&m.message_id.to_be_bytes());
-    out.extend_from_slice(&m.token[..tkl]);
-    m.options.sort_by_key(|o| o.0);
-    let mut prev = 0usize;
-    for (number, value) in m.options.iter() {
-        let delta = *number as usize - prev;
-        let len = value.len().min(65535 + 269);
-        out.push((nibble(delta) << 4) | nibble(len));
-        write_ext(out, delta);
-        write_ext(out, len);
-        out.extend_from_slice(&value[..len]);
-        prev = *number as usize;
-    }
-    if !m.payload.is_empty() {
-        out.push(PAYLOAD_MARKER);
-        out.extend_from_slice(m.payload);
-    }
-}
-
-/// Minimal big-endian uint option encoding (RFC 7252 §3.2), into a stack buffer.
-pub fn uint_bytes(v: u32, buf: &mut [u8; 4]) -> &[u8] {
-    *buf = v.to_be_bytes();
-    let skip = (v.leading_zeros() / 8) as usize;
-    &buf[skip..]
-}
-
-/// Encodes an empty message (ACK or RST) with the given message id.
-pub fn encode_empty(mtype: MsgType, message_id: u16, out: &mut Vec<u8>) {
-    out.push((VERSION << 6) | ((mtype as u8) << 4));
-    out.push(0);
-    out.extend_from_slice(&message_id.to_be_bytes());
-}
-
 /// Block option value (RFC 7959 §2.2): NUM, M, SZX.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Block {
@@ -543,6 +632,7 @@ impl Block {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto::coap::MessageBuilder;
     use proptest::prelude::*;
 
     fn enc(
@@ -553,20 +643,14 @@ mod tests {
         opts: &[(u16, Vec<u8>)],
         payload: &[u8],
     ) -> Vec<u8> {
-        let mut o: Vec<(u16, &[u8])> = opts.iter().map(|(n, v)| (*n, v.as_slice())).collect();
-        let mut out = Vec::new();
-        encode(
-            Outgoing {
-                mtype,
-                code,
-                message_id: mid,
-                token,
-                options: &mut o,
-                payload,
-            },
-            &mut out,
-        );
-        out
+        let mut b = MessageBuilder::new(mtype, code)
+            .mid(mid)
+            .token(token)
+            .payload(payload);
+        for (n, v) in opts {
+            b = b.option(*n, v);
+        }
+        b.to_vec()
     }
 
     #[test]
@@ -654,9 +738,13 @@ mod tests {
 
     #[test]
     fn uint_and_block() {
-        let mut b = [0; 4];
-        assert_eq!(uint_bytes(0, &mut b), &[] as &[u8]);
-        assert_eq!(uint_bytes(0x1234, &mut b), &[0x12, 0x34]);
+        let m = MessageBuilder::new(MsgType::Con, Code::GET)
+            .uint_option(opt::MAX_AGE, 0)
+            .uint_option(opt::SIZE1, 0x1234)
+            .to_vec();
+        assert_eq!(&m[4..], &[0xd0, 0x01, 0xd2, 0x21, 0x12, 0x34]);
+        let d = Message::decode(&m).unwrap();
+        assert_eq!((d.max_age(), d.size1()), (Some(0), Some(0x1234)));
         let blk = Block::decode(0x1e).unwrap();
         assert_eq!((blk.num, blk.more, blk.size()), (1, true, 1024));
         assert_eq!(blk.encode(), 0x1e);
@@ -675,7 +763,7 @@ mod tests {
         fn roundtrip(
             t in 0u8..4, code in 1u8..=255, mid: u16,
             token in proptest::collection::vec(any::<u8>(), 0..=8),
-            opts in proptest::collection::vec((1u16..2000, proptest::collection::vec(any::<u8>(), 0..300)), 0..6),
+            opts in proptest::collection::vec((prop_oneof![1u16..2000, Just(11u16), Just(15u16), Just(6u16), Just(14u16)], proptest::collection::vec(any::<u8>(), 0..300)), 0..8),
             payload in proptest::collection::vec(any::<u8>(), 0..100),
         ) {
             let mtype = MsgType::from_bits(t);
@@ -689,7 +777,19 @@ mod tests {
             let mut sorted = opts.clone();
             sorted.sort_by_key(|o| o.0);
             let got: Vec<(u16, Vec<u8>)> = m.options().map(|o| (o.number, o.value.to_vec())).collect();
-            prop_assert_eq!(got, sorted);
+            prop_assert_eq!(&got, &sorted);
+            // The spans and values recorded by the single scan agree with a
+            // full walk of the options.
+            let of = |n: u16| -> Vec<Vec<u8>> {
+                sorted.iter().filter(|o| o.0 == n).map(|o| o.1.clone()).collect()
+            };
+            prop_assert_eq!(m.uri_path().map(<[u8]>::to_vec).collect::<Vec<_>>(), of(opt::URI_PATH));
+            prop_assert_eq!(m.uri_query().map(<[u8]>::to_vec).collect::<Vec<_>>(), of(opt::URI_QUERY));
+            let first_uint = |n: u16| of(n).first().and_then(|v| decode_uint(v));
+            prop_assert_eq!(m.observe(), first_uint(opt::OBSERVE));
+            prop_assert_eq!(m.max_age(), first_uint(opt::MAX_AGE));
+            let crit = sorted.iter().map(|o| o.0).find(|n| opt::is_critical(*n) && !opt::is_known(*n));
+            prop_assert_eq!(m.unknown_critical_option(), crit);
         }
     }
 }

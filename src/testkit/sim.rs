@@ -8,8 +8,8 @@
 //! chosen content format (text, opaque, CBOR, TLV, SenML JSON/CBOR, LwM2M JSON).
 
 use crate::proto::cbor::enc;
-use crate::proto::coap::{self, opt, Code, Message, MsgType, Outgoing};
-use crate::proto::content::{self, tlv_kind, ResourcePath};
+use crate::proto::coap::{Code, Message, MessageBuilder, MsgType};
+use crate::proto::lwm2m::content::{self, tlv_kind, ResourcePath};
 use std::collections::BTreeMap;
 
 #[derive(Debug, Clone)]
@@ -111,31 +111,20 @@ impl SimDevice {
         let mid = self.mid();
         self.outstanding = Some(mid);
         let tok = self.token();
-        let mut cfb = [0u8; 4];
-        let cf_bytes = cf.map(|c| coap::uint_bytes(c as u32, &mut cfb).to_vec());
-        let mut opts: Vec<(u16, &[u8])> = Vec::new();
+        let mut m = MessageBuilder::request(code, con)
+            .mid(mid)
+            .token(&tok)
+            .payload(payload);
         for s in path {
-            opts.push((opt::URI_PATH, s.as_bytes()));
+            m = m.path_segment(s.as_bytes());
         }
         for q in queries {
-            opts.push((opt::URI_QUERY, q.as_bytes()));
+            m = m.query(q);
         }
-        if let Some(c) = &cf_bytes {
-            opts.push((opt::CONTENT_FORMAT, c));
+        if let Some(c) = cf {
+            m = m.content_format(c);
         }
-        let mut out = Vec::with_capacity(64 + payload.len());
-        coap::encode(
-            Outgoing {
-                mtype: if con { MsgType::Con } else { MsgType::Non },
-                code,
-                message_id: mid,
-                token: &tok,
-                options: &mut opts,
-                payload,
-            },
-            &mut out,
-        );
-        out
+        m.to_vec()
     }
 
     pub fn links(&self) -> String {
@@ -263,7 +252,7 @@ impl SimDevice {
                 self.outstanding = None;
                 ev.response = Some((m.message_id, m.code));
                 if m.code == Code::CREATED {
-                    let segs: Vec<&[u8]> = m.option_values(opt::LOCATION_PATH).collect();
+                    let segs: Vec<&[u8]> = m.location_path().collect();
                     if let Some(id) = segs.get(1) {
                         self.location = Some(String::from_utf8_lossy(id).into_owned());
                         ev.registered = true;
@@ -281,35 +270,21 @@ impl SimDevice {
             return ev;
         }
         let segs: Vec<String> = m
-            .option_values(opt::URI_PATH)
+            .uri_path()
             .map(|s| String::from_utf8_lossy(s).into_owned())
             .collect();
         let path = p(&segs.join("/"));
         let mut reply = |code: Code, obs: Option<u32>, cf: Option<u16>, payload: &[u8]| {
-            let mut ob = [0u8; 4];
-            let mut cb = [0u8; 4];
-            let obs_b = obs.map(|o| coap::uint_bytes(o, &mut ob).to_vec());
-            let cf_b = cf.map(|c| coap::uint_bytes(c as u32, &mut cb).to_vec());
-            let mut opts: Vec<(u16, &[u8])> = Vec::new();
-            if let Some(o) = &obs_b {
-                opts.push((opt::OBSERVE, o));
+            let mut r = MessageBuilder::response_to(m.mtype, m.message_id, code)
+                .token(m.token)
+                .payload(payload);
+            if let Some(o) = obs {
+                r = r.observe(o);
             }
-            if let Some(c) = &cf_b {
-                opts.push((opt::CONTENT_FORMAT, c));
+            if let Some(c) = cf {
+                r = r.content_format(c);
             }
-            let mut out = Vec::new();
-            coap::encode(
-                Outgoing {
-                    mtype: MsgType::Ack,
-                    code,
-                    message_id: m.message_id,
-                    token: m.token,
-                    options: &mut opts,
-                    payload,
-                },
-                &mut out,
-            );
-            ev.replies.push(out);
+            ev.replies.push(r.to_vec());
         };
         match m.code {
             Code::GET => {
@@ -351,23 +326,13 @@ impl SimDevice {
         let mid = self.mid();
         let o = &mut self.observations[idx];
         o.seq = (o.seq + 1) & 0xff_ffff;
-        let mut ob = [0u8; 4];
-        let mut cb = [0u8; 4];
-        let seq = coap::uint_bytes(o.seq, &mut ob).to_vec();
-        let cfb = coap::uint_bytes(cf as u32, &mut cb).to_vec();
-        let mut opts: Vec<(u16, &[u8])> = vec![(opt::OBSERVE, &seq), (opt::CONTENT_FORMAT, &cfb)];
-        let mut out = Vec::new();
-        coap::encode(
-            Outgoing {
-                mtype: if con { MsgType::Con } else { MsgType::Non },
-                code: Code::CONTENT,
-                message_id: mid,
-                token: &o.token,
-                options: &mut opts,
-                payload: &body,
-            },
-            &mut out,
-        );
+        let out = MessageBuilder::request(Code::CONTENT, con)
+            .mid(mid)
+            .token(&o.token)
+            .observe(o.seq)
+            .content_format(cf)
+            .payload(&body)
+            .to_vec();
         Some((mid, out))
     }
 

@@ -4,8 +4,8 @@
 use super::*;
 use crate::control::directory::EndpointEntry;
 use crate::proto::coap::Header;
-use crate::sim::SimDevice;
 use crate::sink::MemorySink;
+use crate::testkit::sim::SimDevice;
 
 struct Harness {
     engine: Engine,
@@ -122,7 +122,7 @@ impl Harness {
     }
 }
 
-use crate::sim::SimEvents;
+use crate::testkit::sim::SimEvents;
 
 fn addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
@@ -305,8 +305,7 @@ fn reregistration_replaces_old_without_duplicate_observations() {
 fn ping_malformed_and_critical_options() {
     let mut h = Harness::new();
     // Empty CON → RST with the same MID.
-    let mut ping = Vec::new();
-    coap::encode_empty(MsgType::Con, 0x1234, &mut ping);
+    let ping = MessageBuilder::empty(MsgType::Con, 0x1234).to_vec();
     let out = h.input(addr(5), &ping);
     assert_eq!(Header::peek(&out[0]).unwrap().mtype, MsgType::Rst);
     assert_eq!(Header::peek(&out[0]).unwrap().message_id, 0x1234);
@@ -316,34 +315,18 @@ fn ping_malformed_and_critical_options() {
     assert_eq!(h.input(addr(5), &[1, 2]).len(), 0);
     assert_eq!(h.metric("malformed"), 3);
     // Unknown critical option (9) in a request → 4.02.
-    let mut m = Vec::new();
-    let mut opts: Vec<(u16, &[u8])> = vec![(opt::URI_PATH, b"rd"), (9, b"x")];
-    coap::encode(
-        Outgoing {
-            mtype: MsgType::Con,
-            code: Code::POST,
-            message_id: 9,
-            token: &[1],
-            options: &mut opts,
-            payload: b"",
-        },
-        &mut m,
-    );
+    let m = MessageBuilder::request(Code::POST, true)
+        .mid(9)
+        .token(&[1])
+        .path("rd")
+        .option(9, b"x")
+        .to_vec();
     assert_eq!(code_of(&h.input(addr(5), &m)[0]), Code::BAD_OPTION);
     // Unknown path → 4.04.
-    let mut m = Vec::new();
-    let mut opts: Vec<(u16, &[u8])> = vec![(opt::URI_PATH, b"nope")];
-    coap::encode(
-        Outgoing {
-            mtype: MsgType::Con,
-            code: Code::GET,
-            message_id: 10,
-            token: &[],
-            options: &mut opts,
-            payload: b"",
-        },
-        &mut m,
-    );
+    let m = MessageBuilder::request(Code::GET, true)
+        .mid(10)
+        .path("nope")
+        .to_vec();
     assert_eq!(code_of(&h.input(addr(5), &m)[0]), Code::NOT_FOUND);
 }
 
@@ -379,7 +362,7 @@ fn backpressure_send_gets_503_and_con_notification_is_not_acked() {
     let out = h.input(addr(1000), &s);
     let m = Message::decode(&out[0]).unwrap();
     assert_eq!(m.code, Code::SERVICE_UNAVAILABLE);
-    assert_eq!(m.uint_option(opt::MAX_AGE), Some(5));
+    assert_eq!(m.max_age(), Some(5));
     // Broker back: the retransmitted notification is processed and ACKed.
     h.sink.capacity = None;
     let out = h.input(addr(1000), &n);

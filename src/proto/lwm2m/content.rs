@@ -10,7 +10,7 @@
 //! [`Value::to_number`]). Decoding is total: malformed input yields a
 //! [`ContentError`], never a panic, and the number of values is bounded.
 
-use super::cbor::{self, Cbor};
+use crate::proto::cbor::{self, Cbor};
 use std::fmt;
 
 pub const CF_TEXT: u16 = 0;

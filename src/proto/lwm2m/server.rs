@@ -20,16 +20,16 @@
 //!   duplicate, so the retry is processed;
 //! * each (peer, MID) is processed at most once within EXCHANGE_LIFETIME.
 
-use super::dedup::{Cached, Dedup};
 use crate::config::CoapConfig;
 use crate::control::directory::{Directory, EndpointEntry};
-use crate::control::metrics::ShardMetrics;
 use crate::control::profiles::{MetricKind, Profile, Profiles};
-use crate::proto::coap::{self, opt, Code, Message, MsgType, Outgoing};
-use crate::proto::content::{self, ResourcePath, ResourceValue};
-use crate::proto::link_format::{self, RegistrationLinks};
-use crate::proto::observe::ObserveOrder;
-use crate::proto::registration;
+use crate::metrics::ShardMetrics;
+use crate::proto::coap::dedup::{Cached, Dedup};
+use crate::proto::coap::{self, Code, Message, MessageBuilder, MsgType};
+use crate::proto::lwm2m::content::{self, ResourcePath, ResourceValue};
+use crate::proto::lwm2m::link_format::{self, RegistrationLinks};
+use crate::proto::lwm2m::observe::ObserveOrder;
+use crate::proto::lwm2m::registration;
 use crate::sink::{PointSource, RegistrationInfo, Sink, SinkError, StatusEvent, TelemetryPoint};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -302,7 +302,7 @@ impl Engine {
         if t == MsgType::Rst {
             ShardMetrics::inc(&self.metrics.rst_sent);
         }
-        self.push_out(peer, |o| coap::encode_empty(t, mid, o));
+        self.push_out(peer, |o| MessageBuilder::empty(t, mid).encode(o));
     }
 
     // ------------------------------------------------------------ input
@@ -394,7 +394,7 @@ impl Engine {
                 match c.clone() {
                     Cached::Response(bytes) => self.push_out(peer, |o| o.extend_from_slice(&bytes)),
                     Cached::EmptyAck | Cached::Seen => self.push_out(peer, |o| {
-                        coap::encode_empty(MsgType::Ack, msg.message_id, o)
+                        MessageBuilder::empty(MsgType::Ack, msg.message_id).encode(o)
                     }),
                 };
             }
@@ -432,7 +432,7 @@ impl Engine {
         msg: &Message<'_>,
         sink: &mut dyn Sink,
     ) -> Reply {
-        let mut path = msg.option_values(opt::URI_PATH);
+        let mut path = msg.uri_path();
         let first = path.next();
         let second = path.next();
         let third = path.next();
@@ -478,7 +478,7 @@ impl Engine {
         msg: &Message<'_>,
         sink: &mut dyn Sink,
     ) -> Reply {
-        let params = match registration::parse_register(msg.option_values(opt::URI_QUERY)) {
+        let params = match registration::parse_register(msg.uri_query()) {
             Ok(p) => p,
             Err(e) => {
                 ShardMetrics::inc(&self.metrics.register_rejected_bad_request);
@@ -601,7 +601,7 @@ impl Engine {
             ShardMetrics::inc(&self.metrics.update_unknown);
             return Reply::error(Code::NOT_FOUND, "unknown registration");
         };
-        let params = match registration::parse_update(msg.option_values(opt::URI_QUERY)) {
+        let params = match registration::parse_update(msg.uri_query()) {
             Ok(p) => p,
             Err(_) => {
                 ShardMetrics::inc(&self.metrics.register_rejected_bad_request);
@@ -830,30 +830,17 @@ impl Engine {
             segs.push(id.to_string());
         }
         let tok = token.to_be_bytes();
-        let mut obuf = [0u8; 4];
-        let obs_bytes = observe.map(|v| coap::uint_bytes(v, &mut obuf).to_vec());
-        let mut opts: Vec<(u16, &[u8])> = Vec::with_capacity(segs.len() + queries.len() + 1);
-        for s in &segs {
-            opts.push((opt::URI_PATH, s.as_bytes()));
+        let mut m = MessageBuilder::request(code, true).mid(mid).token(&tok);
+        for seg in &segs {
+            m = m.path_segment(seg.as_bytes());
         }
         for q in queries {
-            opts.push((opt::URI_QUERY, q.as_bytes()));
+            m = m.query(q);
         }
-        if let Some(o) = &obs_bytes {
-            opts.push((opt::OBSERVE, o));
+        if let Some(o) = observe {
+            m = m.observe(o);
         }
-        let mut bytes = Vec::with_capacity(64);
-        coap::encode(
-            Outgoing {
-                mtype: MsgType::Con,
-                code,
-                message_id: mid,
-                token: &tok,
-                options: &mut opts,
-                payload: &[],
-            },
-            &mut bytes,
-        );
+        let bytes = m.to_vec();
         self.push_out(peer, |o| o.extend_from_slice(&bytes));
         ShardMetrics::inc(&self.metrics.requests_sent);
         // RFC 7252 §4.2: initial timeout random in [ACK_TIMEOUT, ACK_TIMEOUT*ACK_RANDOM_FACTOR].
@@ -1452,31 +1439,21 @@ fn build_points<'p>(
 /// Encodes the reply to `req`: piggybacked in an ACK for a CON (RFC 7252
 /// §5.2.1), a NON response for a NON (§5.2.3).
 fn encode_reply(req: &Message<'_>, r: &Reply, out: &mut Vec<u8>) {
-    let mut opts: Vec<(u16, &[u8])> = Vec::with_capacity(4);
-    if let Some(loc) = &r.location {
-        opts.push((opt::LOCATION_PATH, b"rd"));
-        opts.push((opt::LOCATION_PATH, loc.as_bytes()));
-    }
-    let mut ma = [0u8; 4];
-    if let Some(m) = r.max_age {
-        opts.push((opt::MAX_AGE, coap::uint_bytes(m, &mut ma)));
-    }
-    let (mtype, mid) = match req.mtype {
-        MsgType::Con => (MsgType::Ack, req.message_id),
-        _ => (MsgType::Non, req.message_id.wrapping_add(0x8000)),
+    let mid = match req.mtype {
+        MsgType::Con => req.message_id,
+        _ => req.message_id.wrapping_add(0x8000),
     };
-    coap::encode(
-        Outgoing {
-            mtype,
-            code: r.code,
-            message_id: mid,
-            token: req.token,
-            options: &mut opts,
-            // RFC 7252 §5.5.2: diagnostic payload on error responses.
-            payload: r.diagnostic.as_bytes(),
-        },
-        out,
-    );
+    let mut m = MessageBuilder::response_to(req.mtype, mid, r.code)
+        .token(req.token)
+        // RFC 7252 §5.5.2: diagnostic payload on error responses.
+        .payload(r.diagnostic.as_bytes());
+    if let Some(loc) = &r.location {
+        m = m.location_segment(b"rd").location_segment(loc.as_bytes());
+    }
+    if let Some(a) = r.max_age {
+        m = m.max_age(a);
+    }
+    m.encode(out);
 }
 
 #[cfg(test)]

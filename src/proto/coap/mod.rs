@@ -1,0 +1,16 @@
+//! CoAP (RFC 7252), sans-IO.
+//!
+//! * [`codec`]: zero-copy decoding of a datagram into a [`Message`] view,
+//!   with the options scanned once.
+//! * [`builder`]: [`MessageBuilder`], the one way messages are written.
+//! * [`dedup`]: duplicate detection (§4.5) with bounded memory.
+//! * [`peer`]: [`PeerId`], the opaque per-shard peer handle.
+
+pub mod builder;
+pub mod codec;
+pub mod dedup;
+pub mod peer;
+
+pub use builder::{MessageBuilder, OptValue};
+pub use codec::*;
+pub use peer::PeerId;
