@@ -4,19 +4,21 @@
 //! engine (decode → map → encode → ACK) with an in-memory sink.
 //! `cargo bench` (results are not asserted; see perf/RESULTS.md).
 
-use corem_lwm2m::config::CoapConfig;
 use corem_lwm2m::control::directory::{Directory, EndpointEntry, ProvisionedEndpoint};
 use corem_lwm2m::control::profiles::Profiles;
 use corem_lwm2m::metrics::ShardMetrics;
 use corem_lwm2m::proto::cbor::enc;
+use corem_lwm2m::proto::coap::PeerId;
 use corem_lwm2m::proto::coap::{Code, Message, MessageBuilder, MsgType};
+use corem_lwm2m::proto::lwm2m::content::Num;
 use corem_lwm2m::proto::lwm2m::content::{self, tlv_kind, ResourcePath};
 use corem_lwm2m::proto::lwm2m::link_format;
-use corem_lwm2m::proto::lwm2m::server::{Engine, Now};
+use corem_lwm2m::proto::lwm2m::output::{AckPolicy, DeliveryTag};
+use corem_lwm2m::proto::lwm2m::server::{Ctx, Now, Server, ServerConfig};
+use corem_lwm2m::sink::json;
 use corem_lwm2m::sink::{PointSource, Sink, SinkError, StatusEvent, TelemetryPoint};
 use corem_lwm2m::testkit::sim::SimDevice;
 use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -179,11 +181,10 @@ fn directory_benches(c: &mut Criterion) {
 }
 
 fn telemetry_encoding(c: &mut Criterion) {
-    let mut nv = BTreeMap::new();
-    nv.insert("temperature", 22.5);
-    nv.insert("battery_level", 87.0);
-    let sv = BTreeMap::new();
-    let bv = BTreeMap::new();
+    let nv = [
+        ("battery_level", Num::Int(87)),
+        ("temperature", Num::Float(22.5)),
+    ];
     let p = TelemetryPoint {
         tenant_id: "acme",
         device_id: "d7b1c0e2-3f44-4a91-9b2e-2c5a1f0e9d33",
@@ -191,8 +192,8 @@ fn telemetry_encoding(c: &mut Criterion) {
         ts: 1_795_608_634_287,
         received_at: 1_795_608_634_287,
         numeric_values: &nv,
-        string_values: &sv,
-        bool_values: &bv,
+        string_values: &[],
+        bool_values: &[],
         source: PointSource {
             protocol: "lwm2m",
             operation: "notify",
@@ -209,65 +210,112 @@ fn telemetry_encoding(c: &mut Criterion) {
     g.bench_function("telemetry_point_json", |b| {
         b.iter(|| {
             buf.clear();
-            serde_json::to_writer(&mut buf, black_box(&p)).unwrap();
+            json::encode_point(black_box(&p), &mut buf);
             black_box(buf.len())
         })
     });
     g.finish();
 }
 
-/// Counts what a real producer would be handed, without Kafka.
-struct NullSink(Vec<u8>);
+/// Encodes what a real producer would be handed, without Kafka; remembers
+/// the delivery tags so the bench can confirm them.
+struct NullSink(Vec<u8>, Vec<DeliveryTag>);
 impl Sink for NullSink {
     fn has_capacity(&self, _: usize) -> bool {
         true
     }
-    fn publish_telemetry(&mut self, p: &TelemetryPoint<'_>) -> Result<(), SinkError> {
+    fn publish_telemetry(
+        &mut self,
+        p: &TelemetryPoint<'_>,
+        tag: Option<DeliveryTag>,
+    ) -> Result<(), SinkError> {
         self.0.clear();
-        serde_json::to_writer(&mut self.0, p).map_err(|_| SinkError::Rejected)
+        json::encode_point(p, &mut self.0);
+        if let Some(t) = tag {
+            self.1.push(t);
+        }
+        Ok(())
     }
     fn publish_status(&mut self, e: &StatusEvent<'_>) -> Result<(), SinkError> {
         self.0.clear();
-        serde_json::to_writer(&mut self.0, e).map_err(|_| SinkError::Rejected)
+        json::encode_status(e, &mut self.0).map_err(|_| SinkError::Rejected)
     }
 }
 
 fn engine_benches(c: &mut Criterion) {
     let d = Directory::default();
     d.upsert("urn:imei:1", entry(1)).unwrap();
-    let mut e = Engine::new(
-        0,
-        1,
-        CoapConfig::default(),
-        Arc::new(d),
-        Arc::new(Profiles::from_profiles(vec![])),
-        Arc::new(ShardMetrics::default()),
-    );
-    let mut sink = NullSink(Vec::with_capacity(512));
-    let peer = "127.0.0.1:40000".parse().unwrap();
-    let t0 = Instant::now();
-    let now = Now {
-        instant: t0,
-        wall_ms: 1_795_608_634_287,
-    };
-    let mut dev = SimDevice::new("urn:imei:1", 1);
-    e.handle_datagram(now, peer, &dev.register(), &mut sink);
-    let out: Vec<Vec<u8>> = e.transmits().map(|(_, d)| d.to_vec()).collect();
-    e.clear_transmits();
-    for o in out {
-        for r in dev.handle(&o).replies {
-            e.handle_datagram(now, peer, &r, &mut sink);
-        }
-    }
-    e.clear_transmits();
+    let endpoints = d.snapshot();
+    let profiles = Profiles::from_profiles(vec![]).snapshot();
     let mut g = c.benchmark_group("engine");
     g.throughput(Throughput::Elements(1));
-    for (name, con) in [("notification_non", false), ("notification_con", true)] {
+    for (name, con, policy) in [
+        ("notification_non", false, AckPolicy::Queued),
+        ("notification_con", true, AckPolicy::Queued),
+        (
+            "notification_con_ack_after_delivery",
+            true,
+            AckPolicy::Delivered,
+        ),
+    ] {
+        let cfg = ServerConfig {
+            ack_policy: policy,
+            ..ServerConfig::default()
+        };
+        let mut e = Server::new(cfg, Arc::new(ShardMetrics::default()));
+        let mut sink = NullSink(Vec::with_capacity(512), Vec::new());
+        let peer = PeerId::udp("127.0.0.1:40000".parse().unwrap());
+        let t0 = Instant::now();
+        let now = Now {
+            instant: t0,
+            wall_ms: 1_795_608_634_287,
+        };
+        let mut dev = SimDevice::new("urn:imei:1", 1);
+        // Register and answer the Observes (one at a time, NSTART = 1).
+        let mut inbound = {
+            let mut ctx = Ctx {
+                endpoints: &endpoints,
+                profiles: &profiles,
+                sink: &mut sink,
+            };
+            e.handle_datagram(now, &mut ctx, peer, None, &dev.register());
+            let out: Vec<Vec<u8>> = e.transmits().map(|(_, d)| d.to_vec()).collect();
+            e.clear_transmits();
+            out
+        };
+        for _ in 0..20 {
+            let mut next = Vec::new();
+            for o in inbound {
+                for r in dev.handle(&o).replies {
+                    let mut ctx = Ctx {
+                        endpoints: &endpoints,
+                        profiles: &profiles,
+                        sink: &mut sink,
+                    };
+                    e.handle_datagram(now, &mut ctx, peer, None, &r);
+                    next.extend(e.transmits().map(|(_, d)| d.to_vec()));
+                    e.clear_transmits();
+                }
+            }
+            inbound = next;
+        }
+        for t in std::mem::take(&mut sink.1) {
+            e.handle_delivery(now, t, true);
+        }
+        e.clear_transmits();
         g.bench_function(name, |b| {
             b.iter_batched(
                 || dev.notify("/3303/0/5700", con).unwrap().1,
                 |n| {
-                    e.handle_datagram(now, peer, &n, &mut sink);
+                    let mut ctx = Ctx {
+                        endpoints: &endpoints,
+                        profiles: &profiles,
+                        sink: &mut sink,
+                    };
+                    e.handle_datagram(now, &mut ctx, peer, None, &n);
+                    for t in sink.1.drain(..) {
+                        e.handle_delivery(now, t, true);
+                    }
                     e.clear_transmits();
                 },
                 BatchSize::SmallInput,

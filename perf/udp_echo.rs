@@ -6,7 +6,7 @@
 //! Prints the datagrams received per second; exits after --seconds.
 
 use clap::Parser;
-use corem_lwm2m::io::{bind_reuseport, send_batch, RecvBatch};
+use corem_lwm2m::io::{bind_reuseport, RecvBatch, SendBatch};
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,6 +33,7 @@ fn main() -> anyhow::Result<()> {
         std::thread::spawn(move || {
             let fd = s.as_raw_fd();
             let mut rb = RecvBatch::new(64, 2048);
+            let mut sb = SendBatch::new();
             let mut acks: Vec<(SocketAddr, [u8; 4])> = Vec::with_capacity(64);
             loop {
                 let mut pfd = libc::pollfd {
@@ -49,7 +50,7 @@ fn main() -> anyhow::Result<()> {
                     }
                     acks.clear();
                     for i in 0..n {
-                        if let Some((peer, d)) = rb.get(i) {
+                        if let Some((peer, d, _)) = rb.get(i) {
                             if d.len() >= 4 && (d[0] >> 4) & 3 == 0 {
                                 // CON → empty ACK with the same MID.
                                 acks.push((peer, [0x60, 0, d[2], d[3]]));
@@ -57,7 +58,7 @@ fn main() -> anyhow::Result<()> {
                         }
                     }
                     count.fetch_add(n as u64, Ordering::Relaxed);
-                    send_batch(fd, acks.iter().map(|(p, b)| (*p, &b[..])));
+                    sb.send(fd, acks.iter().map(|(p, b)| (*p, &b[..])));
                 }
             }
         });

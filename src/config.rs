@@ -2,10 +2,14 @@
 //! or no file — runs a gateway on 0.0.0.0:5683 with one shard per core against
 //! a broker on 127.0.0.1:9092. See `config/gateway.toml` for a commented example.
 
+use crate::proto::coap::exchange::ExchangeConfig;
+use crate::proto::lwm2m::output::AckPolicy;
+use crate::proto::lwm2m::server::ServerConfig;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]
@@ -31,17 +35,19 @@ pub struct GatewayConfig {
     pub recv_batch: usize,
     pub socket_recv_buffer: usize,
     pub socket_send_buffer: usize,
-    /// Largest datagram accepted (bytes); larger ones are truncated by the
-    /// kernel and dropped as malformed.
+    /// Largest datagram accepted (bytes); larger ones are dropped and
+    /// counted (`oversized`), a CON request among them answered 4.13.
     pub max_datagram: usize,
-    /// Timer / producer-poll tick of each shard, in milliseconds.
-    pub tick_ms: u64,
     /// Receive coalescing: while datagrams keep arriving, a shard polls its
     /// socket every this many microseconds instead of waking per datagram
     /// (0 = wake per datagram). Adds at most this much latency.
     pub coalesce_us: u64,
     /// Bound on the time spent flushing Kafka at shutdown.
     pub shutdown_flush_ms: u64,
+    /// Seed of the shards' CSPRNG (registration ids, tokens, message IDs).
+    /// Unset (the default): seeded from the OS. Set it only to reproduce a
+    /// run.
+    pub rng_seed: Option<u64>,
 }
 
 impl Default for GatewayConfig {
@@ -54,9 +60,9 @@ impl Default for GatewayConfig {
             socket_recv_buffer: 8 << 20,
             socket_send_buffer: 4 << 20,
             max_datagram: 2048,
-            tick_ms: 5,
             coalesce_us: 1000,
             shutdown_flush_ms: 10_000,
+            rng_seed: None,
         }
     }
 }
@@ -76,6 +82,11 @@ pub struct CoapConfig {
     pub lifetime_grace_s: u64,
     /// Smallest lifetime accepted; smaller values are raised to it.
     pub min_lifetime_s: u32,
+    /// Outstanding requests per device (RFC 7252 §4.7 NSTART).
+    pub nstart: usize,
+    /// Peers remembered by duplicate detection per shard; past it, peers
+    /// without a registration are evicted first.
+    pub dedup_max_peers: usize,
 }
 
 impl Default for CoapConfig {
@@ -88,6 +99,8 @@ impl Default for CoapConfig {
             busy_max_age_s: 5,
             lifetime_grace_s: 0,
             min_lifetime_s: 1,
+            nstart: 1,
+            dedup_max_peers: 262_144,
         }
     }
 }
@@ -110,6 +123,13 @@ pub struct KafkaConfig {
     /// Create the tenant topics at start and when an endpoint is provisioned.
     pub create_topics: bool,
     pub topic_partitions: i32,
+    /// When a CON notification or Send is acknowledged: `delivered` (the
+    /// broker confirmed the record; survives a gateway crash) or `queued`
+    /// (the producer accepted it).
+    pub ack_after: AckPolicy,
+    /// How often a shard serves delivery reports while records are in
+    /// flight (microseconds).
+    pub poll_interval_us: u64,
     /// Extra librdkafka properties passed through verbatim.
     pub extra: BTreeMap<String, String>,
 }
@@ -130,6 +150,8 @@ impl Default for KafkaConfig {
             acks: "all".into(),
             create_topics: true,
             topic_partitions: 1,
+            ack_after: AckPolicy::Delivered,
+            poll_interval_us: 1000,
             extra: BTreeMap::new(),
         }
     }
@@ -143,6 +165,9 @@ pub struct DirectoryConfig {
     /// Where snapshots are written.
     pub snapshot_dir: PathBuf,
     pub snapshot_interval_s: u64,
+    /// Persist registrations and observations per shard with the snapshots,
+    /// so a restart is invisible to devices.
+    pub persist_registrations: bool,
 }
 
 impl Default for DirectoryConfig {
@@ -151,6 +176,7 @@ impl Default for DirectoryConfig {
             provisioning_file: None,
             snapshot_dir: PathBuf::from("var/corem-lwm2m"),
             snapshot_interval_s: 30,
+            persist_registrations: true,
         }
     }
 }
@@ -199,13 +225,39 @@ impl Config {
         Ok(c)
     }
 
+    /// Shards to run: `gateway.shards`, or one per available core; at most
+    /// 256 (a registration id names its home shard in 8 bits).
     pub fn shard_count(&self) -> usize {
-        if self.gateway.shards > 0 {
+        let n = if self.gateway.shards > 0 {
             self.gateway.shards
         } else {
             std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(1)
+        };
+        n.clamp(1, 256)
+    }
+
+    /// The LwM2M server configuration of shard `shard`.
+    pub fn server_config(&self, shard: usize, seed: u64) -> ServerConfig {
+        let c = &self.coap;
+        ServerConfig {
+            shard: shard as u16,
+            shards: self.shard_count() as u16,
+            exchange: ExchangeConfig {
+                ack_timeout: Duration::from_millis(c.ack_timeout_ms),
+                ack_random_factor: c.ack_random_factor,
+                max_retransmit: c.max_retransmit,
+                exchange_lifetime: Duration::from_secs(c.exchange_lifetime_s),
+                nstart: c.nstart.max(1),
+                dedup_max_peers: c.dedup_max_peers.max(1),
+            },
+            busy_max_age_s: c.busy_max_age_s,
+            lifetime_grace_s: c.lifetime_grace_s,
+            min_lifetime_s: c.min_lifetime_s,
+            max_datagram: self.gateway.max_datagram,
+            ack_policy: self.kafka.ack_after,
+            seed,
         }
     }
 }

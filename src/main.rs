@@ -3,12 +3,17 @@
 
 use clap::Parser;
 use corem_lwm2m::config::Config;
-use corem_lwm2m::control::admin::{AdminServer, AdminState, TenantHook};
-use corem_lwm2m::control::directory::Directory;
+use corem_lwm2m::control::admin::{
+    AdminServer, AdminState, EndpointsHook, ProfilesHook, TenantHook,
+};
+use corem_lwm2m::control::directory::{Directory, Origin};
 use corem_lwm2m::control::profiles::Profiles;
+use corem_lwm2m::control::registrations::RegistrationStore;
 use corem_lwm2m::control::topics::TopicManager;
+use corem_lwm2m::proto::lwm2m::server::ControlMsg;
 use corem_lwm2m::shard::runtime;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -39,46 +44,70 @@ struct Args {
     /// Validate the configuration, profiles and provisioning, then exit.
     #[arg(long)]
     check: bool,
+    /// Log format: `text` (colour only on a terminal) or `json` (one object
+    /// per line, for log shippers). Level from RUST_LOG (default info).
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
         .with_target(false)
-        .init();
-    if let Err(e) = run(Args::parse()) {
+        .with_writer(std::io::stderr);
+    if args.log_format == "json" {
+        b.json().flatten_event(true).init();
+    } else {
+        // No ANSI colour codes when the output is a file or a pipe (NO_COLOR
+        // also turns them off).
+        let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+        b.with_ansi(ansi).init();
+    }
+    if let Err(e) = run(args) {
         tracing::error!("{e:#}");
         std::process::exit(1);
     }
 }
 
 fn load_directory(cfg: &Config) -> anyhow::Result<Directory> {
-    match Directory::load_snapshot(&cfg.directory.snapshot_dir) {
-        Ok(Some((map, from))) => {
-            tracing::info!(endpoints = map.len(), snapshot = %from.display(), "directory loaded from snapshot");
-            let d = Directory::new(map);
-            d.mark_persisted();
-            return Ok(d);
+    let dir = &cfg.directory.snapshot_dir;
+    let (d, origin) = Directory::open(dir).map_err(|e| {
+        // Every generation unreadable: refuse to start on an empty directory
+        // silently; the operator decides.
+        anyhow::anyhow!(
+            "{e}; move the snapshot files in {} away to start from the provisioning file",
+            dir.display()
+        )
+    })?;
+    match origin {
+        Origin::Snapshot {
+            path,
+            fell_back,
+            replayed,
+        } => {
+            tracing::info!(endpoints = d.len(), snapshot = %path.display(), fell_back, replayed, "directory loaded from snapshot and log");
         }
-        Ok(None) => {}
-        Err(e) => {
-            // Both generations unreadable: refuse to start on an empty
-            // directory silently; the operator decides.
-            anyhow::bail!("{e}; move the snapshot files away to start from the provisioning file");
+        Origin::Log { replayed } => {
+            tracing::info!(
+                endpoints = d.len(),
+                replayed,
+                "directory loaded from its log"
+            );
         }
-    }
-    let d = Directory::default();
-    if let Some(p) = &cfg.directory.provisioning_file {
-        let items = Directory::read_provisioning(p)?;
-        let n = d.upsert_many(items)?;
-        tracing::info!(endpoints = n, file = %p.display(), "directory loaded from provisioning file");
-    } else {
-        tracing::warn!(
-            "no snapshot and no provisioning file: the directory is empty (use the admin API)"
-        );
+        Origin::Empty => {
+            if let Some(p) = &cfg.directory.provisioning_file {
+                let items = Directory::read_provisioning(p)?;
+                let n = d.upsert_many(items)?;
+                tracing::info!(endpoints = n, file = %p.display(), "directory loaded from provisioning file");
+            } else {
+                tracing::warn!(
+                    "no snapshot and no provisioning file: the directory is empty (use the admin API)"
+                );
+            }
+        }
     }
     Ok(d)
 }
@@ -135,8 +164,20 @@ fn run(args: Args) -> anyhow::Result<()> {
         None
     };
 
-    let shutdown = Arc::new(AtomicBool::new(false));
-    let shards = runtime::start(&cfg, directory.clone(), profiles.clone(), shutdown.clone())?;
+    let store = cfg
+        .directory
+        .persist_registrations
+        .then(|| RegistrationStore::new(&cfg.directory.snapshot_dir));
+    let shards = runtime::start(&cfg, directory.clone(), profiles.clone(), store)?;
+    let control = shards.control();
+    let on_endpoints: EndpointsHook = {
+        let c = control.clone();
+        Arc::new(move |names: Vec<String>| c.send(ControlMsg::Endpoints(names.into())))
+    };
+    let on_profiles: ProfilesHook = {
+        let c = control.clone();
+        Arc::new(move || c.send(ControlMsg::ProfilesChanged))
+    };
     let on_tenants: Option<TenantHook> = topics.map(|tm| {
         let h: TenantHook = Arc::new(move |t: &[String]| {
             tm.ensure(t);
@@ -151,6 +192,8 @@ fn run(args: Args) -> anyhow::Result<()> {
             metrics: shards.metrics.clone(),
             snapshot_dir: cfg.directory.snapshot_dir.clone(),
             on_tenants,
+            on_endpoints: Some(on_endpoints),
+            on_profiles: Some(on_profiles),
         },
     )?;
     tracing::info!(
@@ -173,7 +216,10 @@ fn run(args: Args) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(100));
         if hup.swap(false, Ordering::AcqRel) {
             match profiles.reload() {
-                Ok(n) => tracing::info!(profiles = n, "profiles reloaded (SIGHUP)"),
+                Ok(n) => {
+                    tracing::info!(profiles = n, "profiles reloaded (SIGHUP)");
+                    control.send(ControlMsg::ProfilesChanged);
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "profile reload failed; keeping the current profiles")
                 }
@@ -196,9 +242,8 @@ fn run(args: Args) -> anyhow::Result<()> {
             }
         }
     }
-    tracing::info!("shutting down: stopping shards and flushing Kafka");
-    shutdown.store(true, Ordering::Release);
-    shards.join();
+    tracing::info!("shutting down: stopping shards, flushing Kafka, writing snapshots");
+    shards.shutdown();
     admin.stop();
     match directory.write_snapshot(&cfg.directory.snapshot_dir) {
         Ok(()) => {

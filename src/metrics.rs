@@ -55,6 +55,7 @@ metrics! {
         bytes_rx: "UDP payload bytes received",
         tx_errors: "datagrams that could not be sent (socket error or full buffer)",
         malformed: "datagrams that are not valid CoAP (RFC 7252 message format error)",
+        oversized: "datagrams larger than gateway.max_datagram (dropped; a CON request gets 4.13)",
         rst_sent: "RST messages sent (pings, malformed CON, unknown notifications)",
         bad_option: "requests rejected with 4.02 for an unknown critical option",
         duplicates: "duplicate CON/NON messages answered from the deduplication cache",
@@ -63,14 +64,23 @@ metrics! {
         registrations_replaced: "Register operations that replaced an existing registration",
         register_rejected_unknown_endpoint: "Register from an endpoint not in the directory (4.03)",
         register_rejected_bad_request: "Register or Update with invalid parameters or payload (4.00)",
+        register_rejected_unauthorized: "Register, Update, De-register or Send refused by the authorizer (4.03)",
         updates: "successful Update operations",
         update_unknown: "Update or De-register for an unknown registration (4.04)",
         deregistrations: "successful De-register operations",
         expirations: "registrations removed because their lifetime expired",
-        takeovers: "registrations dropped because the endpoint registered on another shard",
+        takeovers: "registrations dropped because a newer registration of the endpoint exists on another shard",
+        claims_sent: "requests for a registration held by another shard, sent there to move it here",
+        registrations_moved_in: "registrations moved to this shard (the device's datagrams now arrive here)",
+        registrations_moved_out: "registrations handed to another shard",
+        address_changes: "Updates from a new source address (registration rebound to it)",
+        deprovisioned: "registrations ended because the endpoint was removed from the directory",
         notifications_rx: "Observe notifications received",
-        notifications_stale: "notifications discarded as older than the last (RFC 7641 §3.4)",
+        notifications_stale: "notifications older than the Observe window (RFC 7641 §3.4), acknowledged, not published",
+        notifications_duplicate: "notifications whose Observe number was already published (acknowledged, not published again)",
+        notifications_reordered: "notifications that arrived after a newer one (published)",
         notifications_unknown: "notifications for unknown observations (answered with RST)",
+        notifications_wrong_peer: "notifications with a known token from an address other than the device's (RST, RFC 7252 §5.3.2)",
         notifications_dropped_busy: "NON notifications dropped because the Kafka queue was full",
         notifications_deferred_busy: "CON notifications left unacknowledged because the Kafka queue was full",
         send_rx: "LwM2M Send operations (POST /dp) received",
@@ -83,15 +93,22 @@ metrics! {
         kafka_delivery_failed: "Kafka records the producer gave up on (see logs)",
         kafka_enqueue_failed: "records the producer refused to queue",
         requests_sent: "server-initiated CoAP requests sent (Observe, Write-Attributes, ...)",
+        requests_queued: "server-initiated requests that waited for a free NSTART slot (RFC 7252 §4.7)",
         retransmissions: "CoAP retransmissions of server-initiated CON requests",
         request_timeouts: "server-initiated requests that got no answer",
         observe_established: "observations established",
-        observe_failed: "observe requests answered with an error code",
+        observe_failed: "observe requests answered with an error code or timed out",
+        observe_cancelled: "observations cancelled because the profile no longer asks for them",
+        acks_withheld_delivery_failed: "acknowledgements withheld because the broker did not confirm the record",
+        dedup_evicted: "peers evicted from duplicate detection by the dedup_max_peers cap",
+        log_lines_suppressed: "log lines suppressed by the rate limit",
     }
     gauges {
         registrations_active: "registrations currently held by the shard",
         observations_active: "observations currently held by the shard",
         pending_requests: "server-initiated requests awaiting an answer",
+        acks_awaiting_delivery: "messages whose acknowledgement waits for the broker to confirm their records",
+        dedup_peers: "peers held by duplicate detection",
         kafka_queue: "records in the shard producer's queue",
     }
 }
@@ -105,6 +122,10 @@ impl ShardMetrics {
     }
     pub fn set(g: &AtomicI64, v: i64) {
         g.store(v, Ordering::Relaxed);
+    }
+    /// Sets a counter maintained elsewhere (a running total).
+    pub fn store(c: &AtomicU64, v: u64) {
+        c.store(v, Ordering::Relaxed);
     }
     pub fn get(c: &AtomicU64) -> u64 {
         c.load(Ordering::Relaxed)

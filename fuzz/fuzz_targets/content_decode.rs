@@ -3,7 +3,8 @@
 //! the base path depth.
 #![no_main]
 use corem_lwm2m::proto::lwm2m::content::{self, ResourcePath};
-use corem_lwm2m::proto::{cbor, registration};
+use corem_lwm2m::proto::cbor;
+use corem_lwm2m::proto::lwm2m::registration;
 use libfuzzer_sys::fuzz_target;
 
 const FORMATS: [u16; 7] = [0, 42, 60, 110, 112, 11542, 11543];
@@ -25,4 +26,5 @@ fuzz_target!(|data: &[u8]| {
     }
     let _ = cbor::decode(rest);
     let _ = registration::parse_register(rest.split(|b| *b == b'&'));
+    let _ = registration::parse_location(rest);
 });

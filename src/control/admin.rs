@@ -11,6 +11,10 @@
 //! * `GET /v1/profiles`, `POST /v1/profiles/reload` — list / reload profiles.
 //!
 //! Errors are JSON `{"error": "..."}` with 400 / 404 / 500.
+//!
+//! Directory writes are durable (logged and fsynced) before they are
+//! answered, and reach the shards at once: a removed endpoint's registration
+//! ends immediately (`deprovisioned`), a changed one is refreshed.
 
 use super::directory::{Directory, EndpointEntry, ProvisionedEndpoint};
 use super::profiles::Profiles;
@@ -25,6 +29,11 @@ use tiny_http::{Header, Method, Request, Response, Server};
 
 /// Called with the tenant ids of newly provisioned endpoints (topic creation).
 pub type TenantHook = Arc<dyn Fn(&[String]) + Send + Sync>;
+/// Called with the endpoints that were added, changed or removed, after the
+/// change is durable (the shards apply it to live registrations at once).
+pub type EndpointsHook = Arc<dyn Fn(Vec<String>) + Send + Sync>;
+/// Called after profiles were reloaded.
+pub type ProfilesHook = Arc<dyn Fn() + Send + Sync>;
 
 pub struct AdminState {
     pub directory: Arc<Directory>,
@@ -32,6 +41,16 @@ pub struct AdminState {
     pub metrics: Vec<Arc<ShardMetrics>>,
     pub snapshot_dir: PathBuf,
     pub on_tenants: Option<TenantHook>,
+    pub on_endpoints: Option<EndpointsHook>,
+    pub on_profiles: Option<ProfilesHook>,
+}
+
+impl AdminState {
+    fn endpoints_changed(&self, names: Vec<String>) {
+        if let Some(h) = &self.on_endpoints {
+            h(names);
+        }
+    }
 }
 
 /// Largest request body accepted (bulk provisioning of ~100k endpoints).
@@ -103,6 +122,15 @@ fn error(req: Request, status: u16, msg: &str) {
     )
 }
 
+/// 400 for an invalid entry, 500 when it could not be made durable.
+fn dir_error(req: Request, e: super::directory::DirectoryError) {
+    let status = match e {
+        super::directory::DirectoryError::Invalid(..) => 400,
+        _ => 500,
+    };
+    error(req, status, &e.to_string())
+}
+
 fn read_body(req: &mut Request) -> Result<Vec<u8>, String> {
     let mut body = Vec::new();
     req.as_reader()
@@ -166,11 +194,13 @@ fn handle(st: &AdminState, mut req: Request) {
                 Err(e) => return error(req, 400, &format!("body: {e}")),
             };
             let tenants: Vec<String> = items.iter().map(|i| i.entry.tenant_id.clone()).collect();
+            let names: Vec<String> = items.iter().map(|i| i.endpoint.clone()).collect();
             match st.directory.upsert_many(items) {
                 Ok(n) => {
                     if let Some(h) = &st.on_tenants {
                         h(&tenants);
                     }
+                    st.endpoints_changed(names);
                     reply(
                         req,
                         200,
@@ -178,7 +208,7 @@ fn handle(st: &AdminState, mut req: Request) {
                         true,
                     )
                 }
-                Err(e) => error(req, 400, &e.to_string()),
+                Err(e) => dir_error(req, e),
             }
         }
         (Method::Post, "/v1/snapshot") => match st.directory.write_snapshot(&st.snapshot_dir) {
@@ -199,6 +229,9 @@ fn handle(st: &AdminState, mut req: Request) {
         (Method::Post, "/v1/profiles/reload") => match st.profiles.reload() {
             Ok(n) => {
                 tracing::info!(profiles = n, "profiles reloaded (admin API)");
+                if let Some(h) = &st.on_profiles {
+                    h();
+                }
                 reply(
                     req,
                     200,
@@ -235,6 +268,7 @@ fn handle(st: &AdminState, mut req: Request) {
                             if let Some(h) = &st.on_tenants {
                                 h(&[tenant]);
                             }
+                            st.endpoints_changed(vec![ep.clone()]);
                             let code = if existed { 200 } else { 201 };
                             reply(
                                 req,
@@ -243,16 +277,17 @@ fn handle(st: &AdminState, mut req: Request) {
                                 true,
                             )
                         }
-                        Err(e) => error(req, 400, &e.to_string()),
+                        Err(e) => dir_error(req, e),
                     }
                 }
-                Method::Delete => {
-                    if st.directory.remove(&ep) {
+                Method::Delete => match st.directory.remove(&ep) {
+                    Ok(true) => {
+                        st.endpoints_changed(vec![ep.clone()]);
                         reply(req, 204, String::new(), false)
-                    } else {
-                        error(req, 404, "no such endpoint")
                     }
-                }
+                    Ok(false) => error(req, 404, "no such endpoint"),
+                    Err(e) => error(req, 500, &e.to_string()),
+                },
                 _ => error(req, 405, "method not allowed"),
             }
         }

@@ -1,47 +1,34 @@
 //! Endpoint directory: LwM2M endpoint name → {device_id, tenant_id, profile,
 //! credentials}.
 //!
-//! Readers (every shard, per Register) call [`Directory::get`], which loads an
-//! immutable snapshot through `arc_swap` — no lock, no contention. Writers (the
-//! control plane: admin API, provisioning file) serialise on a mutex, build a
-//! new map and swap it in atomically, so a reader sees either the old or the
-//! new map, never a torn one.
+//! Readers (every shard, once per batch of datagrams) call
+//! [`Directory::snapshot`], which loads an immutable map through `arc_swap`:
+//! no lock, no contention. Writers (the control plane: admin API,
+//! provisioning file) serialise on a mutex, build a new map and swap it in
+//! atomically, so a reader sees either the old or the new map, never a torn
+//! one.
 //!
-//! Persistence: [`Directory::write_snapshot`] writes the whole map crash-safely
-//! (temp file, fsync, rename, fsync of the directory) with a CRC-32 over the
-//! body, keeping the previous generation as `directory.snap.prev`.
-//! [`Directory::load_snapshot`] verifies the checksum and falls back to the
-//! previous generation when the newest is torn or corrupted.
+//! **Durability.** With persistence on ([`Directory::open`]), every change is
+//! appended to a write-ahead log (`directory.wal`, one CRC-checked JSON line
+//! per change, fsynced) *before* it is applied and answered, so an admin
+//! write that was answered survives a crash. [`Directory::write_snapshot`]
+//! writes the whole map crash-safely (see [`super::snapshot`]) and then
+//! starts a new log, keeping the previous one (`directory.wal.prev`) beside
+//! the previous snapshot generation. Loading takes the newest valid snapshot
+//! and replays both logs past its version; a torn last log line (crash
+//! mid-append, never answered) is ignored.
 
+use super::snapshot::{self, SnapshotError};
 use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::fs;
-use std::io::Write;
+use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-/// One provisioned device.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct EndpointEntry {
-    pub device_id: String,
-    pub tenant_id: String,
-    #[serde(default = "default_profile")]
-    pub profile: String,
-    /// DTLS-PSK identity, when the device uses PSK.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub psk_identity: Option<String>,
-    /// DTLS-PSK key, hex-encoded.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub psk_key_hex: Option<String>,
-}
-
-fn default_profile() -> String {
-    "default".to_string()
-}
-
-pub type EndpointMap = HashMap<String, Arc<EndpointEntry>>;
+pub use crate::proto::lwm2m::endpoint::{EndpointEntry, EndpointMap};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DirectoryError {
@@ -50,6 +37,8 @@ pub enum DirectoryError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
     #[error("snapshot {0} is corrupted: {1}")]
     Corrupt(PathBuf, String),
     #[error("provisioning file {0}: {1}")]
@@ -68,11 +57,28 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DirectoryError + '_ {
 const SNAPSHOT_MAGIC: &str = "CLWM2M-DIRECTORY v1";
 pub const SNAPSHOT_FILE: &str = "directory.snap";
 pub const SNAPSHOT_PREV: &str = "directory.snap.prev";
+pub const WAL_FILE: &str = "directory.wal";
+pub const WAL_PREV: &str = "directory.wal.prev";
 
 #[derive(Serialize, Deserialize)]
 struct SnapshotBody {
     version: u64,
     endpoints: HashMap<String, EndpointEntry>,
+}
+
+/// One logged change.
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+enum WalOp {
+    Upsert { items: Vec<ProvisionedEndpoint> },
+    Remove { endpoint: String },
+}
+
+#[derive(Serialize, Deserialize)]
+struct WalRecord {
+    v: u64,
+    #[serde(flatten)]
+    op: WalOp,
 }
 
 /// Provisioning file format (TOML):
@@ -99,12 +105,20 @@ pub struct ProvisionedEndpoint {
     pub entry: EndpointEntry,
 }
 
+struct Writer {
+    /// Snapshot directory and the open log, when persistence is on.
+    persist: Option<(PathBuf, fs::File)>,
+}
+
 pub struct Directory {
     map: ArcSwap<EndpointMap>,
-    write_lock: Mutex<()>,
+    writer: Mutex<Writer>,
     /// Incremented on every change; the snapshotter writes when it moved.
     version: AtomicU64,
     persisted_version: AtomicU64,
+    /// The current snapshot file was corrupted at load: the next snapshot
+    /// must not rotate it into the previous generation.
+    current_corrupt: AtomicBool,
 }
 
 impl Default for Directory {
@@ -113,19 +127,124 @@ impl Default for Directory {
     }
 }
 
+/// Where a directory came from at [`Directory::open`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// A snapshot (and the logs past it).
+    Snapshot {
+        path: PathBuf,
+        fell_back: bool,
+        replayed: usize,
+    },
+    /// Only logged changes (no snapshot written yet).
+    Log { replayed: usize },
+    /// Nothing on disk.
+    Empty,
+}
+
 impl Directory {
+    /// An in-memory directory (no persistence).
     pub fn new(map: EndpointMap) -> Directory {
         Directory {
             map: ArcSwap::from_pointee(map),
-            write_lock: Mutex::new(()),
+            writer: Mutex::new(Writer { persist: None }),
             version: AtomicU64::new(0),
             persisted_version: AtomicU64::new(0),
+            current_corrupt: AtomicBool::new(false),
         }
+    }
+
+    /// The persistent directory in `dir`: newest valid snapshot plus the
+    /// logged changes past it. From here on every change is logged before
+    /// it is applied. `Err` when every snapshot generation is unreadable:
+    /// starting on an empty directory silently would forget the fleet.
+    pub fn open(dir: &Path) -> Result<(Directory, Origin), DirectoryError> {
+        let mut map = EndpointMap::new();
+        let mut version = 0;
+        let mut origin = Origin::Empty;
+        let mut fell_back = false;
+        if let Some((body, path, fb)) =
+            snapshot::load(dir, SNAPSHOT_FILE, SNAPSHOT_MAGIC, "directory")?
+        {
+            let b: SnapshotBody = serde_json::from_slice(&body)
+                .map_err(|e| DirectoryError::Corrupt(path.clone(), format!("body: {e}")))?;
+            version = b.version;
+            map = b
+                .endpoints
+                .into_iter()
+                .map(|(k, v)| (k, Arc::new(v)))
+                .collect();
+            fell_back = fb;
+            origin = Origin::Snapshot {
+                path,
+                fell_back: fb,
+                replayed: 0,
+            };
+        }
+        let mut replayed = 0;
+        for wal in [WAL_PREV, WAL_FILE] {
+            let path = dir.join(wal);
+            let Ok(f) = fs::File::open(&path) else {
+                continue;
+            };
+            for line in std::io::BufReader::new(f).split(b'\n') {
+                let Ok(line) = line else { break };
+                let Some(rec) = parse_wal_line(&line) else {
+                    // A torn tail (crash mid-append): the change was never
+                    // answered. Nothing valid follows it.
+                    tracing::warn!(file = %path.display(), "directory log: torn record ignored");
+                    break;
+                };
+                if rec.v <= version {
+                    continue;
+                }
+                version = rec.v;
+                apply(&mut map, rec.op);
+                replayed += 1;
+            }
+        }
+        origin = match origin {
+            Origin::Snapshot {
+                path, fell_back, ..
+            } => Origin::Snapshot {
+                path,
+                fell_back,
+                replayed,
+            },
+            _ if replayed > 0 => Origin::Log { replayed },
+            o => o,
+        };
+        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let wal_path = dir.join(WAL_FILE);
+        let wal = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&wal_path)
+            .map_err(io_err(&wal_path))?;
+        let d = Directory {
+            map: ArcSwap::from_pointee(map),
+            writer: Mutex::new(Writer {
+                persist: Some((dir.to_path_buf(), wal)),
+            }),
+            version: AtomicU64::new(version),
+            persisted_version: AtomicU64::new(if replayed == 0 && !fell_back {
+                version
+            } else {
+                u64::MAX
+            }),
+            current_corrupt: AtomicBool::new(fell_back),
+        };
+        Ok((d, origin))
     }
 
     /// Lock-free lookup.
     pub fn get(&self, endpoint: &str) -> Option<Arc<EndpointEntry>> {
         self.map.load().get(endpoint).cloned()
+    }
+
+    /// The current map, for the shards to read once per batch.
+    pub fn snapshot(&self) -> Arc<EndpointMap> {
+        self.map.load_full()
     }
 
     pub fn len(&self) -> usize {
@@ -165,19 +284,41 @@ impl Directory {
         Ok(())
     }
 
-    fn modify(&self, f: impl FnOnce(&mut EndpointMap)) {
-        let _g = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+    /// Logs (when persistent) and applies one change.
+    fn commit(&self, op: WalOp) -> Result<(), DirectoryError> {
+        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let v = self.version() + 1;
+        let rec = WalRecord { v, op };
+        if let Some((dir, wal)) = &mut w.persist {
+            let json = serde_json::to_vec(&rec).map_err(|e| DirectoryError::Io {
+                path: dir.clone(),
+                source: std::io::Error::other(e),
+            })?;
+            let mut line = format!("{:08x} ", crc32fast::hash(&json)).into_bytes();
+            line.extend_from_slice(&json);
+            line.push(b'\n');
+            let path = dir.join(WAL_FILE);
+            wal.write_all(&line).map_err(io_err(&path))?;
+            wal.sync_data().map_err(io_err(&path))?;
+        }
         let mut next = EndpointMap::clone(&self.map.load());
-        f(&mut next);
+        apply(&mut next, rec.op);
         self.map.store(Arc::new(next));
-        self.version.fetch_add(1, Ordering::AcqRel);
+        self.version.store(v, Ordering::Release);
+        Ok(())
     }
 
-    /// Inserts or replaces one endpoint; returns true when it existed.
+    /// Inserts or replaces one endpoint; returns true when it existed. Durable
+    /// when it returns (persistent directories).
     pub fn upsert(&self, endpoint: &str, entry: EndpointEntry) -> Result<bool, DirectoryError> {
         Self::validate(endpoint, &entry)?;
-        let mut existed = false;
-        self.modify(|m| existed = m.insert(endpoint.to_string(), Arc::new(entry)).is_some());
+        let existed = self.get(endpoint).is_some();
+        self.commit(WalOp::Upsert {
+            items: vec![ProvisionedEndpoint {
+                endpoint: endpoint.to_string(),
+                entry,
+            }],
+        })?;
         Ok(existed)
     }
 
@@ -188,21 +329,19 @@ impl Directory {
             Self::validate(&p.endpoint, &p.entry)?;
         }
         let n = items.len();
-        self.modify(|m| {
-            for p in items {
-                m.insert(p.endpoint, Arc::new(p.entry));
-            }
-        });
+        self.commit(WalOp::Upsert { items })?;
         Ok(n)
     }
 
-    pub fn remove(&self, endpoint: &str) -> bool {
+    /// Removes an endpoint; `Ok(false)` when there was none.
+    pub fn remove(&self, endpoint: &str) -> Result<bool, DirectoryError> {
         if self.get(endpoint).is_none() {
-            return false;
+            return Ok(false);
         }
-        let mut existed = false;
-        self.modify(|m| existed = m.remove(endpoint).is_some());
-        existed
+        self.commit(WalOp::Remove {
+            endpoint: endpoint.to_string(),
+        })?;
+        Ok(true)
     }
 
     /// Reads a provisioning file (TOML, or JSON by extension).
@@ -229,11 +368,10 @@ impl Directory {
         Ok(true)
     }
 
-    /// Crash-safe snapshot: write `directory.snap.tmp`, fsync it, move the
-    /// current snapshot to `.prev`, rename the temp file into place, fsync the
-    /// directory so both renames are durable.
+    /// Crash-safe snapshot of the whole map, then a fresh log (the old one is
+    /// kept as the previous generation's).
     pub fn write_snapshot(&self, dir: &Path) -> Result<(), DirectoryError> {
-        let _g = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let version = self.version();
         let map = self.map.load_full();
         let body = SnapshotBody {
@@ -247,108 +385,59 @@ impl Directory {
             path: dir.to_path_buf(),
             source: std::io::Error::other(e),
         })?;
-        let crc = crc32fast::hash(&body);
-        fs::create_dir_all(dir).map_err(io_err(dir))?;
-        let tmp = dir.join("directory.snap.tmp");
-        {
-            let mut f = fs::File::create(&tmp).map_err(io_err(&tmp))?;
-            write!(f, "{SNAPSHOT_MAGIC}\ncrc32={crc:08x}\nlen={}\n", body.len())
-                .map_err(io_err(&tmp))?;
-            f.write_all(&body).map_err(io_err(&tmp))?;
-            f.sync_all().map_err(io_err(&tmp))?;
+        let rotate = !self.current_corrupt.load(Ordering::Acquire);
+        snapshot::write(dir, SNAPSHOT_FILE, SNAPSHOT_MAGIC, &body, rotate)?;
+        self.current_corrupt.store(false, Ordering::Release);
+        if let Some((pdir, wal)) = &mut w.persist {
+            if pdir.as_path() == dir {
+                // After a fallback start the previous generation stays the
+                // old one, so its log must stay too: keep appending.
+                if rotate {
+                    let cur = dir.join(WAL_FILE);
+                    let prev = dir.join(WAL_PREV);
+                    fs::rename(&cur, &prev).map_err(io_err(&prev))?;
+                    *wal = fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(&cur)
+                        .map_err(io_err(&cur))?;
+                    fs::File::open(dir)
+                        .and_then(|d| d.sync_all())
+                        .map_err(io_err(dir))?;
+                }
+            }
         }
-        let cur = dir.join(SNAPSHOT_FILE);
-        if cur.exists() {
-            let prev = dir.join(SNAPSHOT_PREV);
-            fs::rename(&cur, &prev).map_err(io_err(&prev))?;
-        }
-        fs::rename(&tmp, &cur).map_err(io_err(&cur))?;
-        fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_err(dir))?;
         self.persisted_version.store(version, Ordering::Release);
         Ok(())
     }
 
-    fn read_snapshot_file(path: &Path) -> Result<EndpointMap, DirectoryError> {
-        let data = fs::read(path).map_err(io_err(path))?;
-        let corrupt = |why: &str| DirectoryError::Corrupt(path.to_path_buf(), why.to_string());
-        let mut lines = data.splitn(4, |b| *b == b'\n');
-        if lines.next() != Some(SNAPSHOT_MAGIC.as_bytes()) {
-            return Err(corrupt("bad magic line"));
-        }
-        let crc_line = lines.next().ok_or_else(|| corrupt("missing crc line"))?;
-        let len_line = lines.next().ok_or_else(|| corrupt("missing len line"))?;
-        let body = lines.next().ok_or_else(|| corrupt("missing body"))?;
-        let crc = std::str::from_utf8(crc_line)
-            .ok()
-            .and_then(|s| s.strip_prefix("crc32="))
-            .and_then(|s| u32::from_str_radix(s, 16).ok())
-            .ok_or_else(|| corrupt("unreadable crc"))?;
-        let len = std::str::from_utf8(len_line)
-            .ok()
-            .and_then(|s| s.strip_prefix("len="))
-            .and_then(|s| s.parse::<usize>().ok())
-            .ok_or_else(|| corrupt("unreadable len"))?;
-        if body.len() != len {
-            return Err(corrupt(&format!(
-                "truncated: {} of {len} body bytes",
-                body.len()
-            )));
-        }
-        if crc32fast::hash(body) != crc {
-            return Err(corrupt("checksum mismatch"));
-        }
-        let b: SnapshotBody =
-            serde_json::from_slice(body).map_err(|e| corrupt(&format!("body: {e}")))?;
-        Ok(b.endpoints
-            .into_iter()
-            .map(|(k, v)| (k, Arc::new(v)))
-            .collect())
-    }
-
-    /// Loads the newest valid snapshot from `dir`: the current file, or the
-    /// previous generation when the current one is missing or corrupted.
-    /// `Ok(None)` when there is no snapshot at all.
-    pub fn load_snapshot(dir: &Path) -> Result<Option<(EndpointMap, PathBuf)>, DirectoryError> {
-        let cur = dir.join(SNAPSHOT_FILE);
-        let prev = dir.join(SNAPSHOT_PREV);
-        let mut first_err = None;
-        for path in [cur, prev] {
-            if !path.exists() {
-                continue;
-            }
-            match Self::read_snapshot_file(&path) {
-                Ok(m) => {
-                    if let Some(e) = &first_err {
-                        tracing::error!(
-                            error = %e,
-                            fallback = %path.display(),
-                            "directory snapshot is corrupted; loaded the previous snapshot instead"
-                        );
-                    }
-                    return Ok(Some((m, path)));
-                }
-                Err(e) => {
-                    if first_err.is_none() {
-                        first_err = Some(e);
-                    } else {
-                        tracing::error!(error = %e, "previous directory snapshot is corrupted too");
-                    }
-                }
-            }
-        }
-        match first_err {
-            Some(e) => Err(e),
-            None => Ok(None),
-        }
-    }
-
-    /// Marks the current content as persisted (after loading it from a snapshot).
+    /// Marks the current content as persisted.
     pub fn mark_persisted(&self) {
         self.persisted_version
             .store(self.version(), Ordering::Release);
     }
+}
+
+fn apply(map: &mut EndpointMap, op: WalOp) {
+    match op {
+        WalOp::Upsert { items } => {
+            for p in items {
+                map.insert(p.endpoint, Arc::new(p.entry));
+            }
+        }
+        WalOp::Remove { endpoint } => {
+            map.remove(&endpoint);
+        }
+    }
+}
+
+fn parse_wal_line(line: &[u8]) -> Option<WalRecord> {
+    let (crc, json) = (line.get(..8)?, line.get(9..)?);
+    let crc = u32::from_str_radix(std::str::from_utf8(crc).ok()?, 16).ok()?;
+    if line.get(8) != Some(&b' ') || crc32fast::hash(json) != crc {
+        return None;
+    }
+    serde_json::from_slice(json).ok()
 }
 
 #[cfg(test)]
@@ -371,45 +460,102 @@ mod tests {
         assert!(!d.upsert("urn:imei:1", entry("d1")).unwrap());
         assert!(d.upsert("urn:imei:1", entry("d2")).unwrap());
         assert_eq!(d.get("urn:imei:1").unwrap().device_id, "d2");
-        assert!(d.remove("urn:imei:1"));
-        assert!(!d.remove("urn:imei:1"));
+        assert!(d.remove("urn:imei:1").unwrap());
+        assert!(!d.remove("urn:imei:1").unwrap());
         let mut bad = entry("d");
         bad.tenant_id = "a/b".into();
         assert!(d.upsert("x", bad).is_err());
     }
 
     #[test]
-    fn snapshot_roundtrip_and_fallback() {
+    fn every_answered_change_survives_a_crash() {
         let tmp = tempfile::tempdir().unwrap();
-        let d = Directory::default();
-        d.upsert("a", entry("d1")).unwrap();
-        d.write_snapshot(tmp.path()).unwrap();
-        d.upsert("b", entry("d2")).unwrap();
-        assert!(d.snapshot_if_changed(tmp.path()).unwrap());
-        assert!(!d.snapshot_if_changed(tmp.path()).unwrap());
-        let (m, _) = Directory::load_snapshot(tmp.path()).unwrap().unwrap();
-        assert_eq!(m.len(), 2);
+        {
+            let (d, o) = Directory::open(tmp.path()).unwrap();
+            assert_eq!(o, Origin::Empty);
+            d.upsert("a", entry("d1")).unwrap();
+            d.write_snapshot(tmp.path()).unwrap();
+            d.upsert("b", entry("d2")).unwrap();
+            d.remove("a").unwrap();
+            // Dropped without a snapshot: a SIGKILL.
+        }
+        let (d, o) = Directory::open(tmp.path()).unwrap();
+        assert!(
+            matches!(
+                o,
+                Origin::Snapshot {
+                    replayed: 2,
+                    fell_back: false,
+                    ..
+                }
+            ),
+            "{o:?}"
+        );
+        assert!(d.get("a").is_none());
+        assert_eq!(d.get("b").unwrap().device_id, "d2");
+        // A torn last record (crash mid-append) is ignored, earlier ones kept.
+        let mut f = fs::OpenOptions::new()
+            .append(true)
+            .open(tmp.path().join(WAL_FILE))
+            .unwrap();
+        f.write_all(b"0000beef {\"v\":99,\"op\":\"rem").unwrap();
+        drop(f);
+        drop(d);
+        let (d, _) = Directory::open(tmp.path()).unwrap();
+        assert_eq!(d.get("b").unwrap().device_id, "d2");
+    }
 
-        // Flip one body byte in the newest: the previous generation is used.
-        let cur = tmp.path().join(SNAPSHOT_FILE);
+    #[test]
+    fn fallback_keeps_the_good_generation_and_its_log() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        {
+            let (d, _) = Directory::open(dir).unwrap();
+            d.upsert("a", entry("d1")).unwrap();
+            d.write_snapshot(dir).unwrap();
+            d.upsert("b", entry("d2")).unwrap();
+            d.write_snapshot(dir).unwrap();
+            d.upsert("c", entry("d3")).unwrap();
+        }
+        // Flip one body byte in the newest snapshot.
+        let cur = dir.join(SNAPSHOT_FILE);
         let mut bytes = fs::read(&cur).unwrap();
         let last = bytes.len() - 3;
         bytes[last] ^= 0x20;
         fs::write(&cur, &bytes).unwrap();
-        let (m, from) = Directory::load_snapshot(tmp.path()).unwrap().unwrap();
-        assert_eq!(m.len(), 1);
-        assert!(from.ends_with(SNAPSHOT_PREV));
-
-        // Truncated too: both bad is an error, not an empty directory.
-        fs::write(
-            tmp.path().join(SNAPSHOT_PREV),
-            b"CLWM2M-DIRECTORY v1\ncrc32=0\n",
-        )
-        .unwrap();
-        assert!(Directory::load_snapshot(tmp.path()).is_err());
-        assert!(Directory::load_snapshot(&tmp.path().join("none"))
-            .unwrap()
-            .is_none());
+        let (d, o) = Directory::open(dir).unwrap();
+        assert!(
+            matches!(
+                o,
+                Origin::Snapshot {
+                    fell_back: true,
+                    ..
+                }
+            ),
+            "{o:?}"
+        );
+        // The previous generation plus both logs: nothing lost.
+        for (e, id) in [("a", "d1"), ("b", "d2"), ("c", "d3")] {
+            assert_eq!(d.get(e).unwrap().device_id, id, "{e}");
+        }
+        // The next snapshot must not demote the corrupted file to .prev.
+        d.write_snapshot(dir).unwrap();
+        assert!(snapshot::read(&dir.join(SNAPSHOT_PREV), SNAPSHOT_MAGIC).is_ok());
+        assert!(dir.join("directory.snap.corrupt").exists());
+        drop(d);
+        let (d, o) = Directory::open(dir).unwrap();
+        assert!(matches!(
+            o,
+            Origin::Snapshot {
+                fell_back: false,
+                ..
+            }
+        ));
+        assert_eq!(d.len(), 3);
+        // Both generations unreadable is an error, not an empty directory.
+        fs::write(dir.join(SNAPSHOT_FILE), b"CLWM2M-DIRECTORY v1\ncrc32=0\n").unwrap();
+        fs::write(dir.join(SNAPSHOT_PREV), b"CLWM2M-DIRECTORY v1\ncrc32=0\n").unwrap();
+        assert!(Directory::open(dir).is_err());
     }
 
     #[test]

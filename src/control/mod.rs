@@ -1,8 +1,11 @@
-//! Control plane: the endpoint directory and its snapshots, device profiles,
-//! and the admin HTTP server. Runs off the data-plane cores; shards only read
-//! its state lock-free.
+//! Control plane: the endpoint directory (with its write-ahead log and
+//! snapshots), device profiles, the per-shard registration snapshots, topic
+//! creation and the admin HTTP server. Runs off the data-plane cores; shards
+//! only read its state lock-free and hear of changes by message.
 
 pub mod admin;
 pub mod directory;
 pub mod profiles;
+pub mod registrations;
+pub mod snapshot;
 pub mod topics;

@@ -10,20 +10,12 @@
 //! sets of existing registrations change at their next Register.
 
 use crate::proto::lwm2m::content::{DataType, ResourcePath};
+pub use crate::proto::lwm2m::profile::{builtin_type, Mapping, MetricKind, Profile, ProfileMap};
 use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-
-/// How a value is published on the TelemetryPoint.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum MetricKind {
-    Numeric,
-    String,
-    Bool,
-}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ResourceMapping {
@@ -74,46 +66,6 @@ struct ProfileFile {
     observe: Vec<ObserveSpec>,
     #[serde(default)]
     rpc: HashMap<String, RpcMapping>,
-}
-
-/// A resolved, validated profile.
-#[derive(Debug, Clone)]
-pub struct Profile {
-    pub name: String,
-    /// Mapping by resource path (no resource instance).
-    pub resources: HashMap<ResourcePath, Mapping>,
-    pub observe: Vec<(ResourcePath, Option<u32>, Option<u32>)>,
-    pub rpc: HashMap<String, (String, ResourcePath)>,
-}
-
-#[derive(Debug, Clone)]
-pub struct Mapping {
-    pub metric: Arc<str>,
-    pub kind: MetricKind,
-    pub data_type: Option<DataType>,
-}
-
-/// Known data types of common resources (OMA object registry), used when a
-/// profile does not say.
-pub fn builtin_type(p: &ResourcePath) -> Option<DataType> {
-    let r = p.resource?;
-    match (p.object, r) {
-        // IPSO sensor value, min/max measured, min/max range (Float).
-        (_, 5700) | (_, 5601..=5604) => Some(DataType::Float),
-        // Device: battery level, memory free, error code, battery status, memory total.
-        (3, 7..=11) | (3, 20) | (3, 21) => Some(DataType::Integer),
-        (3, 13) => Some(DataType::Time),
-        // Connectivity monitoring: radio signal strength, link quality, cell id...
-        (4, 2..=3) | (4, 8..=12) => Some(DataType::Integer),
-        // Location: latitude, longitude, altitude, radius, speed.
-        (6, 0..=3) | (6, 6) => Some(DataType::Float),
-        (6, 5) => Some(DataType::Time),
-        // Application type / units (String).
-        (_, 5701) | (_, 5750) => Some(DataType::String),
-        // On/off, digital input state.
-        (_, 5850) | (_, 5500) => Some(DataType::Boolean),
-        _ => None,
-    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -226,16 +178,7 @@ impl Profile {
         Profile::from_toml("<builtin>", DEFAULT_PROFILE_TOML, "default")
             .unwrap_or_else(|e| panic!("built-in default profile is invalid: {e}"))
     }
-
-    /// Mapping for a value path (resource instances map through their resource).
-    pub fn mapping(&self, p: &ResourcePath) -> Option<&Mapping> {
-        self.resources
-            .get(p)
-            .or_else(|| self.resources.get(&p.without_resource_instance()))
-    }
 }
-
-pub type ProfileMap = HashMap<String, Arc<Profile>>;
 
 /// The live profile set.
 pub struct Profiles {
@@ -278,6 +221,11 @@ impl Profiles {
         let n = map.len();
         self.set.store(Arc::new(map));
         Ok(n)
+    }
+
+    /// The current set, for the shards to read once per batch.
+    pub fn snapshot(&self) -> Arc<ProfileMap> {
+        self.set.load_full()
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<Profile>> {

@@ -35,10 +35,16 @@ pub fn bind_reuseport(addr: SocketAddr, rcvbuf: usize, sndbuf: usize) -> io::Res
 }
 
 /// Reusable state for `recvmmsg`.
+///
+/// Each slot holds `max_datagram + 1` bytes, so a datagram larger than the
+/// limit is recognised (the kernel also sets `MSG_TRUNC`) and reported as
+/// truncated instead of being handed on cut short.
 pub struct RecvBatch {
     bufs: Vec<u8>,
+    /// Slot size: the datagram limit plus one.
     max: usize,
     lens: Vec<usize>,
+    truncated: Vec<bool>,
     addrs: Vec<libc::sockaddr_storage>,
     addr_lens: Vec<libc::socklen_t>,
     iovs: Vec<libc::iovec>,
@@ -49,10 +55,12 @@ pub struct RecvBatch {
 impl RecvBatch {
     pub fn new(batch: usize, max_datagram: usize) -> RecvBatch {
         let batch = batch.max(1);
+        let slot = max_datagram + 1;
         RecvBatch {
-            bufs: vec![0u8; batch * max_datagram],
-            max: max_datagram,
+            bufs: vec![0u8; batch * slot],
+            max: slot,
             lens: vec![0; batch],
+            truncated: vec![false; batch],
             // SAFETY: sockaddr_storage, iovec and mmsghdr are plain C structs
             // for which all-zero bytes are a valid value.
             addrs: vec![unsafe { zeroed() }; batch],
@@ -107,25 +115,30 @@ impl RecvBatch {
         }
         let r = r as usize;
         for i in 0..r {
-            self.lens[i] = self.hdrs[i].msg_len as usize;
+            let len = self.hdrs[i].msg_len as usize;
             self.addr_lens[i] = self.hdrs[i].msg_hdr.msg_namelen;
-            if self.hdrs[i].msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
-                // Oversized datagram: hand the engine a truncated view; it
-                // fails to decode or is rejected, and is counted.
-                self.lens[i] = self.max;
-            }
+            // Larger than the limit: the slot (limit + 1) filled up, or the
+            // kernel cut it (MSG_TRUNC).
+            let trunc = len >= self.max || self.hdrs[i].msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
+            self.truncated[i] = trunc;
+            self.lens[i] = if trunc { self.max - 1 } else { len };
         }
         self.count = r;
         Ok(r)
     }
 
-    /// The i-th datagram of the last batch.
-    pub fn get(&self, i: usize) -> Option<(SocketAddr, &[u8])> {
+    /// The i-th datagram of the last batch: sender, bytes (at most the
+    /// limit), and whether it was larger than the limit.
+    pub fn get(&self, i: usize) -> Option<(SocketAddr, &[u8], bool)> {
         if i >= self.count {
             return None;
         }
         let sa = storage_to_addr(&self.addrs[i], self.addr_lens[i])?;
-        Some((sa, &self.bufs[i * self.max..i * self.max + self.lens[i]]))
+        Some((
+            sa,
+            &self.bufs[i * self.max..i * self.max + self.lens[i]],
+            self.truncated[i],
+        ))
     }
 }
 
@@ -152,68 +165,99 @@ fn storage_to_addr(s: &libc::sockaddr_storage, len: libc::socklen_t) -> Option<S
     }
 }
 
-/// Sends the given datagrams with as few `sendmmsg` calls as possible.
-/// Returns (sent, failed). Never blocks: a full socket buffer drops the rest
-/// (server-initiated CON requests are retransmitted by the engine; replies are
-/// re-sent when the device retransmits).
-pub fn send_batch<'a>(
-    fd: RawFd,
-    items: impl Iterator<Item = (SocketAddr, &'a [u8])>,
-) -> (usize, usize) {
-    const CHUNK: usize = 64;
-    let mut addrs: Vec<SockAddr> = Vec::with_capacity(CHUNK);
-    let mut iovs: Vec<libc::iovec> = Vec::with_capacity(CHUNK);
-    let mut sent = 0;
-    let mut failed = 0;
-    let mut items = items.peekable();
-    while items.peek().is_some() {
-        addrs.clear();
-        iovs.clear();
-        for (a, d) in items.by_ref().take(CHUNK) {
-            addrs.push(SockAddr::from(a));
-            iovs.push(libc::iovec {
-                iov_base: d.as_ptr() as *mut libc::c_void,
-                iov_len: d.len(),
-            });
-        }
-        // SAFETY: zeroed mmsghdr is valid; pointers reference `addrs`/`iovs`,
-        // which outlive the call and are not reallocated while in use.
-        let mut hdrs: Vec<libc::mmsghdr> = (0..iovs.len())
-            .map(|i| {
-                let mut h: libc::mmsghdr = unsafe { zeroed() };
-                h.msg_hdr.msg_name = addrs[i].as_ptr() as *mut libc::c_void;
-                h.msg_hdr.msg_namelen = addrs[i].len();
-                h.msg_hdr.msg_iov = &mut iovs[i];
-                h.msg_hdr.msg_iovlen = 1;
-                h
-            })
-            .collect();
-        let mut off = 0;
-        while off < hdrs.len() {
-            // SAFETY: see above.
-            let r = unsafe {
-                libc::sendmmsg(
-                    fd,
-                    hdrs[off..].as_mut_ptr(),
-                    (hdrs.len() - off) as libc::c_uint,
-                    libc::MSG_DONTWAIT,
-                )
-            };
-            if r <= 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                // Skip the failing datagram (bad address, full buffer).
-                failed += 1;
-                off += 1;
-                continue;
-            }
-            sent += r as usize;
-            off += r as usize;
+/// Reusable state for `sendmmsg`: the address, iovec and header arrays are
+/// kept between calls, so sending a batch allocates nothing.
+pub struct SendBatch {
+    addrs: Vec<SockAddr>,
+    iovs: Vec<libc::iovec>,
+    hdrs: Vec<libc::mmsghdr>,
+}
+
+// SAFETY: the raw pointers in `iovs` / `hdrs` are only meaningful during a
+// `send` call, which rebuilds them; between calls they are stale values that
+// are never dereferenced.
+unsafe impl Send for SendBatch {}
+
+impl Default for SendBatch {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl SendBatch {
+    /// Datagrams per `sendmmsg` call.
+    pub const CHUNK: usize = 64;
+
+    pub fn new() -> SendBatch {
+        SendBatch {
+            addrs: Vec::with_capacity(Self::CHUNK),
+            iovs: Vec::with_capacity(Self::CHUNK),
+            hdrs: Vec::with_capacity(Self::CHUNK),
         }
     }
-    (sent, failed)
+
+    /// Sends the given datagrams with as few `sendmmsg` calls as possible.
+    /// Returns (sent, failed). Never blocks: a full socket buffer drops the
+    /// rest (server-initiated CON requests are retransmitted by the exchange
+    /// layer; replies are re-sent when the device retransmits).
+    pub fn send<'a>(
+        &mut self,
+        fd: RawFd,
+        items: impl Iterator<Item = (SocketAddr, &'a [u8])>,
+    ) -> (usize, usize) {
+        let mut sent = 0;
+        let mut failed = 0;
+        let mut items = items.peekable();
+        while items.peek().is_some() {
+            self.addrs.clear();
+            self.iovs.clear();
+            self.hdrs.clear();
+            for (a, d) in items.by_ref().take(Self::CHUNK) {
+                self.addrs.push(SockAddr::from(a));
+                self.iovs.push(libc::iovec {
+                    iov_base: d.as_ptr() as *mut libc::c_void,
+                    iov_len: d.len(),
+                });
+            }
+            // The vectors do not reallocate below (capacity CHUNK), so the
+            // pointers taken here stay valid for the calls.
+            for i in 0..self.iovs.len() {
+                // SAFETY: zeroed mmsghdr is a valid value.
+                let mut h: libc::mmsghdr = unsafe { zeroed() };
+                h.msg_hdr.msg_name = self.addrs[i].as_ptr() as *mut libc::c_void;
+                h.msg_hdr.msg_namelen = self.addrs[i].len();
+                h.msg_hdr.msg_iov = &mut self.iovs[i];
+                h.msg_hdr.msg_iovlen = 1;
+                self.hdrs.push(h);
+            }
+            let mut off = 0;
+            while off < self.hdrs.len() {
+                // SAFETY: headers point into `addrs` / `iovs` and the caller's
+                // slices, all alive for the duration of the call.
+                let r = unsafe {
+                    libc::sendmmsg(
+                        fd,
+                        self.hdrs[off..].as_mut_ptr(),
+                        (self.hdrs.len() - off) as libc::c_uint,
+                        libc::MSG_DONTWAIT,
+                    )
+                };
+                if r <= 0 {
+                    let e = io::Error::last_os_error();
+                    if e.kind() == io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    // Skip the failing datagram (bad address, full buffer).
+                    failed += 1;
+                    off += 1;
+                    continue;
+                }
+                sent += r as usize;
+                off += r as usize;
+            }
+        }
+        (sent, failed)
+    }
 }
 
 /// CPUs this process may run on (sched_getaffinity), in ascending order. In a
@@ -271,7 +315,8 @@ mod tests {
         let _b = bind_reuseport(addr, 1 << 20, 1 << 20).unwrap();
         let c = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let data: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i; 10]).collect();
-        let (sent, failed) = send_batch(c.as_raw_fd(), data.iter().map(|d| (addr, d.as_slice())));
+        let (sent, failed) =
+            SendBatch::new().send(c.as_raw_fd(), data.iter().map(|d| (addr, d.as_slice())));
         assert_eq!((sent, failed), (5, 0));
         std::thread::sleep(std::time::Duration::from_millis(50));
         let mut rb = RecvBatch::new(8, 64);
@@ -282,5 +327,24 @@ mod tests {
             got += rb.recv(_b.as_raw_fd()).unwrap();
         }
         assert_eq!(got, 5);
+    }
+
+    #[test]
+    fn oversized_datagrams_are_flagged() {
+        let a = bind_reuseport("127.0.0.1:0".parse().unwrap(), 1 << 20, 1 << 20).unwrap();
+        let addr = a.local_addr().unwrap().as_socket().unwrap();
+        let c = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        c.send_to(&[1u8; 64], addr).unwrap();
+        c.send_to(&[2u8; 65], addr).unwrap();
+        c.send_to(&[3u8; 5000], addr).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let mut rb = RecvBatch::new(8, 64);
+        assert_eq!(rb.recv(a.as_raw_fd()).unwrap(), 3);
+        let (_, d, t) = rb.get(0).unwrap();
+        assert_eq!((d.len(), t), (64, false));
+        let (_, d, t) = rb.get(1).unwrap();
+        assert_eq!((d.len(), t), (64, true));
+        let (_, d, t) = rb.get(2).unwrap();
+        assert_eq!((d.len(), t, d[0]), (64, true, 3));
     }
 }

@@ -1,31 +1,42 @@
 //! glommio wiring of the shards: one executor per core, pinned, each owning
-//! its SO_REUSEPORT socket, its [`Engine`], its Kafka producer and its timers.
+//! its SO_REUSEPORT socket, its LwM2M [`Server`], its Kafka producer and its
+//! timers. Wiring only: every protocol decision is the server's.
 //!
-//! Per shard two tasks share the state through an `Rc<RefCell<_>>` (single
+//! Per shard, tasks share the state through an `Rc<RefCell<_>>` (single
 //! thread, never borrowed across an await):
-//! * the receive loop awaits one datagram with glommio's io_uring `recv_from`,
-//!   then drains everything else waiting with non-blocking `recvmmsg` batches,
-//!   feeds the engine, and flushes its replies with `sendmmsg`;
-//! * the tick loop (every `tick_ms`) runs engine timers, polls the producer for
-//!   delivery reports, applies cross-shard messages, and watches for shutdown.
+//! * the **receive** task awaits one datagram with glommio's io_uring
+//!   `recv_from`, then drains what else is waiting with non-blocking
+//!   `recvmmsg` batches; the directory and profile snapshots are loaded once
+//!   per batch;
+//! * the **timer** task sleeps until the server's `poll_timeout` (or, while
+//!   records await the broker, the Kafka poll interval), runs timers, serves
+//!   delivery reports and writes the shard's registration snapshot; anything
+//!   that moves the deadline earlier nudges it awake;
+//! * one **inbox** task per peer channel applies messages from the other
+//!   shards and from the control plane;
+//! * the **outbox** task forwards the server's shard messages.
 //!
-//! Cross-shard traffic (registration takeovers) uses one crossbeam channel per
-//! shard: explicit messages, no shared mutable state, nothing on the
-//! per-datagram path blocks.
+//! Cross-shard and control traffic uses glommio shared channels (one per
+//! ordered pair of executors), which wake the receiving executor: explicit
+//! messages, no shared mutable state, nothing on the per-datagram path
+//! blocks. The control plane's messages enter through a small relay
+//! executor, since only executors can hold channel ends.
 
 use crate::config::Config;
 use crate::control::directory::Directory;
 use crate::control::profiles::Profiles;
-use crate::io::{self, RecvBatch};
+use crate::control::registrations::RegistrationStore;
+use crate::io::{self, RecvBatch, SendBatch};
 use crate::metrics::ShardMetrics;
-use crate::proto::lwm2m::server::{Engine, Now, ShardMsg};
+use crate::proto::coap::PeerId;
+use crate::proto::lwm2m::server::{ControlMsg, Ctx, Dest, Now, Server, ShardMsg};
 use crate::sink::kafka::KafkaSink;
-use crossbeam_channel::{Receiver, Sender};
+use glommio::channels::local_channel::{self, LocalSender};
+use glommio::channels::shared_channel::{self, ConnectedReceiver, SharedReceiver, SharedSender};
 use glommio::{LocalExecutorBuilder, Placement};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -39,26 +50,99 @@ pub fn now() -> Now {
     }
 }
 
+/// What travels between executors.
+#[derive(Debug, Clone)]
+pub enum Inbox {
+    Shard(ShardMsg),
+    Control(ControlMsg),
+    /// Stop reading, flush, snapshot, exit.
+    Shutdown,
+}
+
+/// Capacity of each inter-executor channel.
+const CHANNEL: usize = 4096;
+/// Longest sleep of the timer task (gauges, snapshots).
+const MAX_SLEEP: Duration = Duration::from_secs(1);
+
 pub struct Shards {
     pub metrics: Vec<Arc<ShardMetrics>>,
     pub local_addr: std::net::SocketAddr,
+    control: crossbeam_channel::Sender<Inbox>,
     joins: Vec<glommio::ExecutorJoinHandle<()>>,
 }
 
+/// Sends control-plane messages to every shard (cheap to clone).
+#[derive(Clone)]
+pub struct ControlHandle(crossbeam_channel::Sender<Inbox>);
+
+impl ControlHandle {
+    pub fn send(&self, m: ControlMsg) {
+        let _ = self.0.send(Inbox::Control(m));
+    }
+}
+
 impl Shards {
-    /// Waits for every shard to finish (after shutdown was signalled).
-    pub fn join(self) {
+    pub fn control(&self) -> ControlHandle {
+        ControlHandle(self.control.clone())
+    }
+
+    /// Signals shutdown and waits for every shard to finish.
+    pub fn shutdown(self) {
+        let _ = self.control.send(Inbox::Shutdown);
         for j in self.joins {
             if let Err(e) = j.join() {
-                tracing::error!(error = %e, "shard exited with an error");
+                tracing::error!(error = %e, "executor exited with an error");
             }
         }
     }
 }
 
 struct State {
-    engine: Engine,
+    server: Server,
     sink: KafkaSink,
+    directory: Arc<Directory>,
+    profiles: Arc<Profiles>,
+    send: SendBatch,
+    outbox: LocalSender<(Dest, ShardMsg)>,
+    /// When the timer task will wake; a nudge when something is due earlier.
+    timer_at: Rc<Cell<Instant>>,
+    nudge: LocalSender<()>,
+    fd: RawFd,
+    stopping: bool,
+    /// Kafka poll interval while records await the broker.
+    poll: Duration,
+}
+
+impl State {
+    /// Sends transmits, forwards shard messages, and (from tasks other than
+    /// the timer) nudges the timer when its next deadline moved earlier.
+    fn flush(&mut self) {
+        self.send_out();
+        let mut due = self.server.poll_timeout();
+        if self.server.awaiting_delivery() > 0 || self.sink.in_flight() > 0 {
+            let p = Instant::now() + self.poll;
+            due = Some(due.map_or(p, |d| d.min(p)));
+        }
+        if due.is_some_and(|d| d < self.timer_at.get()) {
+            let _ = self.nudge.try_send(());
+        }
+    }
+
+    /// Sends transmits and forwards shard messages.
+    fn send_out(&mut self) {
+        if self.server.has_transmits() {
+            let (sent, failed) = self
+                .send
+                .send(self.fd, self.server.transmits().map(|(p, d)| (p.addr(), d)));
+            let m = self.server.metrics();
+            ShardMetrics::add(&m.datagrams_tx, sent as u64);
+            ShardMetrics::add(&m.tx_errors, failed as u64);
+            self.server.clear_transmits();
+        }
+        while let Some(m) = self.server.poll_shard_msg() {
+            let _ = self.outbox.try_send(m);
+        }
+    }
 }
 
 /// Binds the sockets and starts the shards.
@@ -66,7 +150,7 @@ pub fn start(
     cfg: &Config,
     directory: Arc<Directory>,
     profiles: Arc<Profiles>,
-    shutdown: Arc<AtomicBool>,
+    store: Option<Arc<RegistrationStore>>,
 ) -> anyhow::Result<Shards> {
     let n = cfg.shard_count();
     let mut allowed = io::allowed_cpus();
@@ -94,12 +178,37 @@ pub fn start(
         }
         sockets.push(s);
     }
-    let (txs, rxs): (Vec<Sender<ShardMsg>>, Vec<Receiver<ShardMsg>>) =
-        (0..n).map(|_| crossbeam_channel::unbounded()).unzip();
+    // Channels: shard i → shard j (i != j), and relay → shard j.
+    type Pair = (Option<SharedSender<Inbox>>, Option<SharedReceiver<Inbox>>);
+    let mut grid: Vec<Vec<Pair>> = (0..=n)
+        .map(|_| (0..n).map(|_| (None, None)).collect())
+        .collect();
+    for (from, row) in grid.iter_mut().enumerate() {
+        for (to, cell) in row.iter_mut().enumerate() {
+            if from != to {
+                let (s, r) = shared_channel::new_bounded(CHANNEL);
+                *cell = (Some(s), Some(r));
+            }
+        }
+    }
+    let mut senders: Vec<Vec<Option<SharedSender<Inbox>>>> = (0..=n).map(|_| Vec::new()).collect();
+    let mut receivers: Vec<Vec<SharedReceiver<Inbox>>> = (0..n).map(|_| Vec::new()).collect();
+    for (from, row) in grid.into_iter().enumerate() {
+        for (to, (s, r)) in row.into_iter().enumerate() {
+            senders[from].push(s);
+            if let Some(r) = r {
+                receivers[to].push(r);
+            }
+        }
+    }
     let metrics: Vec<Arc<ShardMetrics>> =
         (0..n).map(|_| Arc::new(ShardMetrics::default())).collect();
-    let mut joins = Vec::with_capacity(n);
-    for (i, (sock, rx)) in sockets.into_iter().zip(rxs).enumerate() {
+    let base_seed = cfg.gateway.rng_seed.unwrap_or_else(rand::random);
+    let mut joins = Vec::with_capacity(n + 1);
+    let relay_senders = senders.pop().unwrap_or_default();
+    // Each shard reports when it is receiving, so "ready" means ready.
+    let (ready_tx, ready_rx) = crossbeam_channel::unbounded::<usize>();
+    for (i, ((sock, outs), ins)) in sockets.into_iter().zip(senders).zip(receivers).enumerate() {
         let cpu = cfg
             .gateway
             .cpus
@@ -107,82 +216,256 @@ pub fn start(
             .copied()
             .unwrap_or(allowed[i % allowed.len()]);
         let sink = KafkaSink::new(&cfg.kafka, i, metrics[i].clone())?;
-        let engine = Engine::new(
-            i,
-            n,
-            cfg.coap.clone(),
-            directory.clone(),
-            profiles.clone(),
-            metrics[i].clone(),
-        );
-        let peers = txs.clone();
-        let shutdown = shutdown.clone();
+        let seed = base_seed
+            .wrapping_add(i as u64)
+            .wrapping_mul(0x2545_f491_4f6c_dd1d);
+        let server = Server::new(cfg.server_config(i, seed), metrics[i].clone());
+        let (directory, profiles, store) = (directory.clone(), profiles.clone(), store.clone());
         let gw = cfg.gateway.clone();
+        let poll = Duration::from_micros(cfg.kafka.poll_interval_us.max(100));
+        let snap_every = Duration::from_secs(cfg.directory.snapshot_interval_s.max(1));
         let fd = sock.into_raw_fd();
+        let ready = ready_tx.clone();
         let j = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("shard-{i}"))
             .io_memory(1 << 20)
             .spawn(move || async move {
-                run_shard(i, fd, State { engine, sink }, rx, peers, shutdown, gw).await;
+                let args = ShardArgs {
+                    i,
+                    fd,
+                    server,
+                    sink,
+                    directory,
+                    profiles,
+                    store,
+                    outs,
+                    ins,
+                    gw,
+                    poll,
+                    snap_every,
+                    shards: n,
+                    ready,
+                };
+                run_shard(args).await;
             })
             .map_err(|e| anyhow::anyhow!("starting shard {i} on CPU {cpu}: {e}"))?;
         tracing::info!(shard = i, cpu, %addr, "shard started");
         joins.push(j);
     }
+    let (control_tx, control_rx) = crossbeam_channel::unbounded::<Inbox>();
+    let relay = LocalExecutorBuilder::new(Placement::Unbound)
+        .name("control-relay")
+        .spawn(move || async move { relay(relay_senders, control_rx).await })
+        .map_err(|e| anyhow::anyhow!("starting the control relay: {e}"))?;
+    joins.push(relay);
+    for _ in 0..n {
+        ready_rx
+            .recv_timeout(Duration::from_secs(60))
+            .map_err(|_| anyhow::anyhow!("a shard did not start within 60 s"))?;
+    }
     Ok(Shards {
         metrics,
         local_addr: addr,
+        control: control_tx,
         joins,
     })
 }
 
-fn flush(i: usize, st: &mut State, fd: RawFd, peers: &[Sender<ShardMsg>]) {
-    if st.engine.has_transmits() {
-        let (sent, failed) = io::send_batch(fd, st.engine.transmits());
-        let m = st.engine.metrics();
-        ShardMetrics::add(&m.datagrams_tx, sent as u64);
-        ShardMetrics::add(&m.tx_errors, failed as u64);
-        st.engine.clear_transmits();
+/// Connects every channel end concurrently (each connect waits for its peer).
+async fn connect_all(
+    outs: Vec<Option<SharedSender<Inbox>>>,
+    ins: Vec<SharedReceiver<Inbox>>,
+) -> (
+    Vec<Option<shared_channel::ConnectedSender<Inbox>>>,
+    Vec<ConnectedReceiver<Inbox>>,
+) {
+    let out_tasks: Vec<_> = outs
+        .into_iter()
+        .map(|s| s.map(|s| glommio::spawn_local(s.connect())))
+        .collect();
+    let in_tasks: Vec<_> = ins
+        .into_iter()
+        .map(|r| glommio::spawn_local(r.connect()))
+        .collect();
+    let mut o = Vec::with_capacity(out_tasks.len());
+    for t in out_tasks {
+        o.push(match t {
+            Some(t) => Some(t.await),
+            None => None,
+        });
     }
-    while let Some(msg) = st.engine.poll_broadcast() {
-        for (j, p) in peers.iter().enumerate() {
-            if j != i {
-                let _ = p.send(msg.clone());
-            }
+    let mut r = Vec::with_capacity(in_tasks.len());
+    for t in in_tasks {
+        r.push(t.await);
+    }
+    (o, r)
+}
+
+/// The control relay: control-plane messages (a plain thread's crossbeam
+/// channel) to every shard's inbox. Blocking on the crossbeam channel is
+/// fine here: this executor has nothing else to do.
+async fn relay(outs: Vec<Option<SharedSender<Inbox>>>, rx: crossbeam_channel::Receiver<Inbox>) {
+    let (outs, _) = connect_all(outs, Vec::new()).await;
+    while let Ok(m) = rx.recv() {
+        let stop = matches!(m, Inbox::Shutdown);
+        for s in outs.iter().flatten() {
+            let _ = s.send(m.clone()).await;
+        }
+        if stop {
+            break;
         }
     }
 }
 
-async fn run_shard(
+struct ShardArgs {
     i: usize,
     fd: RawFd,
-    state: State,
-    rx: Receiver<ShardMsg>,
-    peers: Vec<Sender<ShardMsg>>,
-    shutdown: Arc<AtomicBool>,
+    server: Server,
+    sink: KafkaSink,
+    directory: Arc<Directory>,
+    profiles: Arc<Profiles>,
+    store: Option<Arc<RegistrationStore>>,
+    outs: Vec<Option<SharedSender<Inbox>>>,
+    ins: Vec<SharedReceiver<Inbox>>,
     gw: crate::config::GatewayConfig,
-) {
+    poll: Duration,
+    snap_every: Duration,
+    shards: usize,
+    ready: crossbeam_channel::Sender<usize>,
+}
+
+async fn run_shard(a: ShardArgs) {
+    let ShardArgs {
+        i,
+        fd,
+        mut server,
+        mut sink,
+        directory,
+        profiles,
+        store,
+        outs,
+        ins,
+        gw,
+        poll,
+        snap_every,
+        shards,
+        ready,
+    } = a;
+    // Registrations from the last run (this shard's snapshots).
+    if let Some(store) = &store {
+        let t = now();
+        let eps = directory.snapshot();
+        let prof = profiles.snapshot();
+        let mut ctx = Ctx {
+            endpoints: &eps,
+            profiles: &prof,
+            sink: &mut sink,
+        };
+        let mut restored = 0;
+        for snap in store.load(i, shards) {
+            restored += server.import_snapshot(t, &mut ctx, &snap);
+        }
+        if restored > 0 {
+            tracing::info!(
+                shard = i,
+                registrations = restored,
+                "registrations restored from snapshot"
+            );
+        }
+        server.take_dirty();
+    }
+    let (outs, ins) = connect_all(outs, ins).await;
     // SAFETY: `fd` is a bound UDP socket whose ownership we take here.
     let udp = Rc::new(unsafe { glommio::net::UdpSocket::from_raw_fd(fd) });
-    let state = Rc::new(RefCell::new(state));
+    let (out_tx, out_rx) = local_channel::new_unbounded::<(Dest, ShardMsg)>();
+    let (nudge_tx, nudge_rx) = local_channel::new_bounded::<()>(1);
+    let timer_at = Rc::new(Cell::new(Instant::now() + MAX_SLEEP));
+    let state = Rc::new(RefCell::new(State {
+        server,
+        sink,
+        directory,
+        profiles,
+        send: SendBatch::new(),
+        outbox: out_tx,
+        timer_at: timer_at.clone(),
+        nudge: nudge_tx,
+        fd: udp.as_raw_fd(),
+        stopping: false,
+        poll,
+    }));
+
+    // Outbox: the server's messages to other shards.
+    let me = i;
+    glommio::spawn_local(async move {
+        while let Some((dest, msg)) = out_rx.recv().await {
+            match dest {
+                Dest::Shard(j) => {
+                    if let Some(Some(s)) = outs.get(j as usize) {
+                        let _ = s.send(Inbox::Shard(msg)).await;
+                    }
+                }
+                Dest::Others => {
+                    for (j, s) in outs.iter().enumerate() {
+                        if let (true, Some(s)) = (j != me, s) {
+                            let _ = s.send(Inbox::Shard(msg.clone())).await;
+                        }
+                    }
+                }
+            }
+        }
+    })
+    .detach();
+
+    // Inboxes: one task per channel into this shard.
+    for rx in ins {
+        let st = state.clone();
+        glommio::spawn_local(async move {
+            while let Some(m) = rx.recv().await {
+                let mut s = st.borrow_mut();
+                let s = &mut *s;
+                let t = now();
+                let eps = s.directory.snapshot();
+                let prof = s.profiles.snapshot();
+                let mut ctx = Ctx {
+                    endpoints: &eps,
+                    profiles: &prof,
+                    sink: &mut s.sink,
+                };
+                match m {
+                    Inbox::Shard(m) => s.server.handle_shard_msg(t, &mut ctx, m),
+                    Inbox::Control(c) => s.server.handle_control(t, &mut ctx, c),
+                    Inbox::Shutdown => s.stopping = true,
+                }
+                s.flush();
+                if s.stopping {
+                    let _ = s.nudge.try_send(());
+                }
+            }
+        })
+        .detach();
+    }
+
+    // Receive.
     let recv_state = state.clone();
     let recv_udp = udp.clone();
-    let peers_rx = peers.clone();
     let batch = gw.recv_batch;
     let max = gw.max_datagram;
     let coalesce = Duration::from_micros(gw.coalesce_us);
     glommio::spawn_local(async move {
-        let mut first = vec![0u8; max];
+        // One byte more than the limit: a datagram that fills it is oversized.
+        let mut first = vec![0u8; max + 1];
         let mut rb = RecvBatch::new(batch, max);
         let fd = recv_udp.as_raw_fd();
-        // Drains the socket with recvmmsg batches (bounded, so the tick task
-        // is never starved); returns how many datagrams were handled.
+        // Drains the socket with recvmmsg batches (bounded, so the other
+        // tasks are never starved); returns how many datagrams were handled.
         let drain = |rb: &mut RecvBatch| -> usize {
             let mut st = recv_state.borrow_mut();
             let st = &mut *st;
+            if st.stopping {
+                return 0;
+            }
             let mut total = 0;
             for _ in 0..32 {
-                let t = now();
                 let got = match rb.recv(fd) {
                     Ok(g) => g,
                     Err(e) => {
@@ -190,13 +473,28 @@ async fn run_shard(
                         0
                     }
                 };
-                for k in 0..got {
-                    if let Some((peer, data)) = rb.get(k) {
-                        st.engine.handle_datagram(t, peer, data, &mut st.sink);
+                if got > 0 {
+                    let t = now();
+                    let eps = st.directory.snapshot();
+                    let prof = st.profiles.snapshot();
+                    let mut ctx = Ctx {
+                        endpoints: &eps,
+                        profiles: &prof,
+                        sink: &mut st.sink,
+                    };
+                    for k in 0..got {
+                        if let Some((peer, data, truncated)) = rb.get(k) {
+                            let peer = PeerId::udp(peer);
+                            if truncated {
+                                st.server.handle_oversized(t, peer, data);
+                            } else {
+                                st.server.handle_datagram(t, &mut ctx, peer, None, data);
+                            }
+                        }
                     }
+                    st.flush();
                 }
                 total += got;
-                flush(i, st, fd, &peers_rx);
                 if got < rb.capacity() {
                     break;
                 }
@@ -216,8 +514,26 @@ async fn run_shard(
             {
                 let mut st = recv_state.borrow_mut();
                 let st = &mut *st;
-                st.engine
-                    .handle_datagram(now(), peer, &first[..n], &mut st.sink);
+                if st.stopping {
+                    // Shutting down: stop reading.
+                    return;
+                }
+                let t = now();
+                let peer = PeerId::udp(peer);
+                if n > max {
+                    st.server.handle_oversized(t, peer, &first[..max]);
+                } else {
+                    let eps = st.directory.snapshot();
+                    let prof = st.profiles.snapshot();
+                    let mut ctx = Ctx {
+                        endpoints: &eps,
+                        profiles: &prof,
+                        sink: &mut st.sink,
+                    };
+                    st.server
+                        .handle_datagram(t, &mut ctx, peer, None, &first[..n]);
+                }
+                st.flush();
             }
             drain(&mut rb);
             // Software interrupt coalescing: while traffic keeps coming, wake
@@ -238,26 +554,98 @@ async fn run_shard(
         }
     })
     .detach();
+    let _ = ready.send(i);
 
-    let tick = Duration::from_millis(gw.tick_ms.max(1));
+    // Timers, Kafka delivery reports, snapshots; ends the shard on shutdown.
+    let mut next_snapshot = Instant::now() + snap_every;
     loop {
-        glommio::timer::sleep(tick).await;
+        let wait = {
+            let mut st = state.borrow_mut();
+            let t = Instant::now();
+            let mut at = st
+                .server
+                .poll_timeout()
+                .unwrap_or(t + MAX_SLEEP)
+                .min(t + MAX_SLEEP)
+                .min(next_snapshot);
+            if st.server.awaiting_delivery() > 0 || st.sink.in_flight() > 0 {
+                at = at.min(t + poll);
+            }
+            st.timer_at.set(at);
+            if st.stopping {
+                break;
+            }
+            at.saturating_duration_since(t)
+        };
+        if wait.is_zero() {
+            // Let the other tasks run even when timers are due back to back.
+            glommio::executor().yield_now().await;
+        } else {
+            futures_lite::future::or(glommio::timer::sleep(wait), async {
+                let _ = nudge_rx.recv().await;
+            })
+            .await;
+        }
         let mut st = state.borrow_mut();
         let st = &mut *st;
-        while let Ok(m) = rx.try_recv() {
-            st.engine.handle_control(m);
-        }
-        st.engine.handle_timeout(now(), &mut st.sink);
         st.sink.poll();
-        flush(i, st, udp.as_raw_fd(), &peers);
-        if shutdown.load(Ordering::Acquire) {
-            break;
+        let t = now();
+        let server = &mut st.server;
+        st.sink
+            .drain_deliveries(|tag, ok| server.handle_delivery(t, tag, ok));
+        let eps = st.directory.snapshot();
+        let prof = st.profiles.snapshot();
+        let mut ctx = Ctx {
+            endpoints: &eps,
+            profiles: &prof,
+            sink: &mut st.sink,
+        };
+        st.server.handle_timeout(t, &mut ctx);
+        st.send_out();
+        if Instant::now() >= next_snapshot {
+            next_snapshot = Instant::now() + snap_every;
+            if let Some(store) = &store {
+                if st.server.take_dirty() {
+                    store.save_async(i, st.server.export_snapshot(t));
+                }
+            }
         }
     }
     // Shutdown: stop reading (the receive task is dropped with the executor),
-    // then give the producer a bounded time to deliver what it accepted.
-    let st = state.borrow();
+    // give the producer a bounded time to deliver what it accepted (and
+    // acknowledge what it delivered), then snapshot the registrations.
+    let deadline = Instant::now() + Duration::from_millis(gw.shutdown_flush_ms);
+    loop {
+        {
+            let mut st = state.borrow_mut();
+            let st = &mut *st;
+            st.sink.poll();
+            let t = now();
+            let server = &mut st.server;
+            st.sink
+                .drain_deliveries(|tag, ok| server.handle_delivery(t, tag, ok));
+            st.send_out();
+            if st.sink.in_flight() == 0 || Instant::now() >= deadline {
+                break;
+            }
+        }
+        glommio::timer::sleep(Duration::from_millis(1)).await;
+    }
+    let mut st = state.borrow_mut();
+    let st = &mut *st;
     let pending = st.sink.in_flight();
-    let ok = st.sink.flush(Duration::from_millis(gw.shutdown_flush_ms));
+    let ok = st.sink.flush(Duration::from_millis(100));
+    if let Some(store) = &store {
+        let snap = st.server.export_snapshot(now());
+        let n = snap.registrations.len();
+        match store.save(i, &snap) {
+            Ok(()) => tracing::info!(
+                shard = i,
+                registrations = n,
+                "registration snapshot written"
+            ),
+            Err(e) => tracing::error!(shard = i, error = %e, "registration snapshot failed"),
+        }
+    }
     tracing::info!(shard = i, pending, flushed = ok, "shard stopped");
 }

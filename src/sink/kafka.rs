@@ -5,11 +5,17 @@
 //! Idempotence on and `acks=all` by default: a record accepted into the queue
 //! is delivered exactly once as long as the broker returns within
 //! `message.timeout.ms`. The queue bound (`queue.buffering.max.messages`) is the
-//! back-pressure signal the engine turns into 5.03 / withheld ACKs.
+//! back-pressure signal the server turns into 5.03 / withheld ACKs.
+//!
+//! A record may carry a delivery tag (librdkafka's per-message opaque): its
+//! delivery report, served by [`KafkaSink::poll`] on the shard thread, is
+//! handed back through [`KafkaSink::drain_deliveries`], so the server
+//! acknowledges a CON notification or a Send once the broker has the record.
 
-use super::{topic_for, Sink, SinkError, StatusEvent, TelemetryPoint};
+use super::{json, topic_for, DeliveryTag, Sink, SinkError, StatusEvent, TelemetryPoint};
 use crate::config::KafkaConfig;
 use crate::metrics::ShardMetrics;
+use crossbeam_channel::{Receiver, Sender};
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::DeliveryResult;
@@ -22,6 +28,9 @@ use std::time::Duration;
 pub struct ShardContext {
     metrics: Arc<ShardMetrics>,
     shard: usize,
+    /// (tag, delivered) of tagged records. The callback runs inside
+    /// `poll` on the shard thread; the channel never blocks.
+    deliveries: Sender<(DeliveryTag, bool)>,
 }
 
 impl ClientContext for ShardContext {
@@ -41,16 +50,24 @@ impl ClientContext for ShardContext {
 }
 
 impl ProducerContext for ShardContext {
-    type DeliveryOpaque = ();
-    fn delivery(&self, r: &DeliveryResult<'_>, _: ()) {
-        match r {
-            Ok(_) => ShardMetrics::inc(&self.metrics.kafka_delivered),
+    /// The delivery tag, 0 for untagged records.
+    type DeliveryOpaque = usize;
+    fn delivery(&self, r: &DeliveryResult<'_>, tag: usize) {
+        let ok = match r {
+            Ok(_) => {
+                ShardMetrics::inc(&self.metrics.kafka_delivered);
+                true
+            }
             Err((e, m)) => {
                 ShardMetrics::inc(&self.metrics.kafka_delivery_failed);
                 use rdkafka::Message;
                 tracing::error!(shard = self.shard, error = %e, topic = m.topic(),
-                    "kafka delivery failed; record lost after message.timeout.ms");
+                    "kafka delivery failed after message.timeout.ms; an acknowledged-on-queue record is lost, a delivery-tagged one was never acknowledged");
+                false
             }
+        };
+        if tag != 0 {
+            let _ = self.deliveries.send((tag as DeliveryTag, ok));
         }
     }
 }
@@ -84,6 +101,7 @@ pub struct KafkaSink {
     buf: Vec<u8>,
     queue_max: usize,
     metrics: Arc<ShardMetrics>,
+    deliveries: Receiver<(DeliveryTag, bool)>,
 }
 
 impl KafkaSink {
@@ -94,9 +112,11 @@ impl KafkaSink {
     ) -> anyhow::Result<KafkaSink> {
         let mut cfg = client_config(k);
         cfg.set("client.id", format!("{}-shard{shard}", k.client_id));
+        let (tx, rx) = crossbeam_channel::unbounded();
         let producer = cfg.create_with_context(ShardContext {
             metrics: metrics.clone(),
             shard,
+            deliveries: tx,
         })?;
         Ok(KafkaSink {
             producer,
@@ -106,12 +126,26 @@ impl KafkaSink {
             buf: Vec::with_capacity(1024),
             queue_max: k.queue_max_messages as usize,
             metrics,
+            deliveries: rx,
         })
+    }
+
+    /// Delivery reports of tagged records served by the last `poll`s.
+    pub fn drain_deliveries(&self, mut f: impl FnMut(DeliveryTag, bool)) {
+        while let Ok((t, ok)) = self.deliveries.try_recv() {
+            f(t, ok);
+        }
     }
 
     /// Queues `self.buf` on the tenant's telemetry or status topic. Topic
     /// names are built once per tenant; no allocation per record.
-    fn send(&mut self, telemetry: bool, tenant: &str, key: &str) -> Result<(), SinkError> {
+    fn send(
+        &mut self,
+        telemetry: bool,
+        tenant: &str,
+        key: &str,
+        tag: usize,
+    ) -> Result<(), SinkError> {
         if !self.topics.contains_key(tenant) {
             let t = (
                 topic_for(&self.telemetry_template, tenant),
@@ -121,7 +155,9 @@ impl KafkaSink {
         }
         let (t, s) = &self.topics[tenant];
         let topic: &str = if telemetry { t } else { s };
-        let rec = BaseRecord::to(topic).key(key).payload(&self.buf[..]);
+        let rec = BaseRecord::with_opaque_to(topic, tag)
+            .key(key)
+            .payload(&self.buf[..]);
         match self.producer.send(rec) {
             Ok(()) => Ok(()),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
@@ -164,14 +200,18 @@ impl Sink for KafkaSink {
     fn has_capacity(&self, n: usize) -> bool {
         self.in_flight() + n <= self.queue_max
     }
-    fn publish_telemetry(&mut self, p: &TelemetryPoint<'_>) -> Result<(), SinkError> {
+    fn publish_telemetry(
+        &mut self,
+        p: &TelemetryPoint<'_>,
+        tag: Option<DeliveryTag>,
+    ) -> Result<(), SinkError> {
         self.buf.clear();
-        serde_json::to_writer(&mut self.buf, p).map_err(|_| SinkError::Rejected)?;
-        self.send(true, p.tenant_id, p.device_id)
+        json::encode_point(p, &mut self.buf);
+        self.send(true, p.tenant_id, p.device_id, tag.unwrap_or(0) as usize)
     }
     fn publish_status(&mut self, e: &StatusEvent<'_>) -> Result<(), SinkError> {
         self.buf.clear();
-        serde_json::to_writer(&mut self.buf, e).map_err(|_| SinkError::Rejected)?;
-        self.send(false, e.tenant_id, e.device_id)
+        json::encode_status(e, &mut self.buf).map_err(|_| SinkError::Rejected)?;
+        self.send(false, e.tenant_id, e.device_id, 0)
     }
 }

@@ -47,6 +47,9 @@ pub struct SimDevice {
     next_token: u32,
     /// MID of the outstanding Register / Update / De-register / Send request.
     pub outstanding: Option<u16>,
+    /// The last server requests answered (MID → replies): a duplicate gets
+    /// the same replies and is not processed again (RFC 7252 §4.5).
+    recent: std::collections::VecDeque<(u16, Vec<Vec<u8>>)>,
 }
 
 fn p(s: &str) -> ResourcePath {
@@ -80,6 +83,7 @@ impl SimDevice {
             next_mid: seed.wrapping_mul(7919),
             next_token: seed as u32,
             outstanding: None,
+            recent: std::collections::VecDeque::new(),
         }
     }
 
@@ -269,6 +273,10 @@ impl SimDevice {
         if !m.code.is_request() {
             return ev;
         }
+        if let Some((_, r)) = self.recent.iter().find(|(mid, _)| *mid == m.message_id) {
+            ev.replies = r.clone();
+            return ev;
+        }
         let segs: Vec<String> = m
             .uri_path()
             .map(|s| String::from_utf8_lossy(s).into_owned())
@@ -291,13 +299,21 @@ impl SimDevice {
                 let (cf, body) = self.encode_values(path);
                 match m.observe() {
                     Some(0) => {
-                        self.observations.retain(|o| o.path != path);
-                        self.observations.push(SimObservation {
-                            token: m.token.to_vec(),
-                            path,
-                            seq: 1,
-                        });
-                        reply(Code::CONTENT, Some(1), Some(cf), &body);
+                        // RFC 7641 §4.1: the same token again refreshes the
+                        // observation (its numbering goes on).
+                        let seq = match self.observations.iter().find(|o| o.token == m.token) {
+                            Some(o) => o.seq,
+                            None => {
+                                self.observations.retain(|o| o.path != path);
+                                self.observations.push(SimObservation {
+                                    token: m.token.to_vec(),
+                                    path,
+                                    seq: 1,
+                                });
+                                1
+                            }
+                        };
+                        reply(Code::CONTENT, Some(seq), Some(cf), &body);
                         ev.observed.push(path);
                     }
                     Some(1) => {
@@ -313,6 +329,10 @@ impl SimDevice {
                 reply(Code::CHANGED, None, None, &[]);
             }
             _ => reply(Code::METHOD_NOT_ALLOWED, None, None, &[]),
+        }
+        self.recent.push_back((m.message_id, ev.replies.clone()));
+        if self.recent.len() > 16 {
+            self.recent.pop_front();
         }
         ev
     }

@@ -182,7 +182,7 @@ impl Gateway {
         let coap: SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
         let cfg = format!(
-            "[gateway]\nlisten = \"{coap}\"\nshards = {shards}\ntick_ms = 2\n\
+            "[gateway]\nlisten = \"{coap}\"\nshards = {shards}\n\
              [kafka]\nbrokers = \"{}\"\nlinger_ms = 1\n\
              [directory]\nprovisioning_file = \"provisioning.toml\"\nsnapshot_dir = \"snap\"\nsnapshot_interval_s = 1\n\
              [profiles]\ndir = \"profiles\"\n\
@@ -209,7 +209,10 @@ impl Gateway {
         let mut child = Command::new(env!("CARGO_BIN_EXE_corem-lwm2m"))
             .arg("--config")
             .arg(&self.config)
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("GW_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .env("NO_COLOR", "1")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -305,7 +308,13 @@ fn merge_toml(s: &str) -> String {
             let tbl = tables.remove(idx);
             tables.push(tbl);
         } else if !t.is_empty() {
-            tables.last_mut().unwrap().1.push(line.to_string());
+            // A key given again (in `extra`) replaces the earlier value.
+            let key = t.split('=').next().unwrap_or("").trim().to_string();
+            let lines = &mut tables.last_mut().unwrap().1;
+            if t.contains('=') {
+                lines.retain(|l| l.split('=').next().unwrap_or("").trim() != key);
+            }
+            lines.push(line.to_string());
         }
     }
     let mut out = String::new();
@@ -514,4 +523,62 @@ pub fn read_matching(
 
 pub fn path_exists(p: &Path) -> bool {
     p.exists()
+}
+
+impl Broker {
+    /// Writes one marker record to `topic` (partition 0). tansu 0.6 makes the
+    /// last batches of a burst readable only after the next write; readers
+    /// that must see everything write this first. Records with a `marker`
+    /// field are not TelemetryPoints.
+    pub fn write_marker(&self, topic: &str) {
+        use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+        let prod: BaseProducer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", self.addr())
+            .create()
+            .unwrap();
+        let rec = BaseRecord::to(topic)
+            .partition(0)
+            .key("marker")
+            .payload("{\"marker\":true}");
+        prod.send(rec).map_err(|(e, _)| e).unwrap();
+        prod.flush(Duration::from_secs(10)).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+impl Gateway {
+    /// SIGKILL: no flush, no snapshot.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Device {
+    /// Moves the device to a fresh source port (a NAT rebinding, or a
+    /// client library that opens a new socket).
+    pub fn new_port(&mut self) {
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        self.sock = sock;
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.sock.local_addr().unwrap()
+    }
+}
+
+/// Raises the open-file limit to its hard maximum (tests with many sockets).
+pub fn raise_nofile() {
+    // SAFETY: plain getrlimit/setrlimit on a local struct.
+    unsafe {
+        let mut r: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+    }
 }

@@ -105,6 +105,17 @@ impl<'a> MessageBuilder<'a> {
         Self::new(mtype, Code::EMPTY).mid(mid)
     }
 
+    /// Changes the message type (the exchange layer sets ACK / NON on
+    /// replies).
+    pub fn mtype(mut self, mtype: MsgType) -> Self {
+        self.mtype = mtype;
+        self
+    }
+
+    pub fn code(&self) -> Code {
+        self.code
+    }
+
     pub fn mid(mut self, mid: u16) -> Self {
         self.message_id = mid;
         self

@@ -4,11 +4,14 @@
 //!   with the options scanned once.
 //! * [`builder`]: [`MessageBuilder`], the one way messages are written.
 //! * [`dedup`]: duplicate detection (§4.5) with bounded memory.
+//! * [`exchange`]: the message and request/response layer (§4, §5) for
+//!   all peers of a shard.
 //! * [`peer`]: [`PeerId`], the opaque per-shard peer handle.
 
 pub mod builder;
 pub mod codec;
 pub mod dedup;
+pub mod exchange;
 pub mod peer;
 
 pub use builder::{MessageBuilder, OptValue};

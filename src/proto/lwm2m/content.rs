@@ -11,6 +11,8 @@
 //! [`ContentError`], never a panic, and the number of values is bounded.
 
 use crate::proto::cbor::{self, Cbor};
+use smallvec::SmallVec;
+use std::borrow::Cow;
 use std::fmt;
 
 pub const CF_TEXT: u16 = 0;
@@ -120,33 +122,86 @@ pub enum DataType {
     Time,
 }
 
-/// A decoded resource value.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Value {
-    Number(f64),
-    Bool(bool),
-    Str(String),
-    /// Untyped bytes (TLV value, opaque payload, SenML `vd`).
-    Raw(Vec<u8>),
+/// A number as the device sent it: integers stay integers (they are
+/// published as JSON integers), floats stay floats.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Num {
+    Int(i64),
+    Float(f64),
 }
 
-impl Value {
+impl Num {
+    pub fn as_f64(self) -> f64 {
+        match self {
+            Num::Int(i) => i as f64,
+            Num::Float(f) => f,
+        }
+    }
+    pub fn is_finite(self) -> bool {
+        match self {
+            Num::Int(_) => true,
+            Num::Float(f) => f.is_finite(),
+        }
+    }
+    /// The number in the representation a resource's declared type asks for:
+    /// Integer / Unsigned / Time resources are integers when the value is
+    /// integral, Float resources are floats; undeclared types keep the form
+    /// the device used.
+    fn typed(self, ty: Option<DataType>) -> Num {
+        match (self, ty) {
+            (Num::Int(i), Some(DataType::Float)) => Num::Float(i as f64),
+            (Num::Float(f), Some(DataType::Integer | DataType::Unsigned | DataType::Time))
+                if f.fract() == 0.0 && f.abs() < 9.0e15 =>
+            {
+                Num::Int(f as i64)
+            }
+            (n, _) => n,
+        }
+    }
+}
+
+impl serde::Serialize for Num {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Num::Int(i) => s.serialize_i64(*i),
+            Num::Float(f) => s.serialize_f64(*f),
+        }
+    }
+}
+
+/// A decoded resource value. Text and bytes borrow from the payload where the
+/// format allows (text, opaque, TLV); JSON-based formats own theirs.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value<'a> {
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+    Str(Cow<'a, str>),
+    /// Untyped bytes (TLV value, opaque payload, SenML `vd`).
+    Raw(Cow<'a, [u8]>),
+}
+
+impl Value<'_> {
     /// Numeric interpretation. Raw bytes follow TS Core §7.4.3 (TLV): integers
     /// are 1/2/4/8-byte two's complement big-endian, floats 4/8-byte IEEE 754,
     /// booleans one byte. Without a declared type, 1/2-byte values are read as
-    /// integers and 4/8-byte values as floats.
-    pub fn to_number(&self, ty: Option<DataType>) -> Option<f64> {
-        match self {
-            Value::Number(n) => Some(*n),
-            Value::Bool(b) => Some(*b as u8 as f64),
-            Value::Str(s) => s.trim().parse::<f64>().ok(),
-            Value::Raw(b) => raw_number(b, ty),
-        }
+    /// integers and 4/8-byte values as floats. Text is an integer when it has
+    /// no fraction or exponent.
+    pub fn to_number(&self, ty: Option<DataType>) -> Option<Num> {
+        let n = match self {
+            Value::Int(i) => Num::Int(*i),
+            Value::Float(f) => Num::Float(*f),
+            Value::Bool(b) => Num::Int(*b as i64),
+            Value::Str(s) => parse_number(s)?,
+            Value::Raw(b) => raw_number(b, ty)?,
+        };
+        Some(n.typed(ty))
     }
     pub fn to_bool(&self) -> Option<bool> {
         match self {
             Value::Bool(b) => Some(*b),
-            Value::Number(n) => Some(*n != 0.0),
+            Value::Int(n) => Some(*n != 0),
+            Value::Float(n) => Some(*n != 0.0),
             Value::Str(s) => match s.trim() {
                 "1" | "true" => Some(true),
                 "0" | "false" => Some(false),
@@ -158,15 +213,24 @@ impl Value {
     }
     pub fn to_string_value(&self) -> String {
         match self {
-            Value::Number(n) => format_number(*n),
+            Value::Int(n) => n.to_string(),
+            Value::Float(n) => format_number(*n),
             Value::Bool(b) => b.to_string(),
-            Value::Str(s) => s.clone(),
+            Value::Str(s) => s.to_string(),
             Value::Raw(b) => match std::str::from_utf8(b) {
                 Ok(s) => s.to_string(),
                 Err(_) => b.iter().map(|x| format!("{x:02x}")).collect(),
             },
         }
     }
+}
+
+fn parse_number(s: &str) -> Option<Num> {
+    let t = s.trim();
+    if let Ok(i) = t.parse::<i64>() {
+        return Some(Num::Int(i));
+    }
+    t.parse::<f64>().ok().map(Num::Float)
 }
 
 fn format_number(n: f64) -> String {
@@ -202,17 +266,17 @@ fn be_float(b: &[u8]) -> Option<f64> {
     }
 }
 
-fn raw_number(b: &[u8], ty: Option<DataType>) -> Option<f64> {
+fn raw_number(b: &[u8], ty: Option<DataType>) -> Option<Num> {
     match ty {
-        Some(DataType::Integer) | Some(DataType::Time) => be_int(b).map(|v| v as f64),
-        Some(DataType::Unsigned) => be_uint(b).map(|v| v as f64),
-        Some(DataType::Float) => be_float(b),
-        Some(DataType::Boolean) => (b.len() == 1 && b[0] <= 1).then(|| b[0] as f64),
-        Some(DataType::String) => std::str::from_utf8(b).ok()?.trim().parse().ok(),
+        Some(DataType::Integer) | Some(DataType::Time) => be_int(b).map(Num::Int),
+        Some(DataType::Unsigned) => be_uint(b).and_then(|v| i64::try_from(v).ok()).map(Num::Int),
+        Some(DataType::Float) => be_float(b).map(Num::Float),
+        Some(DataType::Boolean) => (b.len() == 1 && b[0] <= 1).then(|| Num::Int(b[0] as i64)),
+        Some(DataType::String) => parse_number(std::str::from_utf8(b).ok()?),
         Some(DataType::Opaque) => None,
         None => match b.len() {
-            1 | 2 => be_int(b).map(|v| v as f64),
-            4 | 8 => be_float(b),
+            1 | 2 => be_int(b).map(Num::Int),
+            4 | 8 => be_float(b).map(Num::Float),
             _ => None,
         },
     }
@@ -220,11 +284,15 @@ fn raw_number(b: &[u8], ty: Option<DataType>) -> Option<f64> {
 
 /// One value at a path, with the SenML time (epoch ms) when the device gave one.
 #[derive(Debug, Clone, PartialEq)]
-pub struct ResourceValue {
+pub struct ResourceValue<'a> {
     pub path: ResourcePath,
-    pub value: Value,
+    pub value: Value<'a>,
     pub time_ms: Option<i64>,
 }
+
+/// The values of one payload; one value (the common notification) needs no
+/// allocation.
+pub type Values<'a> = SmallVec<[ResourceValue<'a>; 2]>;
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ContentError {
@@ -252,31 +320,33 @@ fn malformed(format: &'static str, reason: impl fmt::Display) -> ContentError {
 
 /// Decodes `payload` of content format `cf`, sent for the request path `base`.
 /// `now_ms` resolves SenML relative times (RFC 8428 §4.5.3).
-pub fn decode(
+pub fn decode<'a>(
     cf: u16,
     base: ResourcePath,
-    payload: &[u8],
+    payload: &'a [u8],
     now_ms: i64,
-) -> Result<Vec<ResourceValue>, ContentError> {
-    let single = |value: Value| -> Result<Vec<ResourceValue>, ContentError> {
+) -> Result<Values<'a>, ContentError> {
+    let single = |value: Value<'a>| -> Result<Values<'a>, ContentError> {
         if base.resource.is_none() {
             return Err(ContentError::NotAResource(base));
         }
-        Ok(vec![ResourceValue {
+        let mut v = Values::new();
+        v.push(ResourceValue {
             path: base,
             value,
             time_ms: None,
-        }])
+        });
+        Ok(v)
     };
     match cf {
         CF_TEXT => {
             let s = std::str::from_utf8(payload).map_err(|_| ContentError::NotUtf8)?;
-            single(Value::Str(s.to_string()))
+            single(Value::Str(Cow::Borrowed(s)))
         }
-        CF_OPAQUE => single(Value::Raw(payload.to_vec())),
+        CF_OPAQUE => single(Value::Raw(Cow::Borrowed(payload))),
         CF_CBOR => {
             let v = cbor::decode(payload).map_err(|e| malformed("CBOR", e))?;
-            single(cbor_scalar(&v).ok_or_else(|| malformed("CBOR", "not a scalar"))?)
+            single(cbor_scalar(v).ok_or_else(|| malformed("CBOR", "not a scalar"))?)
         }
         CF_TLV | CF_TLV_OLD => decode_tlv(base, payload),
         CF_SENML_JSON => decode_senml_json(payload, now_ms),
@@ -286,12 +356,16 @@ pub fn decode(
     }
 }
 
-fn cbor_scalar(v: &Cbor) -> Option<Value> {
+fn cbor_scalar(v: Cbor) -> Option<Value<'static>> {
     Some(match v {
-        Cbor::Uint(_) | Cbor::Nint(_) | Cbor::Float(_) => Value::Number(v.as_f64()?),
-        Cbor::Bool(b) => Value::Bool(*b),
-        Cbor::Text(s) => Value::Str(s.clone()),
-        Cbor::Bytes(b) => Value::Raw(b.clone()),
+        Cbor::Uint(_) | Cbor::Nint(_) => match v.as_i64() {
+            Some(i) => Value::Int(i),
+            None => Value::Float(v.as_f64()?),
+        },
+        Cbor::Float(f) => Value::Float(f),
+        Cbor::Bool(b) => Value::Bool(b),
+        Cbor::Text(s) => Value::Str(Cow::Owned(s)),
+        Cbor::Bytes(b) => Value::Raw(Cow::Owned(b)),
         _ => return None,
     })
 }
@@ -340,16 +414,16 @@ fn tlv_next(buf: &[u8]) -> Result<(Tlv<'_>, &[u8]), ContentError> {
     Ok((Tlv { kind, id, value }, &buf[pos + len..]))
 }
 
-fn decode_tlv(base: ResourcePath, payload: &[u8]) -> Result<Vec<ResourceValue>, ContentError> {
-    let mut out = Vec::new();
+fn decode_tlv(base: ResourcePath, payload: &[u8]) -> Result<Values<'_>, ContentError> {
+    let mut out = Values::new();
     tlv_level(base, payload, &mut out, 0)?;
     Ok(out)
 }
 
-fn tlv_level(
+fn tlv_level<'a>(
     base: ResourcePath,
-    mut buf: &[u8],
-    out: &mut Vec<ResourceValue>,
+    mut buf: &'a [u8],
+    out: &mut Values<'a>,
     depth: usize,
 ) -> Result<(), ContentError> {
     if depth > 3 {
@@ -377,7 +451,7 @@ fn tlv_level(
                 }
                 out.push(ResourceValue {
                     path,
-                    value: Value::Raw(tlv.value.to_vec()),
+                    value: Value::Raw(Cow::Borrowed(tlv.value)),
                     time_ms: None,
                 });
             }
@@ -438,7 +512,7 @@ struct SenmlRecord {
     bv: Option<f64>,
     n: Option<String>,
     t: Option<f64>,
-    value: Option<Value>,
+    value: Option<Value<'static>>,
 }
 
 /// RFC 8428 §4.5.3: times below 2^28 are relative to now.
@@ -451,15 +525,15 @@ fn resolve_time(t: f64, now_ms: i64) -> i64 {
 }
 
 /// Applies base fields record by record (RFC 8428 §4.6 resolution).
-fn resolve_senml(
+fn resolve_senml<'a>(
     records: Vec<SenmlRecord>,
     now_ms: i64,
     format: &'static str,
-) -> Result<Vec<ResourceValue>, ContentError> {
+) -> Result<Values<'a>, ContentError> {
     let mut bn = String::new();
     let mut bt = 0.0;
     let mut bv = 0.0;
-    let mut out = Vec::new();
+    let mut out = Values::new();
     for r in records {
         if let Some(b) = r.bn {
             bn = b;
@@ -475,8 +549,14 @@ fn resolve_senml(
             // name) carries nothing to publish.
             continue;
         };
+        // RFC 8428 §4.6: the base value is added to the value.
         let value = match value {
-            Value::Number(n) => Value::Number(n + bv),
+            Value::Int(n) if bv == 0.0 => Value::Int(n),
+            Value::Int(n) if bv.fract() == 0.0 && bv.abs() < 9.0e15 => {
+                Value::Int(n.saturating_add(bv as i64))
+            }
+            Value::Int(n) => Value::Float(n as f64 + bv),
+            Value::Float(n) => Value::Float(n + bv),
             v => v,
         };
         let name = format!("{}{}", bn, r.n.as_deref().unwrap_or(""));
@@ -496,7 +576,7 @@ fn resolve_senml(
     Ok(out)
 }
 
-fn decode_senml_json(payload: &[u8], now_ms: i64) -> Result<Vec<ResourceValue>, ContentError> {
+fn decode_senml_json<'a>(payload: &[u8], now_ms: i64) -> Result<Values<'a>, ContentError> {
     let v: serde_json::Value =
         serde_json::from_slice(payload).map_err(|e| malformed("SenML JSON", e))?;
     let arr = v
@@ -527,16 +607,21 @@ fn decode_senml_json(payload: &[u8], now_ms: i64) -> Result<Vec<ResourceValue>, 
                 "bv" => r.bv = Some(num()?),
                 "n" => r.n = Some(text()?),
                 "t" => r.t = Some(num()?),
-                "v" => r.value = Some(Value::Number(num()?)),
-                "vs" => r.value = Some(Value::Str(text()?)),
-                "vlo" => r.value = Some(Value::Str(text()?)),
+                "v" => {
+                    r.value = Some(
+                        json_number(v)
+                            .ok_or_else(|| malformed("SenML JSON", "v is not a number"))?,
+                    )
+                }
+                "vs" => r.value = Some(Value::Str(Cow::Owned(text()?))),
+                "vlo" => r.value = Some(Value::Str(Cow::Owned(text()?))),
                 "vb" => {
                     r.value =
                         Some(Value::Bool(v.as_bool().ok_or_else(|| {
                             malformed("SenML JSON", "vb is not a boolean")
                         })?))
                 }
-                "vd" => r.value = Some(Value::Raw(base64url_decode(&text()?)?)),
+                "vd" => r.value = Some(Value::Raw(Cow::Owned(base64url_decode(&text()?)?))),
                 _ => {}
             }
         }
@@ -546,7 +631,7 @@ fn decode_senml_json(payload: &[u8], now_ms: i64) -> Result<Vec<ResourceValue>, 
 }
 
 /// RFC 8428 §6 label integers for SenML CBOR.
-fn decode_senml_cbor(payload: &[u8], now_ms: i64) -> Result<Vec<ResourceValue>, ContentError> {
+fn decode_senml_cbor<'a>(payload: &[u8], now_ms: i64) -> Result<Values<'a>, ContentError> {
     let v = cbor::decode(payload).map_err(|e| malformed("SenML CBOR", e))?;
     let Cbor::Array(items) = v else {
         return Err(malformed("SenML CBOR", "top level is not an array"));
@@ -561,7 +646,7 @@ fn decode_senml_cbor(payload: &[u8], now_ms: i64) -> Result<Vec<ResourceValue>, 
             let key: i64 = match &k {
                 Cbor::Text(s) if s == "vlo" => {
                     if let Cbor::Text(s) = v {
-                        r.value = Some(Value::Str(s));
+                        r.value = Some(Value::Str(Cow::Owned(s)));
                     }
                     continue;
                 }
@@ -587,14 +672,19 @@ fn decode_senml_cbor(payload: &[u8], now_ms: i64) -> Result<Vec<ResourceValue>, 
                 -5 => r.bv = Some(num()?),
                 0 => r.n = Some(text()?),
                 6 => r.t = Some(num()?),
-                2 => r.value = Some(Value::Number(num()?)),
-                3 => r.value = Some(Value::Str(text()?)),
+                2 => {
+                    r.value = Some(match v.as_i64() {
+                        Some(i) => Value::Int(i),
+                        None => Value::Float(num()?),
+                    })
+                }
+                3 => r.value = Some(Value::Str(Cow::Owned(text()?))),
                 4 => match v {
                     Cbor::Bool(b) => r.value = Some(Value::Bool(b)),
                     _ => return Err(malformed("SenML CBOR", "vb is not a boolean")),
                 },
                 8 => match v {
-                    Cbor::Bytes(b) => r.value = Some(Value::Raw(b)),
+                    Cbor::Bytes(b) => r.value = Some(Value::Raw(Cow::Owned(b))),
                     _ => return Err(malformed("SenML CBOR", "vd is not a byte string")),
                 },
                 _ => {}
@@ -603,6 +693,14 @@ fn decode_senml_cbor(payload: &[u8], now_ms: i64) -> Result<Vec<ResourceValue>, 
         recs.push(r);
     }
     resolve_senml(recs, now_ms, "SenML CBOR")
+}
+
+/// A JSON number as an integer when it was written as one.
+fn json_number(v: &serde_json::Value) -> Option<Value<'static>> {
+    if let Some(i) = v.as_i64() {
+        return Some(Value::Int(i));
+    }
+    v.as_f64().map(Value::Float)
 }
 
 fn base64url_decode(s: &str) -> Result<Vec<u8>, ContentError> {
@@ -632,11 +730,11 @@ fn base64url_decode(s: &str) -> Result<Vec<u8>, ContentError> {
 // ---------------------------------------------------------------- LwM2M JSON
 
 /// OMA LwM2M JSON (TS 1.0/1.1 Core §7.4.4): `{"bn":..,"bt":..,"e":[{"n","v"|"sv"|"bv"|"ov","t"}]}`.
-fn decode_lwm2m_json(
+fn decode_lwm2m_json<'a>(
     base: ResourcePath,
     payload: &[u8],
     now_ms: i64,
-) -> Result<Vec<ResourceValue>, ContentError> {
+) -> Result<Values<'a>, ContentError> {
     const F: &str = "LwM2M JSON";
     let v: serde_json::Value = serde_json::from_slice(payload).map_err(|e| malformed(F, e))?;
     let o = v
@@ -673,16 +771,13 @@ fn decode_lwm2m_json(
             ..Default::default()
         };
         r.value = if let Some(v) = it.get("v") {
-            Some(Value::Number(
-                v.as_f64()
-                    .ok_or_else(|| malformed(F, "v is not a number"))?,
-            ))
+            Some(json_number(v).ok_or_else(|| malformed(F, "v is not a number"))?)
         } else if let Some(v) = it.get("sv") {
-            Some(Value::Str(
+            Some(Value::Str(Cow::Owned(
                 v.as_str()
                     .ok_or_else(|| malformed(F, "sv is not a string"))?
                     .to_string(),
-            ))
+            )))
         } else if let Some(v) = it.get("bv") {
             Some(Value::Bool(
                 v.as_bool()
@@ -691,7 +786,7 @@ fn decode_lwm2m_json(
         } else {
             it.get("ov")
                 .and_then(|v| v.as_str())
-                .map(|s| Value::Str(s.to_string()))
+                .map(|s| Value::Str(Cow::Owned(s.to_string())))
         };
         recs.push(r);
     }
@@ -721,15 +816,19 @@ mod tests {
     #[test]
     fn text_and_opaque_and_cbor() {
         let v = decode(CF_TEXT, p("/3303/0/5700"), b"22.5", NOW).unwrap();
-        assert_eq!(v[0].value.to_number(None), Some(22.5));
+        assert_eq!(v[0].value.to_number(None), Some(Num::Float(22.5)));
         assert_eq!(v[0].path, p("/3303/0/5700"));
         assert!(decode(CF_TEXT, p("/3303/0"), b"1", NOW).is_err());
-        let v = decode(CF_OPAQUE, p("/3303/0/5700"), &22.5f64.to_be_bytes(), NOW).unwrap();
-        assert_eq!(v[0].value.to_number(Some(DataType::Float)), Some(22.5));
+        let bytes = 22.5f64.to_be_bytes();
+        let v = decode(CF_OPAQUE, p("/3303/0/5700"), &bytes, NOW).unwrap();
+        assert_eq!(
+            v[0].value.to_number(Some(DataType::Float)),
+            Some(Num::Float(22.5))
+        );
         let mut c = Vec::new();
         enc::f64(&mut c, 22.5);
         let v = decode(CF_CBOR, p("/3303/0/5700"), &c, NOW).unwrap();
-        assert_eq!(v[0].value, Value::Number(22.5));
+        assert_eq!(v[0].value, Value::Float(22.5));
         assert!(decode(9999, p("/1/0/1"), b"", NOW).is_err());
     }
 
@@ -742,7 +841,7 @@ mod tests {
         let v = decode(CF_TLV, p("/3303/0"), &t, NOW).unwrap();
         assert_eq!(v.len(), 2);
         assert_eq!(v[0].path, p("/3303/0/5700"));
-        assert_eq!(v[0].value.to_number(None), Some(22.5));
+        assert_eq!(v[0].value.to_number(None), Some(Num::Float(22.5)));
         assert_eq!(v[1].value.to_string_value(), "Cel");
 
         // Object level: two instances wrapped in object-instance TLVs.
@@ -754,14 +853,20 @@ mod tests {
         let v = decode(CF_TLV, p("/3303"), &obj, NOW).unwrap();
         assert_eq!(v.len(), 3);
         assert_eq!(v[2].path, p("/3303/1/5700"));
-        assert_eq!(v[2].value.to_number(Some(DataType::Float)), Some(-4.0));
+        assert_eq!(
+            v[2].value.to_number(Some(DataType::Float)),
+            Some(Num::Float(-4.0))
+        );
 
         // Single resource read: the TLV id repeats the resource id.
         let mut one = Vec::new();
         encode_tlv_resource(&mut one, tlv_kind::RESOURCE, 9, &[87]);
         let v = decode(CF_TLV, p("/3/0/9"), &one, NOW).unwrap();
         assert_eq!(v[0].path, p("/3/0/9"));
-        assert_eq!(v[0].value.to_number(Some(DataType::Integer)), Some(87.0));
+        assert_eq!(
+            v[0].value.to_number(Some(DataType::Integer)),
+            Some(Num::Int(87))
+        );
 
         // Multiple resource with instances.
         let mut inner = Vec::new();
@@ -790,6 +895,7 @@ mod tests {
         assert_eq!(v[0].time_ms, Some(1_700_000_000_000));
         assert_eq!(v[1].time_ms, Some(1_700_000_060_000));
         assert_eq!(v[2].value, Value::Str("Cel".into()));
+        assert_eq!(v[1].value, Value::Int(23));
         assert_eq!(v[3].path, p("/3/0/9"));
         // Relative time (RFC 8428 §4.5.3).
         let v = decode(
@@ -827,7 +933,7 @@ mod tests {
         enc::bool(&mut c, true);
         let v = decode(CF_SENML_CBOR, p("/0"), &c, NOW).unwrap();
         assert_eq!(v[0].path, p("/3303/0/5700"));
-        assert_eq!(v[0].value, Value::Number(22.5));
+        assert_eq!(v[0].value, Value::Float(22.5));
         assert_eq!(v[0].time_ms, Some(1_700_000_000_000));
         assert_eq!(v[1].path, p("/3303/0/5850"));
         assert_eq!(v[1].value, Value::Bool(true));
@@ -838,10 +944,55 @@ mod tests {
         let j = br#"{"bn":"/3303/0/","e":[{"n":"5700","v":22.5},{"n":"5701","sv":"Cel"}]}"#;
         let v = decode(CF_LWM2M_JSON, p("/3303/0"), j, NOW).unwrap();
         assert_eq!(v[0].path, p("/3303/0/5700"));
-        assert_eq!(v[0].value, Value::Number(22.5));
+        assert_eq!(v[0].value, Value::Float(22.5));
         let j = br#"{"e":[{"n":"","v":21}]}"#;
         let v = decode(CF_LWM2M_JSON, p("/3303/0/5700"), j, NOW).unwrap();
         assert_eq!(v[0].path, p("/3303/0/5700"));
+    }
+
+    #[test]
+    fn integers_stay_integers() {
+        let bat = p("/3/0/9");
+        let v = decode(CF_TEXT, bat, b"100", NOW).unwrap();
+        assert_eq!(v[0].value.to_number(None), Some(Num::Int(100)));
+        assert_eq!(
+            v[0].value.to_number(Some(DataType::Integer)),
+            Some(Num::Int(100))
+        );
+        // A float resource stays a float even when the text has no fraction.
+        assert_eq!(
+            v[0].value.to_number(Some(DataType::Float)),
+            Some(Num::Float(100.0))
+        );
+        let v = decode(CF_TEXT, bat, b"22.5", NOW).unwrap();
+        assert_eq!(v[0].value.to_number(None), Some(Num::Float(22.5)));
+        let mut t = Vec::new();
+        encode_tlv_resource(&mut t, tlv_kind::RESOURCE, 9, &[100]);
+        let v = decode(CF_TLV, bat, &t, NOW).unwrap();
+        assert_eq!(
+            v[0].value.to_number(Some(DataType::Integer)),
+            Some(Num::Int(100))
+        );
+        let mut c = Vec::new();
+        enc::int(&mut c, 100);
+        let v = decode(CF_CBOR, bat, &c, NOW).unwrap();
+        assert_eq!(
+            v[0].value.to_number(Some(DataType::Integer)),
+            Some(Num::Int(100))
+        );
+        let v = decode(
+            CF_SENML_JSON,
+            p("/0"),
+            br#"[{"n":"/3/0/9","v":100},{"n":"/3/0/10","v":100.0}]"#,
+            NOW,
+        )
+        .unwrap();
+        assert_eq!(v[0].value, Value::Int(100));
+        assert_eq!(v[1].value, Value::Float(100.0));
+        assert_eq!(
+            serde_json::to_string(&[Num::Int(100), Num::Float(100.0), Num::Float(22.5)]).unwrap(),
+            "[100,100.0,22.5]"
+        );
     }
 
     proptest::proptest! {

@@ -1,14 +1,24 @@
 //! LwM2M (OMA LwM2M TS 1.1/1.2 Core and Transport), server side, sans-IO.
 //!
-//! * [`registration`]: Register / Update / De-register parameters (Transport
-//!   §6.2).
-//! * [`observe`]: Observe ordering (RFC 7641 §3.4).
+//! * [`registration`]: Register / Update / De-register (Transport §6.2),
+//!   registration ids that name their home shard, the shard's registry.
+//! * [`observe`]: observations and notification ordering (RFC 7641).
+//! * [`send`]: LwM2M 1.1 Send.
 //! * [`content`]: content formats (Core §7.4) decoded into resource values.
 //! * [`link_format`]: the registration payload (RFC 6690 links).
-//! * [`server`]: the per-shard server state machine.
+//! * [`telemetry`]: values + profile → TelemetryPoints.
+//! * [`endpoint`]: provisioned entries, transport identities, the authorizer.
+//! * [`profile`]: resolved device profiles.
+//! * [`output`]: the records produced and the [`output::Sink`] they go to.
+//! * [`server`]: the per-shard server state machine composing all of it.
 
 pub mod content;
+pub mod endpoint;
 pub mod link_format;
 pub mod observe;
+pub mod output;
+pub mod profile;
 pub mod registration;
+pub mod send;
 pub mod server;
+pub mod telemetry;

@@ -3,8 +3,39 @@
 //!
 //! `POST /rd?ep={Endpoint}&lt={Lifetime}&lwm2m={Version}&b={Binding}&Q&sms=..`
 //! registers; `POST /rd/{location}?lt=..&b=..` updates; `DELETE /rd/{location}`
-//! de-registers. This module parses and validates the Uri-Query parameters; the
-//! registration state lives in the shard engine.
+//! de-registers.
+//!
+//! This module turns those requests into typed values ([`RegisterRequest`],
+//! [`UpdateRequest`]) or a [`RegError`] with its CoAP code, and holds the
+//! shard's registrations ([`Registry`]): by id, endpoint and peer, with
+//! their lifetime deadlines. A registration is plain data that can move to
+//! another shard or into a snapshot ([`RegistrationState`]).
+//!
+//! **Identifiers.** A registration id is 64 bits from the shard's CSPRNG with
+//! the top 8 bits replaced by the *home* shard, the shard that created it; its
+//! location is the id in 16 hex digits (`/rd/0a3f…`). Any shard can read the
+//! home shard off a location and ask it where the registration lives now
+//! (see `server`), so an Update from a new source address lands wherever the
+//! kernel's reuseport hash sends it and still finds its registration.
+//!
+//! **Newest wins.** Every registration carries an [`Epoch`]: a Lamport
+//! counter (raised to the wall clock in µs, and past every epoch seen from
+//! other shards) and the shard number as tie-break. When two shards hold a
+//! registration for one endpoint, the one with the larger epoch survives
+//! everywhere, whatever order the shards hear about each other in.
+
+use super::content::ResourcePath;
+use super::endpoint::EndpointEntry;
+use super::link_format::{self, RegistrationLinks};
+use super::observe::ObservationState;
+use crate::proto::coap::{Code, Message, PeerId};
+use serde::{Deserialize, Serialize};
+use smallvec::SmallVec;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// Default lifetime when `lt` is absent (TS Core §E.2, Server object resource 1
 /// default: 86400 s).
@@ -134,9 +165,450 @@ pub fn parse_update<'a>(
     Ok(p)
 }
 
+// ------------------------------------------------------------------ typed requests
+
+/// Why a registration request is refused, with its answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RegError {
+    /// Bad parameters or payload (TS 1.1 Transport §6.2.1: 4.00).
+    #[error("bad request: {0}")]
+    BadRequest(&'static str),
+    /// Endpoint not provisioned, de-provisioned, or not authorized (4.03).
+    #[error("forbidden: {0}")]
+    Forbidden(&'static str),
+    /// No such registration (§6.2.2: 4.04, the client registers again).
+    #[error("unknown registration")]
+    NotFound,
+}
+
+impl RegError {
+    pub fn code(&self) -> Code {
+        match self {
+            RegError::BadRequest(_) => Code::BAD_REQUEST,
+            RegError::Forbidden(_) => Code::FORBIDDEN,
+            RegError::NotFound => Code::NOT_FOUND,
+        }
+    }
+    pub fn diagnostic(&self) -> &'static str {
+        match self {
+            RegError::BadRequest(d) | RegError::Forbidden(d) => d,
+            RegError::NotFound => "unknown registration",
+        }
+    }
+}
+
+/// LwM2M enabler version of a client (`lwm2m=` parameter).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Version {
+    #[serde(rename = "1.0")]
+    V1_0,
+    #[serde(rename = "1.1")]
+    V1_1,
+    #[serde(rename = "1.2")]
+    V1_2,
+}
+
+impl Version {
+    pub fn parse(s: &str) -> Version {
+        match s {
+            "1.2" => Version::V1_2,
+            "1.1" => Version::V1_1,
+            _ => Version::V1_0,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Version::V1_0 => "1.0",
+            Version::V1_1 => "1.1",
+            Version::V1_2 => "1.2",
+        }
+    }
+}
+
+/// A Register request, validated.
+#[derive(Debug, Clone)]
+pub struct RegisterRequest {
+    pub params: RegisterParams,
+    pub links: RegistrationLinks,
+}
+
+/// An Update request, validated. `links` is `None` when the object list did
+/// not change (empty payload).
+#[derive(Debug, Clone)]
+pub struct UpdateRequest {
+    pub params: UpdateParams,
+    pub links: Option<RegistrationLinks>,
+}
+
+/// TS 1.1 Transport §6.2.1: parameters in the Uri-Query, the object links in
+/// a link-format (40) payload.
+pub fn parse_register_request(msg: &Message<'_>) -> Result<RegisterRequest, RegError> {
+    let params = parse_register(msg.uri_query())
+        .map_err(|_| RegError::BadRequest("invalid registration parameters"))?;
+    if msg
+        .content_format()
+        .is_some_and(|cf| cf != super::content::CF_LINK)
+    {
+        return Err(RegError::BadRequest(
+            "registration payload must be link-format",
+        ));
+    }
+    let links = link_format::parse_registration(msg.payload)
+        .map_err(|_| RegError::BadRequest("invalid link-format payload"))?;
+    Ok(RegisterRequest { params, links })
+}
+
+/// TS 1.1 Transport §6.2.2.
+pub fn parse_update_request(msg: &Message<'_>) -> Result<UpdateRequest, RegError> {
+    let params = parse_update(msg.uri_query())
+        .map_err(|_| RegError::BadRequest("invalid update parameters"))?;
+    let links = if msg.payload.is_empty() {
+        None
+    } else {
+        if msg
+            .content_format()
+            .is_some_and(|cf| cf != super::content::CF_LINK)
+        {
+            return Err(RegError::BadRequest("update payload must be link-format"));
+        }
+        Some(
+            link_format::parse_registration(msg.payload)
+                .map_err(|_| RegError::BadRequest("invalid link-format payload"))?,
+        )
+    };
+    Ok(UpdateRequest { params, links })
+}
+
+// ------------------------------------------------------------------ identifiers
+
+/// A registration id (see the module documentation).
+pub type RegId = u64;
+
+/// The shard that created `id`.
+pub fn home_shard(id: RegId) -> u16 {
+    (id >> 56) as u16
+}
+
+/// An id for `home` from 64 random bits.
+pub fn make_id(home: u16, random: u64) -> RegId {
+    ((home as u64 & 0xff) << 56) | (random & 0x00ff_ffff_ffff_ffff)
+}
+
+/// The location path segment of `id`: 16 lower-case hex digits.
+pub fn location(id: RegId) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    for (i, b) in out.iter_mut().enumerate() {
+        let nib = ((id >> (60 - 4 * i)) & 0xf) as u8;
+        *b = if nib < 10 {
+            b'0' + nib
+        } else {
+            b'a' + nib - 10
+        };
+    }
+    out
+}
+
+/// Parses a location segment back into an id.
+pub fn parse_location(seg: &[u8]) -> Option<RegId> {
+    if seg.len() != 16 {
+        return None;
+    }
+    let mut v = 0u64;
+    for c in seg {
+        let d = (*c as char).to_digit(16)?;
+        v = (v << 4) | d as u64;
+    }
+    Some(v)
+}
+
+/// Orders registrations of one endpoint across shards (newest wins).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Epoch {
+    pub counter: u64,
+    pub shard: u16,
+}
+
+// ------------------------------------------------------------------ state
+
+/// One registration (TS 1.1 Core §6.2.1).
+#[derive(Debug, Clone)]
+pub struct Registration {
+    pub id: RegId,
+    pub endpoint: Arc<str>,
+    pub entry: Arc<EndpointEntry>,
+    pub peer: PeerId,
+    pub lifetime_s: u32,
+    pub binding: Box<str>,
+    pub version: Version,
+    pub queue_mode: bool,
+    /// Alternate path from `</path>;rt="oma.lwm2m"`, `/` by default.
+    pub root_path: Box<str>,
+    pub objects: Vec<(u16, Option<u16>)>,
+    pub registered_at_ms: i64,
+    pub last_seen_ms: i64,
+    pub expires_at: Instant,
+    pub epoch: Epoch,
+    /// Times the registration moved between shards.
+    pub moves: u32,
+    /// Status events published for it so far; the next one carries this
+    /// number (orders a device's events when they come from several shards'
+    /// producers).
+    pub status_seq: u64,
+    /// Tokens of its established observations.
+    pub observations: SmallVec<[u64; 4]>,
+}
+
+impl Registration {
+    /// True when the device declared `object` (and `instance`, if given).
+    pub fn has_object(&self, object: u16, instance: Option<u16>) -> bool {
+        self.objects.iter().any(|(o, i)| {
+            *o == object
+                && match (instance, i) {
+                    (None, _) | (Some(_), None) => true,
+                    (Some(a), Some(b)) => a == *b,
+                }
+        })
+    }
+
+    pub fn location(&self) -> [u8; 16] {
+        location(self.id)
+    }
+
+    pub fn object_links(&self) -> Vec<String> {
+        self.objects
+            .iter()
+            .map(|(o, i)| match i {
+                Some(i) => format!("/{o}/{i}"),
+                None => format!("/{o}"),
+            })
+            .collect()
+    }
+
+    /// As plain data, with times relative to `now`.
+    pub fn to_state(&self, now: Instant, observations: Vec<ObservationState>) -> RegistrationState {
+        RegistrationState {
+            id: self.id,
+            endpoint: self.endpoint.to_string(),
+            address: self.peer.addr(),
+            lifetime_s: self.lifetime_s,
+            binding: self.binding.to_string(),
+            version: self.version,
+            queue_mode: self.queue_mode,
+            root_path: self.root_path.to_string(),
+            objects: self.objects.clone(),
+            registered_at_ms: self.registered_at_ms,
+            last_seen_ms: self.last_seen_ms,
+            expires_in_ms: self.expires_at.saturating_duration_since(now).as_millis() as u64,
+            epoch: self.epoch,
+            moves: self.moves,
+            status_seq: self.status_seq,
+            observations,
+        }
+    }
+
+    /// Back from plain data; `entry` is looked up afresh by the caller.
+    pub fn from_state(
+        s: &RegistrationState,
+        entry: Arc<EndpointEntry>,
+        now: Instant,
+    ) -> Registration {
+        Registration {
+            id: s.id,
+            endpoint: Arc::from(s.endpoint.as_str()),
+            entry,
+            peer: PeerId::udp(s.address),
+            lifetime_s: s.lifetime_s,
+            binding: s.binding.clone().into_boxed_str(),
+            version: s.version,
+            queue_mode: s.queue_mode,
+            root_path: s.root_path.clone().into_boxed_str(),
+            objects: s.objects.clone(),
+            registered_at_ms: s.registered_at_ms,
+            last_seen_ms: s.last_seen_ms,
+            expires_at: now + Duration::from_millis(s.expires_in_ms),
+            epoch: s.epoch,
+            moves: s.moves,
+            status_seq: s.status_seq,
+            observations: SmallVec::new(),
+        }
+    }
+}
+
+/// A registration with its observations as plain data: what moves between
+/// shards and what registration snapshots hold.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegistrationState {
+    pub id: RegId,
+    pub endpoint: String,
+    pub address: SocketAddr,
+    pub lifetime_s: u32,
+    pub binding: String,
+    pub version: Version,
+    pub queue_mode: bool,
+    pub root_path: String,
+    pub objects: Vec<(u16, Option<u16>)>,
+    pub registered_at_ms: i64,
+    pub last_seen_ms: i64,
+    pub expires_in_ms: u64,
+    pub epoch: Epoch,
+    pub moves: u32,
+    #[serde(default)]
+    pub status_seq: u64,
+    pub observations: Vec<ObservationState>,
+}
+
+/// The registrations of one shard.
+#[derive(Default)]
+pub struct Registry {
+    regs: HashMap<RegId, Registration>,
+    by_endpoint: HashMap<Arc<str>, RegId>,
+    by_peer: HashMap<PeerId, RegId>,
+    expiry: BinaryHeap<Reverse<(Instant, RegId)>>,
+}
+
+impl Registry {
+    pub fn len(&self) -> usize {
+        self.regs.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.regs.is_empty()
+    }
+    pub fn get(&self, id: RegId) -> Option<&Registration> {
+        self.regs.get(&id)
+    }
+    pub fn get_mut(&mut self, id: RegId) -> Option<&mut Registration> {
+        self.regs.get_mut(&id)
+    }
+    pub fn contains(&self, id: RegId) -> bool {
+        self.regs.contains_key(&id)
+    }
+    pub fn by_endpoint(&self, endpoint: &str) -> Option<RegId> {
+        self.by_endpoint.get(endpoint).copied()
+    }
+    pub fn by_peer(&self, peer: &PeerId) -> Option<RegId> {
+        self.by_peer.get(peer).copied()
+    }
+    pub fn ids(&self) -> Vec<RegId> {
+        self.regs.keys().copied().collect()
+    }
+    pub fn iter(&self) -> impl Iterator<Item = &Registration> {
+        self.regs.values()
+    }
+
+    /// Adds a registration. The caller removed any other registration of
+    /// the same endpoint or peer first.
+    pub fn insert(&mut self, reg: Registration) {
+        self.expiry.push(Reverse((reg.expires_at, reg.id)));
+        self.by_endpoint.insert(reg.endpoint.clone(), reg.id);
+        self.by_peer.insert(reg.peer, reg.id);
+        self.regs.insert(reg.id, reg);
+    }
+
+    pub fn remove(&mut self, id: RegId) -> Option<Registration> {
+        let reg = self.regs.remove(&id)?;
+        if self.by_endpoint.get(&reg.endpoint) == Some(&id) {
+            self.by_endpoint.remove(&reg.endpoint);
+        }
+        if self.by_peer.get(&reg.peer) == Some(&id) {
+            self.by_peer.remove(&reg.peer);
+        }
+        Some(reg)
+    }
+
+    /// The device talks from a new address now. Returns the old one.
+    pub fn rebind(&mut self, id: RegId, peer: PeerId) -> Option<PeerId> {
+        let reg = self.regs.get_mut(&id)?;
+        let old = reg.peer;
+        if old == peer {
+            return Some(old);
+        }
+        if self.by_peer.get(&old) == Some(&id) {
+            self.by_peer.remove(&old);
+        }
+        reg.peer = peer;
+        self.by_peer.insert(peer, id);
+        Some(old)
+    }
+
+    /// Moves the lifetime deadline.
+    pub fn set_expiry(&mut self, id: RegId, at: Instant) {
+        if let Some(r) = self.regs.get_mut(&id) {
+            r.expires_at = at;
+            self.expiry.push(Reverse((at, id)));
+        }
+    }
+
+    /// The earliest lifetime deadline.
+    pub fn next_expiry(&mut self) -> Option<Instant> {
+        while let Some(Reverse((at, id))) = self.expiry.peek().copied() {
+            match self.regs.get(&id) {
+                Some(r) if r.expires_at == at => return Some(at),
+                _ => {
+                    self.expiry.pop();
+                }
+            }
+        }
+        None
+    }
+
+    /// The id of a registration whose lifetime passed (still held: the
+    /// caller ends it).
+    pub fn next_expired(&mut self, now: Instant) -> Option<RegId> {
+        let at = self.next_expiry()?;
+        if at > now {
+            return None;
+        }
+        let Reverse((_, id)) = self.expiry.pop()?;
+        Some(id)
+    }
+}
+
+/// A path as the device's root path plus an LwM2M path, for Uri-Path.
+pub fn root_segments(root: &str) -> impl Iterator<Item = &str> {
+    root.split('/').filter(|s| !s.is_empty())
+}
+
+/// [`ResourcePath`] ids in order.
+pub fn path_ids(p: &ResourcePath) -> impl Iterator<Item = u16> {
+    std::iter::once(p.object).chain(
+        [p.instance, p.resource, p.resource_instance]
+            .into_iter()
+            .flatten(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_and_locations() {
+        let id = make_id(3, 0xdead_beef_0123_4567);
+        assert_eq!(home_shard(id), 3);
+        let loc = location(id);
+        assert_eq!(&loc, b"03adbeef01234567");
+        assert_eq!(parse_location(&loc), Some(id));
+        assert_eq!(parse_location(b"03adbeef0123456"), None);
+        assert_eq!(parse_location(b"03adbeef0123456x"), None);
+        assert!(
+            Epoch {
+                counter: 5,
+                shard: 0
+            } < Epoch {
+                counter: 5,
+                shard: 1
+            }
+        );
+        assert!(
+            Epoch {
+                counter: 6,
+                shard: 0
+            } > Epoch {
+                counter: 5,
+                shard: 1
+            }
+        );
+    }
 
     fn q(items: &[&str]) -> Vec<Vec<u8>> {
         items.iter().map(|s| s.as_bytes().to_vec()).collect()

@@ -1,0 +1,78 @@
+//! Device profiles, resolved: which LwM2M resources become which CORE-M
+//! metrics (and of which kind), which paths the gateway observes with which
+//! notification attributes, and how platform RPC methods map to LwM2M
+//! operations. The control plane parses and reloads profile files
+//! (`control::profiles`); the LwM2M server reads a [`ProfileMap`] snapshot.
+
+use super::content::{DataType, ResourcePath};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// How a value is published on the TelemetryPoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MetricKind {
+    Numeric,
+    String,
+    Bool,
+}
+
+/// A resolved, validated profile.
+#[derive(Debug, Clone)]
+pub struct Profile {
+    pub name: String,
+    /// Mapping by resource path (no resource instance).
+    pub resources: HashMap<ResourcePath, Mapping>,
+    pub observe: Vec<(ResourcePath, Option<u32>, Option<u32>)>,
+    pub rpc: HashMap<String, (String, ResourcePath)>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Mapping {
+    pub metric: Arc<str>,
+    pub kind: MetricKind,
+    pub data_type: Option<DataType>,
+}
+
+/// Known data types of common resources (OMA object registry), used when a
+/// profile does not say.
+pub fn builtin_type(p: &ResourcePath) -> Option<DataType> {
+    let r = p.resource?;
+    match (p.object, r) {
+        // IPSO sensor value, min/max measured, min/max range (Float).
+        (_, 5700) | (_, 5601..=5604) => Some(DataType::Float),
+        // Device: battery level, memory free, error code, battery status, memory total.
+        (3, 7..=11) | (3, 20) | (3, 21) => Some(DataType::Integer),
+        (3, 13) => Some(DataType::Time),
+        // Connectivity monitoring: radio signal strength, link quality, cell id...
+        (4, 2..=3) | (4, 8..=12) => Some(DataType::Integer),
+        // Location: latitude, longitude, altitude, radius, speed.
+        (6, 0..=3) | (6, 6) => Some(DataType::Float),
+        (6, 5) => Some(DataType::Time),
+        // Application type / units (String).
+        (_, 5701) | (_, 5750) => Some(DataType::String),
+        // On/off, digital input state.
+        (_, 5850) | (_, 5500) => Some(DataType::Boolean),
+        _ => None,
+    }
+}
+
+impl Profile {
+    /// Mapping for a value path (resource instances map through their resource).
+    pub fn mapping(&self, p: &ResourcePath) -> Option<&Mapping> {
+        self.resources
+            .get(p)
+            .or_else(|| self.resources.get(&p.without_resource_instance()))
+    }
+}
+
+/// A snapshot of the profile set; always holds `default`.
+pub type ProfileMap = HashMap<String, Arc<Profile>>;
+
+impl Profile {
+    /// The profile named `name`, or `default` when there is none by that name.
+    pub fn lookup<'m>(map: &'m ProfileMap, name: &str) -> Option<&'m Arc<Profile>> {
+        map.get(name).or_else(|| map.get("default"))
+    }
+}
