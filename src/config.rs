@@ -202,12 +202,20 @@ impl Default for AdminConfig {
     }
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {0}: {1}")]
+    Read(PathBuf, std::io::Error),
+    #[error("parsing {0}: {1}")]
+    Parse(PathBuf, toml::de::Error),
+}
+
 impl Config {
-    pub fn load(path: &Path) -> anyhow::Result<Config> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
-        let mut c: Config = toml::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("parsing {}: {e}", path.display()))?;
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_path_buf(), e))?;
+        let mut c: Config =
+            toml::from_str(&text).map_err(|e| ConfigError::Parse(path.to_path_buf(), e))?;
         // Relative paths in the file are relative to the file's directory.
         let base = path.parent().unwrap_or(Path::new("."));
         let fix = |p: &mut PathBuf| {

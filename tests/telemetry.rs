@@ -356,3 +356,125 @@ fn two_shards_spread_devices_and_publish_each_point_once() {
         .collect();
     assert_eq!(shards_used.len(), 2);
 }
+
+/// `gateway.max_datagram` (2048) is enforced on the first datagram after
+/// idle and on batches alike: a 60 KB Register gets 4.13 with Size1 and
+/// registers nothing; a 64 KiB GET is dropped; both are counted.
+#[test]
+fn oversized_datagrams_are_refused() {
+    let broker = Broker::memory();
+    let gw = Gateway::start(&broker, 1, PROVISIONING, "");
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut sim = corem_lwm2m::testkit::sim::SimDevice::new("urn:imei:123", 3);
+    for i in 0..5300 {
+        sim.objects.push(format!("/{}/0", 20_000 + i));
+    }
+    let reg = sim.register();
+    assert!(reg.len() > 58_000 && reg.len() < 65_000, "{}", reg.len());
+    let mut buf = [0u8; 4096];
+    for round in 0..2 {
+        // Once after idle (io_uring receive), once inside a batch.
+        if round == 1 {
+            for _ in 0..5 {
+                sock.send_to(&[0x50, 0, 0, 1], gw.coap).unwrap();
+            }
+        }
+        sock.send_to(&reg, gw.coap).unwrap();
+        let (n, _) = sock
+            .recv_from(&mut buf)
+            .expect("an answer to the oversized Register");
+        let m = corem_lwm2m::proto::coap::Message::decode(&buf[..n]).unwrap();
+        assert_eq!(m.code, Code::REQUEST_ENTITY_TOO_LARGE);
+        assert_eq!(m.size1(), Some(2048));
+    }
+    let get = corem_lwm2m::proto::coap::MessageBuilder::request(Code::GET, false)
+        .mid(9)
+        .path("x")
+        .payload(&[7u8; 65_000])
+        .to_vec();
+    sock.send_to(&get, gw.coap).unwrap();
+    assert!(
+        sock.recv_from(&mut buf).is_err(),
+        "a NON is dropped silently"
+    );
+    assert_eq!(gw.metric("oversized"), 3);
+    assert_eq!(gw.metric("registrations"), 0);
+}
+
+/// RFC 7252 §5.3.2: a notification is matched by peer and token. Device B's
+/// token sent from another address gets RST and is not B's telemetry. And a
+/// stranger's bare GET gets an answer no larger than itself (no diagnostic
+/// payload to unregistered senders).
+#[test]
+fn foreign_token_and_no_amplification() {
+    let broker = Broker::memory();
+    let gw = Gateway::start(&broker, 1, PROVISIONING, "");
+    let tele = reader(&broker, &["telemetry.raw.acme"]);
+    let mut d = Device::new("urn:imei:123", gw.coap, 1);
+    assert_eq!(d.register(4), Code::CREATED);
+    read_matching(&tele, 4, Duration::from_secs(20), |_| true);
+    d.sim.values.insert(rp("/3303/0/5700"), 66.5);
+    let (mid, n) = d.sim.notify("/3303/0/5700", true).unwrap();
+    let other = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    other
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    other.send_to(&n, gw.coap).unwrap();
+    let mut buf = [0u8; 2048];
+    let (k, _) = other.recv_from(&mut buf).unwrap();
+    let m = corem_lwm2m::proto::coap::Message::decode(&buf[..k]).unwrap();
+    assert_eq!((m.mtype, m.message_id), (MsgType::Rst, mid));
+    assert_eq!(gw.metric("notifications_wrong_peer"), 1);
+    let pts = read_matching(&tele, 1, Duration::from_secs(2), |_| true);
+    assert!(pts.is_empty(), "not published: {pts:?}");
+    // A bare GET (4 bytes) from a stranger.
+    other.send_to(&[0x40, 0x01, 0x12, 0x34], gw.coap).unwrap();
+    let (k, _) = other.recv_from(&mut buf).unwrap();
+    assert!(k <= 4, "{k} bytes answered to 4");
+    assert_eq!(buf[1], Code::NOT_FOUND.0);
+}
+
+/// Logs a user can grep: no ANSI colour codes when stderr is a pipe, and
+/// `--log-format json` gives one JSON object per line with the fields.
+#[test]
+fn logs_are_plain_and_json_on_request() {
+    let broker = Broker::memory();
+    let mut gw = Gateway::start(&broker, 1, PROVISIONING, "");
+    let mut d = Device::new("urn:imei:123", gw.coap, 1);
+    assert_eq!(d.register(4), Code::CREATED);
+    assert!(gw.log_contains("registered"));
+    assert!(
+        gw.log.lock().unwrap().iter().all(|l| !l.contains('\u{1b}')),
+        "no escape sequences in a piped log"
+    );
+    assert_eq!(gw.stop(), Some(0));
+    gw.log.lock().unwrap().clear();
+    gw.args = vec!["--log-format".into(), "json".into()];
+    gw.spawn();
+    let mut d = Device::new("urn:imei:123", gw.coap, 2);
+    assert_eq!(d.register(4), Code::CREATED);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let line = loop {
+        let found = gw
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|l| l.contains("\"registered\""))
+            .cloned();
+        if let Some(l) = found {
+            break l;
+        }
+        assert!(std::time::Instant::now() < deadline, "no registered line");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["message"], "registered");
+    assert_eq!(v["endpoint"], "urn:imei:123");
+    assert_eq!(v["device_id"], DEV);
+    assert_eq!(v["shard"], 0);
+    assert_eq!(v["level"], "INFO");
+    assert_eq!(gw.stop(), Some(0));
+}

@@ -56,6 +56,14 @@ impl AdminState {
 /// Largest request body accepted (bulk provisioning of ~100k endpoints).
 const MAX_BODY: u64 = 64 << 20;
 
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("admin listen {0}: {1}")]
+    Listen(SocketAddr, String),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
 pub struct AdminServer {
     pub addr: SocketAddr,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -63,13 +71,12 @@ pub struct AdminServer {
 }
 
 impl AdminServer {
-    pub fn start(listen: SocketAddr, state: AdminState) -> anyhow::Result<AdminServer> {
-        let server =
-            Server::http(listen).map_err(|e| anyhow::anyhow!("admin listen {listen}: {e}"))?;
+    pub fn start(listen: SocketAddr, state: AdminState) -> Result<AdminServer, AdminError> {
+        let server = Server::http(listen).map_err(|e| AdminError::Listen(listen, e.to_string()))?;
         let addr = server
             .server_addr()
             .to_ip()
-            .ok_or_else(|| anyhow::anyhow!("admin server has no IP address"))?;
+            .ok_or_else(|| AdminError::Listen(listen, "no IP address".into()))?;
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
         let thread = std::thread::Builder::new()

@@ -19,7 +19,7 @@ pub struct TopicManager {
 }
 
 impl TopicManager {
-    pub fn new(cfg: &KafkaConfig) -> anyhow::Result<TopicManager> {
+    pub fn new(cfg: &KafkaConfig) -> Result<TopicManager, rdkafka::error::KafkaError> {
         let mut c = rdkafka::ClientConfig::new();
         c.set("bootstrap.servers", &cfg.brokers);
         for (k, v) in &cfg.extra {

@@ -64,6 +64,18 @@ const CHANNEL: usize = 4096;
 /// Longest sleep of the timer task (gauges, snapshots).
 const MAX_SLEEP: Duration = Duration::from_secs(1);
 
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("binding UDP {0}: {1}")]
+    Bind(std::net::SocketAddr, std::io::Error),
+    #[error("creating the Kafka producer of shard {0}: {1}")]
+    Kafka(usize, rdkafka::error::KafkaError),
+    #[error("starting {0}: {1}")]
+    Executor(String, String),
+    #[error("shard {0} did not start within 60 s")]
+    Timeout(usize),
+}
+
 pub struct Shards {
     pub metrics: Vec<Arc<ShardMetrics>>,
     pub local_addr: std::net::SocketAddr,
@@ -151,7 +163,7 @@ pub fn start(
     directory: Arc<Directory>,
     profiles: Arc<Profiles>,
     store: Option<Arc<RegistrationStore>>,
-) -> anyhow::Result<Shards> {
+) -> Result<Shards, StartError> {
     let n = cfg.shard_count();
     let mut allowed = io::allowed_cpus();
     if allowed.is_empty() {
@@ -169,12 +181,13 @@ pub fn start(
             cfg.gateway.socket_recv_buffer,
             cfg.gateway.socket_send_buffer,
         )
-        .map_err(|e| anyhow::anyhow!("binding UDP {addr}: {e}"))?;
+        .map_err(|e| StartError::Bind(addr, e))?;
         if addr.port() == 0 {
             addr = s
-                .local_addr()?
-                .as_socket()
-                .ok_or_else(|| anyhow::anyhow!("socket has no inet address"))?;
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_socket())
+                .ok_or_else(|| StartError::Bind(addr, std::io::Error::other("no inet address")))?;
         }
         sockets.push(s);
     }
@@ -215,7 +228,8 @@ pub fn start(
             .get(i)
             .copied()
             .unwrap_or(allowed[i % allowed.len()]);
-        let sink = KafkaSink::new(&cfg.kafka, i, metrics[i].clone())?;
+        let sink = KafkaSink::new(&cfg.kafka, i, metrics[i].clone())
+            .map_err(|e| StartError::Kafka(i, e))?;
         let seed = base_seed
             .wrapping_add(i as u64)
             .wrapping_mul(0x2545_f491_4f6c_dd1d);
@@ -248,7 +262,7 @@ pub fn start(
                 };
                 run_shard(args).await;
             })
-            .map_err(|e| anyhow::anyhow!("starting shard {i} on CPU {cpu}: {e}"))?;
+            .map_err(|e| StartError::Executor(format!("shard {i} on CPU {cpu}"), e.to_string()))?;
         tracing::info!(shard = i, cpu, %addr, "shard started");
         joins.push(j);
     }
@@ -256,12 +270,12 @@ pub fn start(
     let relay = LocalExecutorBuilder::new(Placement::Unbound)
         .name("control-relay")
         .spawn(move || async move { relay(relay_senders, control_rx).await })
-        .map_err(|e| anyhow::anyhow!("starting the control relay: {e}"))?;
+        .map_err(|e| StartError::Executor("the control relay".into(), e.to_string()))?;
     joins.push(relay);
-    for _ in 0..n {
+    for k in 0..n {
         ready_rx
             .recv_timeout(Duration::from_secs(60))
-            .map_err(|_| anyhow::anyhow!("a shard did not start within 60 s"))?;
+            .map_err(|_| StartError::Timeout(k))?;
     }
     Ok(Shards {
         metrics,

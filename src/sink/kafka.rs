@@ -109,7 +109,7 @@ impl KafkaSink {
         k: &KafkaConfig,
         shard: usize,
         metrics: Arc<ShardMetrics>,
-    ) -> anyhow::Result<KafkaSink> {
+    ) -> Result<KafkaSink, KafkaError> {
         let mut cfg = client_config(k);
         cfg.set("client.id", format!("{}-shard{shard}", k.client_id));
         let (tx, rx) = crossbeam_channel::unbounded();

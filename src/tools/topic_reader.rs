@@ -22,10 +22,22 @@ pub struct TopicReader {
     consumer: BaseConsumer,
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum ReaderError {
+    #[error(transparent)]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("topic {0} did not appear within {1:?}")]
+    NoTopic(String, Duration),
+}
+
 impl TopicReader {
     /// Assigns every partition of `topics` from the beginning. Topics that do
     /// not exist yet are retried until `wait`.
-    pub fn new(brokers: &str, topics: &[String], wait: Duration) -> anyhow::Result<TopicReader> {
+    pub fn new(
+        brokers: &str,
+        topics: &[String],
+        wait: Duration,
+    ) -> Result<TopicReader, ReaderError> {
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", brokers)
             .set("group.id", "corem-lwm2m-reader")
@@ -52,7 +64,7 @@ impl TopicReader {
                     Err(e) => tracing::debug!(error = %e, "metadata"),
                 }
                 if Instant::now() > deadline {
-                    anyhow::bail!("topic {t} did not appear within {wait:?}");
+                    return Err(ReaderError::NoTopic(t.clone(), wait));
                 }
                 std::thread::sleep(Duration::from_millis(200));
             };

@@ -139,6 +139,8 @@ pub struct Gateway {
     child: Option<Child>,
     pub log: Arc<Mutex<Vec<String>>>,
     config: PathBuf,
+    /// Extra command-line arguments for the next `spawn`.
+    pub args: Vec<String>,
 }
 
 pub const PROVISIONING: &str = r#"
@@ -200,6 +202,7 @@ impl Gateway {
             child: None,
             log: Arc::new(Mutex::new(Vec::new())),
             config,
+            args: Vec::new(),
         };
         g.spawn();
         g
@@ -213,7 +216,8 @@ impl Gateway {
                 "RUST_LOG",
                 std::env::var("GW_LOG").unwrap_or_else(|_| "info".into()),
             )
-            .env("NO_COLOR", "1")
+            .env_remove("NO_COLOR")
+            .args(&self.args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
