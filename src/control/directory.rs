@@ -123,7 +123,7 @@ pub struct Directory {
 
 impl Default for Directory {
     fn default() -> Self {
-        Directory::new(EndpointMap::new())
+        Directory::new(EndpointMap::default())
     }
 }
 
@@ -159,7 +159,7 @@ impl Directory {
     /// it is applied. `Err` when every snapshot generation is unreadable:
     /// starting on an empty directory silently would forget the fleet.
     pub fn open(dir: &Path) -> Result<(Directory, Origin), DirectoryError> {
-        let mut map = EndpointMap::new();
+        let mut map = EndpointMap::default();
         let mut version = 0;
         let mut origin = Origin::Empty;
         let mut fell_back = false;

@@ -125,7 +125,7 @@ impl Profile {
         };
         let pf: ProfileFile = toml::from_str(text).map_err(|e| inv(e.to_string()))?;
         let name = pf.name.unwrap_or_else(|| fallback_name.to_string());
-        let mut resources = HashMap::new();
+        let mut resources = crate::proto::FastMap::default();
         let mut observe = Vec::new();
         for r in pf.resources {
             let p = ResourcePath::parse(&r.path)
@@ -197,7 +197,7 @@ impl Profiles {
     }
 
     fn read(dir: Option<&Path>) -> Result<ProfileMap, ProfileError> {
-        let mut map = ProfileMap::new();
+        let mut map = ProfileMap::default();
         map.insert("default".into(), Arc::new(Profile::builtin_default()));
         let Some(dir) = dir else { return Ok(map) };
         let rd = std::fs::read_dir(dir).map_err(|e| ProfileError::Io(dir.to_path_buf(), e))?;
@@ -240,7 +240,7 @@ impl Profiles {
 
     /// For tests: a set from explicit profiles.
     pub fn from_profiles(ps: Vec<Profile>) -> Profiles {
-        let mut map = ProfileMap::new();
+        let mut map = ProfileMap::default();
         map.insert("default".into(), Arc::new(Profile::builtin_default()));
         for p in ps {
             map.insert(p.name.clone(), Arc::new(p));

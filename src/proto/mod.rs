@@ -13,3 +13,8 @@
 pub mod cbor;
 pub mod coap;
 pub mod lwm2m;
+
+/// Hash maps of the protocol state. foldhash: fast on small keys (peer
+/// addresses, tokens, ids) and seeded per process, so keys a sender chooses
+/// cannot be aimed at one bucket.
+pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;

@@ -84,7 +84,7 @@ impl Gateway {
                     ..MemorySink::default()
                 })
                 .collect(),
-            endpoints: EndpointMap::new(),
+            endpoints: EndpointMap::default(),
             profiles: (*Profiles::from_profiles(vec![]).snapshot()).clone(),
             router: Box::new(move |a| default_route(a, n)),
             auto_deliver: true,

@@ -74,6 +74,13 @@ pub struct MessageBuilder<'a> {
 }
 
 impl<'a> MessageBuilder<'a> {
+    /// Keeps the options sorted by number as they are added (stable: a
+    /// repeated option keeps its order), so encoding needs no sort.
+    fn push_opt(&mut self, number: u16, value: OptValue<'a>) {
+        let at = self.options.partition_point(|(n, _)| *n <= number);
+        self.options.insert(at, (number, value));
+    }
+
     pub fn new(mtype: MsgType, code: Code) -> MessageBuilder<'a> {
         MessageBuilder {
             mtype,
@@ -128,12 +135,12 @@ impl<'a> MessageBuilder<'a> {
     }
 
     pub fn option(mut self, number: u16, value: &'a [u8]) -> Self {
-        self.options.push((number, OptValue::Bytes(value)));
+        self.push_opt(number, OptValue::Bytes(value));
         self
     }
 
     pub fn uint_option(mut self, number: u16, value: u32) -> Self {
-        self.options.push((number, OptValue::Uint(value)));
+        self.push_opt(number, OptValue::Uint(value));
         self
     }
 
@@ -141,35 +148,31 @@ impl<'a> MessageBuilder<'a> {
     /// segments are skipped.
     pub fn path(mut self, path: &'a str) -> Self {
         for seg in path.split('/').filter(|s| !s.is_empty()) {
-            self.options
-                .push((opt::URI_PATH, OptValue::Bytes(seg.as_bytes())));
+            self.push_opt(opt::URI_PATH, OptValue::Bytes(seg.as_bytes()));
         }
         self
     }
 
     /// One Uri-Path segment.
     pub fn path_segment(mut self, seg: &'a [u8]) -> Self {
-        self.options.push((opt::URI_PATH, OptValue::Bytes(seg)));
+        self.push_opt(opt::URI_PATH, OptValue::Bytes(seg));
         self
     }
 
     /// One numeric Uri-Path segment (an LwM2M object, instance or resource id).
     pub fn path_id(mut self, id: u16) -> Self {
-        self.options
-            .push((opt::URI_PATH, OptValue::Decimal(id as u32)));
+        self.push_opt(opt::URI_PATH, OptValue::Decimal(id as u32));
         self
     }
 
     pub fn query(mut self, q: &'a str) -> Self {
-        self.options
-            .push((opt::URI_QUERY, OptValue::Bytes(q.as_bytes())));
+        self.push_opt(opt::URI_QUERY, OptValue::Bytes(q.as_bytes()));
         self
     }
 
     /// One Location-Path segment (of a 2.01 Created, RFC 7252 §5.10.7).
     pub fn location_segment(mut self, seg: &'a [u8]) -> Self {
-        self.options
-            .push((opt::LOCATION_PATH, OptValue::Bytes(seg)));
+        self.push_opt(opt::LOCATION_PATH, OptValue::Bytes(seg));
         self
     }
 
@@ -210,9 +213,7 @@ impl<'a> MessageBuilder<'a> {
     pub fn encoded_len(&self) -> usize {
         let mut n = 4 + self.token.len();
         let mut prev = 0u16;
-        let mut sorted = self.options.clone();
-        sorted.sort_by_key(|o| o.0);
-        for (num, v) in &sorted {
+        for (num, v) in &self.options {
             let delta = (*num - prev) as usize;
             let len = v.len();
             n += 1 + ext_len(delta) + ext_len(len) + len;
@@ -230,10 +231,8 @@ impl<'a> MessageBuilder<'a> {
         out.push(self.code.0);
         out.extend_from_slice(&self.message_id.to_be_bytes());
         out.extend_from_slice(self.token);
-        let mut sorted = self.options.clone();
-        sorted.sort_by_key(|o| o.0);
         let mut prev = 0u16;
-        for (number, value) in &sorted {
+        for (number, value) in &self.options {
             let delta = (*number - prev) as usize;
             let len = value.len();
             out.push((nibble(delta) << 4) | nibble(len));

@@ -19,8 +19,9 @@
 //! shrink/grow churn).
 
 use super::peer::PeerId;
+use crate::proto::FastMap;
 use smallvec::SmallVec;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 /// Entries remembered per peer.
@@ -58,7 +59,7 @@ struct Ring {
 
 #[derive(Debug)]
 pub struct Dedup {
-    peers: HashMap<PeerId, Ring>,
+    peers: FastMap<PeerId, Ring>,
     lifetime: Duration,
     max_peers: usize,
     /// Peers in order of first insertion: unprotected ones, and all. Entries
@@ -71,7 +72,7 @@ pub struct Dedup {
 impl Dedup {
     pub fn new(lifetime: Duration, max_peers: usize) -> Dedup {
         Dedup {
-            peers: HashMap::new(),
+            peers: FastMap::default(),
             lifetime,
             max_peers: max_peers.max(1),
             fifo_unprotected: VecDeque::new(),

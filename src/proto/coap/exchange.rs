@@ -31,11 +31,12 @@ use super::codec::{Message, MsgType};
 use super::dedup::{Cached, Dedup};
 use super::peer::PeerId;
 use crate::metrics::ShardMetrics;
+use crate::proto::FastMap;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use smallvec::SmallVec;
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BinaryHeap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -141,9 +142,9 @@ pub struct Exchanges {
     metrics: Arc<ShardMetrics>,
     dedup: Dedup,
     next_sweep: Option<Instant>,
-    pending: HashMap<Token, Pending>,
-    by_mid: HashMap<(PeerId, u16), Token>,
-    peers: HashMap<PeerId, PeerOut>,
+    pending: FastMap<Token, Pending>,
+    by_mid: FastMap<(PeerId, u16), Token>,
+    peers: FastMap<PeerId, PeerOut>,
     timers: BinaryHeap<Reverse<(Instant, Token)>>,
     failed: VecDeque<Failed>,
     /// MIDs for NON responses to peers we keep no state for.
@@ -169,9 +170,9 @@ impl Exchanges {
             rng,
             metrics,
             next_sweep: None,
-            pending: HashMap::new(),
-            by_mid: HashMap::new(),
-            peers: HashMap::new(),
+            pending: FastMap::default(),
+            by_mid: FastMap::default(),
+            peers: FastMap::default(),
             timers: BinaryHeap::new(),
             failed: VecDeque::new(),
             spare_mid,

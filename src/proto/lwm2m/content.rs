@@ -96,6 +96,59 @@ impl ResourcePath {
     }
 }
 
+/// A [`ResourcePath`] as text, on the stack (`/65535/65535/65535/65535` is 24
+/// bytes).
+#[derive(Clone, Copy)]
+pub struct PathText {
+    buf: [u8; 24],
+    len: u8,
+}
+
+impl PathText {
+    pub fn as_str(&self) -> &str {
+        // Only ASCII digits and slashes are ever written.
+        std::str::from_utf8(&self.buf[..self.len as usize]).unwrap_or("")
+    }
+}
+
+impl ResourcePath {
+    /// The path as text without allocating.
+    pub fn text(&self) -> PathText {
+        let mut t = PathText {
+            buf: [0; 24],
+            len: 0,
+        };
+        for id in [
+            Some(self.object),
+            self.instance,
+            self.resource,
+            self.resource_instance,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let mut digits = [0u8; 5];
+            let mut n = 0;
+            let mut v = id;
+            loop {
+                digits[n] = b'0' + (v % 10) as u8;
+                n += 1;
+                v /= 10;
+                if v == 0 {
+                    break;
+                }
+            }
+            t.buf[t.len as usize] = b'/';
+            t.len += 1;
+            for d in digits[..n].iter().rev() {
+                t.buf[t.len as usize] = *d;
+                t.len += 1;
+            }
+        }
+        t
+    }
+}
+
 impl fmt::Display for ResourcePath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "/{}", self.object)?;
@@ -807,6 +860,14 @@ mod tests {
     #[test]
     fn paths() {
         assert_eq!(p("/3303/0/5700").to_string(), "/3303/0/5700");
+        for s in [
+            "/0",
+            "/3/0/9",
+            "/65535/65535/65535/65535",
+            "/3303/0/5700/10",
+        ] {
+            assert_eq!(p(s).text().as_str(), s);
+        }
         assert_eq!(p("3/0").depth(), 2);
         assert!(ResourcePath::parse("/a").is_none());
         assert!(ResourcePath::parse("/1/2/3/4/5").is_none());

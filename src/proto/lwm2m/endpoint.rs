@@ -10,8 +10,8 @@
 //! one, or a certificate whose subject CN is the endpoint name); a device
 //! provisioned without credentials may use plain CoAP (NoSec mode).
 
+use crate::proto::FastMap;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 use std::sync::Arc;
 
 /// One provisioned device.
@@ -41,7 +41,7 @@ impl EndpointEntry {
 }
 
 /// A snapshot of the directory: endpoint name → entry.
-pub type EndpointMap = HashMap<String, Arc<EndpointEntry>>;
+pub type EndpointMap = FastMap<String, Arc<EndpointEntry>>;
 
 /// The identity a secure transport established for a peer (RFC 7252 §9.1).
 /// Plain UDP peers have none.

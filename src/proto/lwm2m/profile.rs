@@ -5,6 +5,7 @@
 //! (`control::profiles`); the LwM2M server reads a [`ProfileMap`] snapshot.
 
 use super::content::{DataType, ResourcePath};
+use crate::proto::FastMap;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -23,7 +24,7 @@ pub enum MetricKind {
 pub struct Profile {
     pub name: String,
     /// Mapping by resource path (no resource instance).
-    pub resources: HashMap<ResourcePath, Mapping>,
+    pub resources: FastMap<ResourcePath, Mapping>,
     pub observe: Vec<(ResourcePath, Option<u32>, Option<u32>)>,
     pub rpc: HashMap<String, (String, ResourcePath)>,
 }
@@ -68,7 +69,7 @@ impl Profile {
 }
 
 /// A snapshot of the profile set; always holds `default`.
-pub type ProfileMap = HashMap<String, Arc<Profile>>;
+pub type ProfileMap = FastMap<String, Arc<Profile>>;
 
 impl Profile {
     /// The profile named `name`, or `default` when there is none by that name.

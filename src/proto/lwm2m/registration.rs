@@ -29,10 +29,11 @@ use super::endpoint::EndpointEntry;
 use super::link_format::{self, RegistrationLinks};
 use super::observe::ObservationState;
 use crate::proto::coap::{Code, Message, PeerId};
+use crate::proto::FastMap;
 use serde::{Deserialize, Serialize};
 use smallvec::SmallVec;
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::BinaryHeap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -460,9 +461,9 @@ pub struct RegistrationState {
 /// The registrations of one shard.
 #[derive(Default)]
 pub struct Registry {
-    regs: HashMap<RegId, Registration>,
-    by_endpoint: HashMap<Arc<str>, RegId>,
-    by_peer: HashMap<PeerId, RegId>,
+    regs: FastMap<RegId, Registration>,
+    by_endpoint: FastMap<Arc<str>, RegId>,
+    by_peer: FastMap<PeerId, RegId>,
     expiry: BinaryHeap<Reverse<(Instant, RegId)>>,
 }
 

@@ -53,12 +53,12 @@ use super::telemetry::build_points;
 use crate::metrics::ShardMetrics;
 use crate::proto::coap::exchange::{token_of, ExchangeConfig, Exchanges, Inbound, Token};
 use crate::proto::coap::{self, Code, Message, MessageBuilder, MsgType, PeerId};
+use crate::proto::FastMap;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use smallvec::SmallVec;
-use std::collections::{HashMap, VecDeque};
-use std::fmt::Write as _;
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -328,21 +328,19 @@ pub struct Server {
     authorizer: Box<dyn Authorizer>,
     ex: Exchanges,
     regs: Registry,
-    obs: HashMap<Token, Observation>,
-    requests: HashMap<Token, Purpose>,
-    acks: HashMap<DeliveryTag, PendingAck>,
+    obs: FastMap<Token, Observation>,
+    requests: FastMap<Token, Purpose>,
+    acks: FastMap<DeliveryTag, PendingAck>,
     next_tag: DeliveryTag,
     backlog: VecDeque<OwnedStatus>,
     backlog_retry: Option<Instant>,
     shard_out: VecDeque<(Dest, ShardMsg)>,
     /// Registrations created here that live on another shard now:
     /// id → (owner, moves).
-    homed: HashMap<RegId, (u16, u32)>,
+    homed: FastMap<RegId, (u16, u32)>,
     /// De-provisioned registrations: requests on them get 4.03 until then.
-    tombstones: HashMap<RegId, Instant>,
+    tombstones: FastMap<RegId, Instant>,
     lamport: u64,
-    /// Reused for the `source.path` of published points.
-    path_buf: String,
     refusals: LogLimiter,
     /// Registration state changed since the last snapshot.
     dirty: bool,
@@ -361,17 +359,16 @@ impl Server {
             authorizer: Box::new(DefaultAuthorizer),
             ex,
             regs: Registry::default(),
-            obs: HashMap::new(),
-            requests: HashMap::new(),
-            acks: HashMap::new(),
+            obs: FastMap::default(),
+            requests: FastMap::default(),
+            acks: FastMap::default(),
             next_tag: 1,
             backlog: VecDeque::new(),
             backlog_retry: None,
             shard_out: VecDeque::new(),
-            homed: HashMap::new(),
-            tombstones: HashMap::new(),
+            homed: FastMap::default(),
+            tombstones: FastMap::default(),
             lamport: 0,
-            path_buf: String::with_capacity(32),
             refusals: LogLimiter::new(),
             dirty: false,
         }
@@ -1470,9 +1467,15 @@ impl Server {
     /// An Observe notification (RFC 7641 §4.2), matched by token *and* peer
     /// (RFC 7252 §5.3.2): a token from another peer is not this device's.
     fn on_notification(&mut self, now: Now, ctx: &mut Ctx<'_>, peer: PeerId, msg: &Message<'_>) {
-        let Some((token, reg_id, path)) =
-            token_of(msg.token).and_then(|t| self.obs.get(&t).map(|o| (t, o.reg, o.path)))
-        else {
+        // One lookup of the observation: its registration, path and what
+        // the Observe number means for it.
+        let seq = msg.observe();
+        let Some((token, reg_id, path, fresh)) = token_of(msg.token).and_then(|t| {
+            self.obs.get(&t).map(|o| {
+                let f = seq.map_or(Freshness::Fresh, |s| o.window.check(now.instant, s));
+                (t, o.reg, o.path, f)
+            })
+        }) else {
             // RFC 7641 §3.6: a notification we have no interest in is
             // rejected with RST, which removes the observer on the device.
             ShardMetrics::inc(&self.metrics.notifications_unknown);
@@ -1484,12 +1487,13 @@ impl Server {
             }
             return;
         };
-        let Some(reg_peer) = self.regs.get(reg_id).map(|r| r.peer) else {
+        let Some(reg) = self.regs.get_mut(reg_id) else {
             self.obs.remove(&token);
             self.ex.reset_stateless(peer, msg.message_id);
             return;
         };
-        if reg_peer != peer {
+        if reg.peer != peer {
+            let reg_peer = reg.peer;
             ShardMetrics::inc(&self.metrics.notifications_wrong_peer);
             if self.refused(now) {
                 tracing::info!(shard = self.cfg.shard, %peer, device = %reg_peer, "notification with a known token from another address rejected (RST)");
@@ -1506,42 +1510,30 @@ impl Server {
         }
         if !msg.code.is_success() {
             // RFC 7641 §3.2: a non-2.xx notification ends the observation.
+            reg.observations.retain(|t| *t != token);
             self.obs.remove(&token);
-            if let Some(r) = self.regs.get_mut(reg_id) {
-                r.observations.retain(|t| *t != token);
-            }
             self.dirty = true;
             self.ex
                 .ack(now.instant, peer, msg.mtype, msg.message_id, true);
             return;
         }
-        let seq = msg.observe();
-        if let Some(seq) = seq {
-            let f = self
-                .obs
-                .get(&token)
-                .map(|o| o.window.check(now.instant, seq))
-                .unwrap_or(Freshness::Fresh);
-            match f {
-                Freshness::Duplicate => {
-                    ShardMetrics::inc(&self.metrics.notifications_duplicate);
-                    return self
-                        .ex
-                        .ack(now.instant, peer, msg.mtype, msg.message_id, true);
-                }
-                Freshness::Stale => {
-                    ShardMetrics::inc(&self.metrics.notifications_stale);
-                    return self
-                        .ex
-                        .ack(now.instant, peer, msg.mtype, msg.message_id, true);
-                }
-                Freshness::Reordered => ShardMetrics::inc(&self.metrics.notifications_reordered),
-                Freshness::Fresh => {}
+        match fresh {
+            Freshness::Duplicate => {
+                ShardMetrics::inc(&self.metrics.notifications_duplicate);
+                return self
+                    .ex
+                    .ack(now.instant, peer, msg.mtype, msg.message_id, true);
             }
+            Freshness::Stale => {
+                ShardMetrics::inc(&self.metrics.notifications_stale);
+                return self
+                    .ex
+                    .ack(now.instant, peer, msg.mtype, msg.message_id, true);
+            }
+            Freshness::Reordered => ShardMetrics::inc(&self.metrics.notifications_reordered),
+            Freshness::Fresh => {}
         }
-        if let Some(r) = self.regs.get_mut(reg_id) {
-            r.last_seen_ms = now.wall_ms;
-        }
+        reg.last_seen_ms = now.wall_ms;
         let tag = self.tag_for(msg.mtype);
         let outcome = self.publish(now, ctx, reg_id, path, msg, Operation::Notify, tag);
         let record = |s: &mut Server| {
@@ -1582,7 +1574,7 @@ impl Server {
     /// the resulting TelemetryPoints (one per distinct timestamp).
     #[allow(clippy::too_many_arguments)]
     fn publish(
-        &mut self,
+        &self,
         now: Now,
         ctx: &mut Ctx<'_>,
         id: RegId,
@@ -1621,13 +1613,11 @@ impl Server {
         if !ctx.sink.has_capacity(pts.points.len()) {
             return Published::Busy;
         }
-        self.path_buf.clear();
-        match op {
-            Operation::Send => self.path_buf.push_str("/dp"),
-            Operation::Notify => {
-                let _ = write!(self.path_buf, "{base}");
-            }
-        }
+        let text = base.text();
+        let path = match op {
+            Operation::Send => "/dp",
+            Operation::Notify => text.as_str(),
+        };
         let loc = registration::location(id);
         let loc = std::str::from_utf8(&loc).unwrap_or("");
         let mut queued = 0u32;
@@ -1644,7 +1634,7 @@ impl Server {
                 source: PointSource {
                     protocol: "lwm2m",
                     operation: op.as_str(),
-                    path: &self.path_buf,
+                    path,
                     content_format: cf,
                     observe_seq: msg.observe(),
                     shard: self.cfg.shard as usize,
