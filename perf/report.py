@@ -51,8 +51,9 @@ out = []
 out.append(f"\n## Run of {now} — commit {commit}\n")
 out.append(f"* machine: {cpu}, {os.cpu_count()} cores, {mem}, Linux {platform.release()}; "
            "broker, gateway and load generator share these cores")
-out.append(f"* command: `DURATION={duration} DEVICES={devices} BIG={big} perf/run-scenarios {args}`".replace("  ", " "))
-out.append("* gateway: release build, shards = one per core, `coalesce_us` 1000, kafka linger 5 ms, idempotent, acks=all; tansu 0.6.0 memory storage, a fresh broker per scenario; loopback UDP; host tuned with `tuning/apply`\n")
+out.append(f"* command: `ACK_AFTER={os.environ.get('ACK_AFTER', 'delivered')} DURATION={duration} DEVICES={devices} BIG={big} perf/run-scenarios {args}`".replace("  ", " "))
+ack_after = os.environ.get("ACK_AFTER", "delivered")
+out.append(f"* gateway: release build, shards = one per core, `coalesce_us` 1000, kafka linger 5 ms, idempotent, acks=all, `ack_after = \"{ack_after}\"`; tansu 0.6.0 memory storage, a fresh broker per scenario; loopback UDP; host tuned with `tuning/apply`\n")
 out.append("| scenario | devices | offered /s | accepted /s | ratio to baseline | lost | dup | CON ACK p50 / p99 ms | notify→Kafka p50 / p99 ms | gateway CPU µs / point | gateway RSS MiB |")
 out.append("|---|---|---|---|---|---|---|---|---|---|---|")
 
