@@ -5,7 +5,7 @@
 //! reference and writes the wire form into a caller-owned buffer with
 //! [`MessageBuilder::encode`]. Options may be added in any order; they are
 //! written sorted by number (stable, so repeated options such as Uri-Path keep
-//! their order). Up to 16 options live inline, so building a reply allocates
+//! their order). Up to 8 options live inline, so building a reply allocates
 //! nothing. uint options are written in their minimal form (RFC 7252 §3.2) and
 //! numeric path segments (`/3303/0/5700`) as decimal text, both without
 //! intermediate strings.
@@ -69,7 +69,7 @@ pub struct MessageBuilder<'a> {
     code: Code,
     message_id: u16,
     token: &'a [u8],
-    options: SmallVec<[(u16, OptValue<'a>); 16]>,
+    options: SmallVec<[(u16, OptValue<'a>); 8]>,
     payload: &'a [u8],
 }
 
