@@ -401,6 +401,11 @@ impl Server {
         Some((loc_string(r.id), r.peer))
     }
 
+    /// Registrations created here that live on another shard now.
+    pub fn homed_count(&self) -> usize {
+        self.homed.len()
+    }
+
     /// Records waiting for the broker before their message is acknowledged.
     pub fn awaiting_delivery(&self) -> usize {
         self.acks.len()
@@ -1804,7 +1809,7 @@ impl Server {
                                 ShardMsg::Homed {
                                     id,
                                     owner: self.cfg.shard,
-                                    moves: st.moves + 1,
+                                    moves: st.moves,
                                 },
                             );
                         }

@@ -706,6 +706,47 @@ fn update_and_deregister_from_new_ports_on_two_shards() {
 }
 
 #[test]
+fn home_shard_pointer_follows_and_is_cleared() {
+    let mut h = H::shards(2);
+    let mut dev = SimDevice::new("urn:imei:123", 1);
+    let home = port_on(&h, 0, 2000);
+    h.register(addr(home), &mut dev);
+    let away = port_on(&h, 1, 3000);
+    let out = h.input(addr(away), &dev.update(None, false));
+    assert_eq!(code_of(&out[0]), Code::CHANGED);
+    assert_eq!(h.gw.shards[0].homed_count(), 1, "home knows where it went");
+    // Moves on again (to another port on shard 1), then back home.
+    let away2 = port_on(&h, 1, away + 1);
+    assert_eq!(
+        code_of(&h.input(addr(away2), &dev.update(None, false))[0]),
+        Code::CHANGED
+    );
+    let back = port_on(&h, 0, home + 1);
+    assert_eq!(
+        code_of(&h.input(addr(back), &dev.update(None, false))[0]),
+        Code::CHANGED
+    );
+    assert_eq!(h.gw.where_is("urn:imei:123")[0].0, 0);
+    assert_eq!(h.gw.shards[0].homed_count(), 0, "back home: no pointer");
+    // Away again, then it ends there: the pointer goes too.
+    let away3 = port_on(&h, 1, away2 + 1);
+    assert_eq!(
+        code_of(&h.input(addr(away3), &dev.update(None, false))[0]),
+        Code::CHANGED
+    );
+    assert_eq!(h.gw.shards[0].homed_count(), 1);
+    assert_eq!(
+        code_of(&h.input(addr(away3), &dev.deregister())[0]),
+        Code::DELETED
+    );
+    assert_eq!(
+        h.gw.shards[0].homed_count(),
+        0,
+        "ended away: pointer cleared"
+    );
+}
+
+#[test]
 fn ten_deregisters_from_fresh_ports_all_succeed() {
     for i in 0..10u16 {
         let mut h = H::shards(2);
