@@ -140,6 +140,19 @@ impl State {
         }
     }
 
+    /// Runs `f` on the server with a context holding this batch's directory
+    /// and profile snapshots and the shard's sink.
+    fn with_ctx<R>(&mut self, f: impl FnOnce(&mut Server, &mut Ctx<'_>) -> R) -> R {
+        let eps = self.directory.snapshot();
+        let prof = self.profiles.snapshot();
+        let mut ctx = Ctx {
+            endpoints: &eps,
+            profiles: &prof,
+            sink: &mut self.sink,
+        };
+        f(&mut self.server, &mut ctx)
+    }
+
     /// Sends transmits and forwards shard messages.
     fn send_out(&mut self) {
         if self.server.has_transmits() {
@@ -438,16 +451,9 @@ async fn run_shard(a: ShardArgs) {
                 let mut s = st.borrow_mut();
                 let s = &mut *s;
                 let t = now();
-                let eps = s.directory.snapshot();
-                let prof = s.profiles.snapshot();
-                let mut ctx = Ctx {
-                    endpoints: &eps,
-                    profiles: &prof,
-                    sink: &mut s.sink,
-                };
                 match m {
-                    Inbox::Shard(m) => s.server.handle_shard_msg(t, &mut ctx, m),
-                    Inbox::Control(c) => s.server.handle_control(t, &mut ctx, c),
+                    Inbox::Shard(m) => s.with_ctx(|srv, ctx| srv.handle_shard_msg(t, ctx, m)),
+                    Inbox::Control(c) => s.with_ctx(|srv, ctx| srv.handle_control(t, ctx, c)),
                     Inbox::Shutdown => s.stopping = true,
                 }
                 s.flush();
@@ -489,23 +495,19 @@ async fn run_shard(a: ShardArgs) {
                 };
                 if got > 0 {
                     let t = now();
-                    let eps = st.directory.snapshot();
-                    let prof = st.profiles.snapshot();
-                    let mut ctx = Ctx {
-                        endpoints: &eps,
-                        profiles: &prof,
-                        sink: &mut st.sink,
-                    };
-                    for k in 0..got {
-                        if let Some((peer, data, truncated)) = rb.get(k) {
-                            let peer = PeerId::udp(peer);
-                            if truncated {
-                                st.server.handle_oversized(t, peer, data);
-                            } else {
-                                st.server.handle_datagram(t, &mut ctx, peer, None, data);
+                    // One directory / profile snapshot for the whole batch.
+                    st.with_ctx(|srv, ctx| {
+                        for k in 0..got {
+                            if let Some((peer, data, truncated)) = rb.get(k) {
+                                let peer = PeerId::udp(peer);
+                                if truncated {
+                                    srv.handle_oversized(t, peer, data);
+                                } else {
+                                    srv.handle_datagram(t, ctx, peer, None, data);
+                                }
                             }
                         }
-                    }
+                    });
                     st.flush();
                 }
                 total += got;
@@ -537,15 +539,8 @@ async fn run_shard(a: ShardArgs) {
                 if n > max {
                     st.server.handle_oversized(t, peer, &first[..max]);
                 } else {
-                    let eps = st.directory.snapshot();
-                    let prof = st.profiles.snapshot();
-                    let mut ctx = Ctx {
-                        endpoints: &eps,
-                        profiles: &prof,
-                        sink: &mut st.sink,
-                    };
-                    st.server
-                        .handle_datagram(t, &mut ctx, peer, None, &first[..n]);
+                    let data = &first[..n];
+                    st.with_ctx(|srv, ctx| srv.handle_datagram(t, ctx, peer, None, data));
                 }
                 st.flush();
             }
@@ -607,14 +602,7 @@ async fn run_shard(a: ShardArgs) {
         let server = &mut st.server;
         st.sink
             .drain_deliveries(|tag, ok| server.handle_delivery(t, tag, ok));
-        let eps = st.directory.snapshot();
-        let prof = st.profiles.snapshot();
-        let mut ctx = Ctx {
-            endpoints: &eps,
-            profiles: &prof,
-            sink: &mut st.sink,
-        };
-        st.server.handle_timeout(t, &mut ctx);
+        st.with_ctx(|srv, ctx| srv.handle_timeout(t, ctx));
         st.send_out();
         if Instant::now() >= next_snapshot {
             next_snapshot = Instant::now() + snap_every;
