@@ -9,7 +9,7 @@
 //!
 //! When the current file is corrupted and the previous generation was used
 //! instead, the next write must not demote the corrupted file to `.prev`
-//! (it would replace the only good generation): [`write`] with
+//! (it would replace the only good generation): [`write()`] with
 //! `rotate = false` moves it aside as `<name>.corrupt` and keeps `.prev`.
 
 use std::fs;
