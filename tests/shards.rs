@@ -288,6 +288,21 @@ fn restart_is_invisible_to_devices() {
     let counts = temperatures(&pts);
     assert_eq!(counts.get("4321"), Some(&1), "{counts:?}");
     assert_eq!(counts.get("5432"), Some(&1), "{counts:?}");
+    // SIGKILL after the periodic snapshot (every second here) caught the
+    // Updates above: only what changed since then is lost, so these
+    // registrations survive too.
+    std::thread::sleep(Duration::from_millis(2500));
+    gw.kill();
+    gw.spawn();
+    for d in devs.iter_mut().chain(std::iter::once(&mut env)) {
+        let u = d.sim.update(None, false);
+        assert_eq!(
+            d.request(&u, Duration::from_secs(10)),
+            Some(Code::CHANGED),
+            "after SIGKILL"
+        );
+    }
+    assert_eq!(gw.metric("registrations"), 0, "nobody registered again");
     assert_eq!(gw.stop(), Some(0));
 }
 
