@@ -114,13 +114,7 @@ fn payload_benches(c: &mut Criterion) {
 }
 
 fn entry(i: usize) -> EndpointEntry {
-    EndpointEntry {
-        device_id: format!("device-{i:08}"),
-        tenant_id: "acme".into(),
-        profile: "default".into(),
-        psk_identity: None,
-        psk_key_hex: None,
-    }
+    EndpointEntry::new(&format!("device-{i:08}"), "acme", "default")
 }
 
 fn directory_benches(c: &mut Criterion) {

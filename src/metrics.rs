@@ -102,6 +102,24 @@ metrics! {
         acks_withheld_delivery_failed: "acknowledgements withheld because the broker did not confirm the record",
         dedup_evicted: "peers evicted from duplicate detection by the dedup_max_peers cap",
         log_lines_suppressed: "log lines suppressed by the rate limit",
+        dtls_hello_verify_sent: "HelloVerifyRequests sent (ClientHello without a valid cookie; no state kept, RFC 6347 §4.2.1)",
+        dtls_dropped_malformed: "DTLS datagrams dropped: malformed records or an unexpected first message",
+        dtls_dropped_handshake_cap: "verified ClientHellos dropped: dtls.max_handshakes in progress on the shard",
+        dtls_dropped_session_cap: "verified ClientHellos dropped: dtls.max_sessions established on the shard",
+        dtls_dropped_rate: "verified ClientHellos dropped: dtls.handshakes_per_ip_per_s exceeded by the source address",
+        dtls_handshakes_started: "DTLS handshakes started (a ClientHello with a valid cookie)",
+        dtls_handshakes_completed: "DTLS handshakes completed",
+        dtls_handshakes_failed: "DTLS handshakes that failed (alert sent, bad credentials, unsupported suite)",
+        dtls_handshake_timeouts: "DTLS handshakes abandoned after dtls.handshake_timeout_ms",
+        dtls_records_replayed: "DTLS records dropped as replays (RFC 6347 §4.1.2.6)",
+        dtls_records_bad: "DTLS records that failed authentication (dropped, RFC 6347 §4.1.2.7)",
+        dtls_records_no_session: "DTLS records from an address without a session (dropped)",
+        dtls_final_flight_resent: "final handshake flights resent because the client retransmitted its own",
+        dtls_alerts_rx: "DTLS alerts received on established sessions",
+        dtls_sessions_closed: "DTLS sessions ended (close_notify, fatal alert, idle timeout, credentials changed)",
+        dtls_sessions_replaced: "DTLS sessions replaced by a new handshake from the same address (RFC 6347 §4.2.8)",
+        dtls_sessions_restored: "DTLS sessions restored from the encrypted session snapshot",
+        dtls_tx_no_session: "datagrams for a DTLS peer without a session (not sent)",
     }
     gauges {
         registrations_active: "registrations currently held by the shard",
@@ -110,6 +128,8 @@ metrics! {
         acks_awaiting_delivery: "messages whose acknowledgement waits for the broker to confirm their records",
         dedup_peers: "peers held by duplicate detection",
         kafka_queue: "records in the shard producer's queue",
+        dtls_sessions: "established DTLS sessions held by the shard",
+        dtls_handshakes: "DTLS handshakes in progress on the shard",
     }
 }
 

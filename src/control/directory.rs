@@ -44,7 +44,7 @@ pub enum DirectoryError {
     #[error("provisioning file {0}: {1}")]
     Provisioning(PathBuf, String),
     #[error("invalid entry for {0:?}: {1}")]
-    Invalid(String, &'static str),
+    Invalid(String, std::borrow::Cow<'static, str>),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DirectoryError + '_ {
@@ -110,8 +110,38 @@ struct Writer {
     persist: Option<(PathBuf, fs::File)>,
 }
 
+/// The directory's credentials indexed the way a handshake asks for them.
+#[derive(Default)]
+pub struct CredentialIndex {
+    /// PSK identity → (endpoint, entry).
+    pub psk: HashMap<Vec<u8>, (String, Arc<EndpointEntry>)>,
+    /// Pinned certificate fingerprints → endpoint.
+    pub fingerprints: HashMap<[u8; 32], String>,
+}
+
+impl CredentialIndex {
+    pub fn build(map: &EndpointMap) -> CredentialIndex {
+        let mut ix = CredentialIndex::default();
+        for (ep, e) in map {
+            if let Some(id) = e.psk_identity_bytes() {
+                ix.psk.insert(id, (ep.clone(), e.clone()));
+            }
+            if let Some(f) = e.x509_fingerprint() {
+                ix.fingerprints.insert(f, ep.clone());
+            }
+        }
+        ix
+    }
+
+    /// The PSK key for an identity.
+    pub fn psk_key(&self, identity: &[u8]) -> Option<Vec<u8>> {
+        self.psk.get(identity).and_then(|(_, e)| e.psk_key())
+    }
+}
+
 pub struct Directory {
     map: ArcSwap<EndpointMap>,
+    creds: ArcSwap<CredentialIndex>,
     writer: Mutex<Writer>,
     /// Incremented on every change; the snapshotter writes when it moved.
     version: AtomicU64,
@@ -146,6 +176,7 @@ impl Directory {
     /// An in-memory directory (no persistence).
     pub fn new(map: EndpointMap) -> Directory {
         Directory {
+            creds: ArcSwap::from_pointee(CredentialIndex::build(&map)),
             map: ArcSwap::from_pointee(map),
             writer: Mutex::new(Writer { persist: None }),
             version: AtomicU64::new(0),
@@ -222,6 +253,7 @@ impl Directory {
             .open(&wal_path)
             .map_err(io_err(&wal_path))?;
         let d = Directory {
+            creds: ArcSwap::from_pointee(CredentialIndex::build(&map)),
             map: ArcSwap::from_pointee(map),
             writer: Mutex::new(Writer {
                 persist: Some((dir.to_path_buf(), wal)),
@@ -264,7 +296,8 @@ impl Directory {
     }
 
     fn validate(endpoint: &str, e: &EndpointEntry) -> Result<(), DirectoryError> {
-        let bad = |why| Err(DirectoryError::Invalid(endpoint.to_string(), why));
+        let bad =
+            |why: &'static str| Err(DirectoryError::Invalid(endpoint.to_string(), why.into()));
         if endpoint.is_empty()
             || endpoint.len() > crate::proto::lwm2m::registration::MAX_ENDPOINT_LEN
         {
@@ -281,7 +314,39 @@ impl Directory {
         {
             return bad("tenant_id must be non-empty [A-Za-z0-9._-] (it names Kafka topics)");
         }
+        e.validate_credentials().or_else(bad)
+    }
+
+    /// A PSK identity may name one endpoint only (the handshake finds the
+    /// key by identity, RFC 4279 §5.1).
+    fn check_unique_psk<'a>(
+        &self,
+        items: impl Iterator<Item = (&'a str, &'a EndpointEntry)>,
+    ) -> Result<(), DirectoryError> {
+        let creds = self.creds.load();
+        let mut seen: HashMap<Vec<u8>, &str> = HashMap::new();
+        for (ep, e) in items {
+            let Some(id) = e.psk_identity_bytes() else {
+                continue;
+            };
+            let clash = match creds.psk.get(&id) {
+                Some((other, _)) if other != ep => Some(other.clone()),
+                _ => seen.get(&id).filter(|o| **o != ep).map(|o| o.to_string()),
+            };
+            if let Some(other) = clash {
+                return Err(DirectoryError::Invalid(
+                    ep.to_string(),
+                    format!("psk identity already provisioned for {other}").into(),
+                ));
+            }
+            seen.insert(id, ep);
+        }
         Ok(())
+    }
+
+    /// Lock-free credential lookups for the DTLS handshake.
+    pub fn credentials(&self) -> Arc<CredentialIndex> {
+        self.creds.load_full()
     }
 
     /// Logs (when persistent) and applies one change.
@@ -303,6 +368,7 @@ impl Directory {
         }
         let mut next = EndpointMap::clone(&self.map.load());
         apply(&mut next, rec.op);
+        self.creds.store(Arc::new(CredentialIndex::build(&next)));
         self.map.store(Arc::new(next));
         self.version.store(v, Ordering::Release);
         Ok(())
@@ -312,6 +378,7 @@ impl Directory {
     /// when it returns (persistent directories).
     pub fn upsert(&self, endpoint: &str, entry: EndpointEntry) -> Result<bool, DirectoryError> {
         Self::validate(endpoint, &entry)?;
+        self.check_unique_psk(std::iter::once((endpoint, &entry)))?;
         let existed = self.get(endpoint).is_some();
         self.commit(WalOp::Upsert {
             items: vec![ProvisionedEndpoint {
@@ -328,6 +395,7 @@ impl Directory {
         for p in &items {
             Self::validate(&p.endpoint, &p.entry)?;
         }
+        self.check_unique_psk(items.iter().map(|p| (p.endpoint.as_str(), &p.entry)))?;
         let n = items.len();
         self.commit(WalOp::Upsert { items })?;
         Ok(n)
@@ -445,13 +513,7 @@ mod tests {
     use super::*;
 
     fn entry(d: &str) -> EndpointEntry {
-        EndpointEntry {
-            device_id: d.into(),
-            tenant_id: "acme".into(),
-            profile: "default".into(),
-            psk_identity: None,
-            psk_key_hex: None,
-        }
+        EndpointEntry::new(d, "acme", "default")
     }
 
     #[test]

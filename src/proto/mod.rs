@@ -12,6 +12,7 @@
 
 pub mod cbor;
 pub mod coap;
+pub mod dtls;
 pub mod lwm2m;
 
 /// Hash maps of the protocol state. foldhash: fast on small keys (peer

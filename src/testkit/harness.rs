@@ -38,13 +38,7 @@ pub fn default_route(addr: SocketAddr, shards: usize) -> usize {
 }
 
 pub fn entry(device_id: &str, tenant: &str) -> EndpointEntry {
-    EndpointEntry {
-        device_id: device_id.into(),
-        tenant_id: tenant.into(),
-        profile: "default".into(),
-        psk_identity: None,
-        psk_key_hex: None,
-    }
+    EndpointEntry::new(device_id, tenant, "default")
 }
 
 /// The gateway's shards in memory.
