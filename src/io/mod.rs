@@ -6,6 +6,8 @@
 //! allocation per datagram). All calls use `MSG_DONTWAIT`: readiness is awaited
 //! elsewhere (glommio's io_uring receive), so nothing here ever blocks.
 
+pub mod dtls;
+
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use std::io;
 use std::mem::{size_of, zeroed};

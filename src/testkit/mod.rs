@@ -4,6 +4,8 @@
 //! and [`harness`] (gateway shards + simulated devices + fake time + a lossy
 //! network, all in memory).
 
+pub mod certs;
+pub mod dtls_client;
 pub mod harness;
 pub mod memory_sink;
 pub mod sim;

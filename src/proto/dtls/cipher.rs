@@ -146,6 +146,9 @@ pub enum Side {
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Keys {
     pub suite: Suite,
+    /// CBC suites: encrypt-then-MAC was negotiated (RFC 7366).
+    #[serde(default)]
+    pub etm: bool,
     mac: Option<Box<[[u8; 32]; 2]>>,
     key: [[u8; 16]; 2],
     iv: [[u8; 4]; 2],
@@ -188,6 +191,7 @@ impl Keys {
         );
         let mut k = Keys {
             suite,
+            etm: false,
             mac: None,
             key: [[0; 16]; 2],
             iv: [[0; 4]; 2],
@@ -209,6 +213,12 @@ impl Keys {
         }
         block.fill(0);
         k
+    }
+
+    /// Marks encrypt-then-MAC (RFC 7366) as negotiated (CBC suites).
+    pub fn with_encrypt_then_mac(mut self, etm: bool) -> Keys {
+        self.etm = etm && self.suite.protection() == Protection::CbcSha256;
+        self
     }
 
     fn idx(side: Side) -> usize {
@@ -407,11 +417,36 @@ impl RecordCipher {
         version: u16,
         fragment: &mut [u8],
     ) -> Result<Range<usize>, CryptoError> {
+        let mac_key = keys.mac.as_ref().ok_or(CryptoError::Cipher)?;
+        if keys.etm {
+            // RFC 7366 §3: MAC(seq ‖ type ‖ version ‖ length(IV ‖ ciphertext)
+            // ‖ IV ‖ ciphertext), checked before anything is decrypted.
+            if fragment.len() < 16 + 16 + 32 || (fragment.len() - 32) % 16 != 0 {
+                return Err(CryptoError::Short);
+            }
+            let n = fragment.len() - 32;
+            let hk = HmacKey::new(&mac_key[s]);
+            let a = aad(epoch_seq, content_type, version, n);
+            let mac = hk.digest(&[&a, &fragment[..n]]);
+            if !ct_eq(&mac, &fragment[n..]) {
+                return Err(CryptoError::BadRecord);
+            }
+            let (iv, body) = fragment[..n].split_at_mut(16);
+            self.cbc(false, &keys.key[s], iv, body)?;
+            let pad = body[body.len() - 1] as usize;
+            if pad + 1 > body.len()
+                || body[body.len() - 1 - pad..]
+                    .iter()
+                    .any(|b| *b as usize != pad)
+            {
+                return Err(CryptoError::BadRecord);
+            }
+            return Ok(16..16 + body.len() - pad - 1);
+        }
         // IV, then at least one block holding MAC + padding length byte.
         if fragment.len() < 16 + 48 || fragment.len() % 16 != 0 {
             return Err(CryptoError::Short);
         }
-        let mac_key = keys.mac.as_ref().ok_or(CryptoError::Cipher)?;
         let (iv, body) = fragment.split_at_mut(16);
         self.cbc(false, &keys.key[s], iv, body)?;
         let n = body.len();
@@ -488,6 +523,29 @@ impl RecordCipher {
                     out.truncate(start);
                 }
                 r
+            }
+            Protection::CbcSha256 if keys.etm => {
+                let mac_key = keys.mac.as_ref().ok_or(CryptoError::Cipher)?;
+                let unpadded = plaintext.len() + 1;
+                let pad = (16 - unpadded % 16) % 16;
+                let body_len = unpadded + pad;
+                record::write_header(out, content_type, version, epoch, seq, 16 + body_len + 32);
+                let iv_at = out.len();
+                out.resize(iv_at + 16, 0);
+                openssl::rand::rand_bytes(&mut out[iv_at..]).map_err(|_| CryptoError::Cipher)?;
+                out.extend_from_slice(plaintext);
+                out.resize(out.len() + pad + 1, pad as u8);
+                let (iv, body) = out[iv_at..].split_at_mut(16);
+                let iv = <[u8; 16]>::try_from(&*iv).map_err(|_| CryptoError::Cipher)?;
+                if let Err(e) = self.cbc(true, &keys.key[s], &iv, body) {
+                    out.truncate(start);
+                    return Err(e);
+                }
+                let hk = HmacKey::new(&mac_key[s]);
+                let a = aad(epoch_seq, content_type, version, 16 + body_len);
+                let mac = hk.digest(&[&a, &out[iv_at..]]);
+                out.extend_from_slice(&mac);
+                Ok(())
             }
             Protection::CbcSha256 => {
                 let mac_key = keys.mac.as_ref().ok_or(CryptoError::Cipher)?;
@@ -637,8 +695,13 @@ mod tests {
     #[test]
     fn seal_then_open_every_suite() {
         let mut c = RecordCipher::new().unwrap();
-        for suite in Suite::ALL {
-            let keys = Keys::derive(suite, &[5u8; 48], &[1u8; 32], &[2u8; 32]);
+        for (suite, etm) in Suite::ALL
+            .into_iter()
+            .map(|s| (s, false))
+            .chain([(Suite::PskAes128CbcSha256, true)])
+        {
+            let keys =
+                Keys::derive(suite, &[5u8; 48], &[1u8; 32], &[2u8; 32]).with_encrypt_then_mac(etm);
             for len in [0usize, 1, 15, 16, 17, 100, 1200] {
                 let pt: Vec<u8> = (0..len).map(|i| i as u8).collect();
                 let mut out = Vec::new();

@@ -109,6 +109,8 @@ struct Pending<H> {
     /// Epoch-1 records the client sent (its Finished).
     client_epoch1: ReplayWindow,
     hello_tag: u64,
+    /// The ServerHello agreed to encrypt-then-MAC (RFC 7366).
+    etm: bool,
 }
 
 fn hello_tag(random: &[u8]) -> u64 {
@@ -339,13 +341,17 @@ impl<A: Acceptor> DtlsEndpoint<A> {
                     }
                 }
             }
-            if (epoch == 0
-                && (ct == content_type::HANDSHAKE || ct == content_type::CHANGE_CIPHER_SPEC))
-                || (epoch == s.epoch && ct == content_type::HANDSHAKE)
+            if epoch == 0
+                && (ct == content_type::HANDSHAKE || ct == content_type::CHANGE_CIPHER_SPEC)
             {
+                // The first records of a retransmitted final flight; its
+                // Finished (below) triggers the answer.
+                continue;
+            }
+            if epoch == s.epoch && ct == content_type::HANDSHAKE {
                 // The client retransmitted its final flight: our Finished
                 // was lost (RFC 6347 §4.2.4). Answer it again, once per
-                // datagram.
+                // flight (on its Finished, the flight's last record).
                 if s.final_flight.is_some() {
                     let flight: Vec<Vec<u8>> = s.final_flight().map(|d| d.to_vec()).collect();
                     for d in flight {
@@ -425,6 +431,7 @@ impl<A: Acceptor> DtlsEndpoint<A> {
                         server_next: 0,
                         client_epoch1: ReplayWindow::default(),
                         hello_tag: tag,
+                        etm: false,
                     },
                 );
                 self.timers.push(Reverse((deadline, peer)));
@@ -448,6 +455,9 @@ impl<A: Acceptor> DtlsEndpoint<A> {
                     p.server_next = p.server_next.max(r.seq + 1);
                 }
             }
+            if let Some(exts) = handshake::server_hello_extensions(&d) {
+                p.etm = handshake::has_extension(exts, handshake::EXT_ENCRYPT_THEN_MAC);
+            }
             let s = self.tx.len();
             self.tx.extend_from_slice(&d);
             self.tx_list.push((peer, s..self.tx.len()));
@@ -465,7 +475,7 @@ impl<A: Acceptor> DtlsEndpoint<A> {
                     return;
                 };
                 let session = Session {
-                    keys: est.keys,
+                    keys: est.keys.with_encrypt_then_mac(p.etm),
                     identity: est.identity,
                     epoch: 1,
                     write_seq: p.server_next,
@@ -798,6 +808,8 @@ mod tests {
             1,
         );
         fin.push(1);
+        record::write_header(&mut fin, content_type::HANDSHAKE, record::DTLS1_2, 1, 0, 1);
+        fin.push(0);
         e.handle_datagram(at(t, 2), peer, &mut fin.clone(), |_, _| {});
         assert_eq!((e.handshake_count(), e.session_count()), (0, 1));
         assert_eq!(ShardMetrics::get(&m.dtls_handshakes_completed), 1);

@@ -182,6 +182,45 @@ impl<'a> ClientHello<'a> {
     }
 }
 
+/// Extension carrying encrypt_then_mac (RFC 7366 §2).
+pub const EXT_ENCRYPT_THEN_MAC: u16 = 22;
+
+/// The extensions block of an unfragmented ServerHello in `datagram`
+/// (RFC 5246 §7.4.1.3), when the datagram holds one.
+pub fn server_hello_extensions(datagram: &[u8]) -> Option<&[u8]> {
+    for rec in record::records(datagram) {
+        let rec = rec.ok()?;
+        if rec.content_type != content_type::HANDSHAKE || rec.epoch != 0 {
+            continue;
+        }
+        let Ok(h) = parse_header(rec.fragment) else {
+            continue;
+        };
+        if h.msg_type != msg_type::SERVER_HELLO || h.fragment_offset != 0 {
+            continue;
+        }
+        let mut r = Reader(h.fragment);
+        r.take(2 + 32).ok()?;
+        r.vec8().ok()?;
+        r.take(2 + 1).ok()?;
+        return Some(if r.0.is_empty() { r.0 } else { r.vec16().ok()? });
+    }
+    None
+}
+
+/// True when an extensions block holds extension `typ`.
+pub fn has_extension(mut exts: &[u8], typ: u16) -> bool {
+    while exts.len() >= 4 {
+        let t = u16::from_be_bytes([exts[0], exts[1]]);
+        let n = u16::from_be_bytes([exts[2], exts[3]]) as usize;
+        if t == typ {
+            return true;
+        }
+        exts = exts.get(4 + n..).unwrap_or(&[]);
+    }
+    false
+}
+
 /// Finds a ClientHello in a datagram: the first record must carry it.
 pub fn client_hello(datagram: &[u8]) -> Result<ClientHello<'_>, HelloError> {
     match record::records(datagram).next() {
