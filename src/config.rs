@@ -15,6 +15,7 @@ use std::time::Duration;
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub gateway: GatewayConfig,
+    pub dtls: DtlsSection,
     pub coap: CoapConfig,
     pub kafka: KafkaConfig,
     pub directory: DirectoryConfig,
@@ -27,6 +28,8 @@ pub struct Config {
 pub struct GatewayConfig {
     /// Plain CoAP listen address (LwM2M over UDP).
     pub listen: SocketAddr,
+    /// Serve plain CoAP at all (`false`: DTLS only).
+    pub plain: bool,
     /// Number of shards; 0 = one per available core.
     pub shards: usize,
     /// CPUs to pin shards to, in order; empty = CPUs 0..shards.
@@ -54,6 +57,7 @@ impl Default for GatewayConfig {
     fn default() -> Self {
         GatewayConfig {
             listen: "0.0.0.0:5683".parse().unwrap_or_else(|_| unreachable!()),
+            plain: true,
             shards: 0,
             cpus: Vec::new(),
             recv_batch: 64,
@@ -63,6 +67,85 @@ impl Default for GatewayConfig {
             coalesce_us: 1000,
             shutdown_flush_ms: 10_000,
             rng_seed: None,
+        }
+    }
+}
+
+/// CoAP over DTLS 1.2 (RFC 7252 §9, RFC 6347) on its own port, one
+/// SO_REUSEPORT socket per shard.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DtlsSection {
+    pub enabled: bool,
+    pub listen: SocketAddr,
+    /// Gateway certificate chain and key (PEM; ECDSA P-256 for the
+    /// ECDHE_ECDSA suites). Without them only PSK suites are offered.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// CA bundle device certificates must chain to.
+    pub ca_file: Option<PathBuf>,
+    /// OpenSSL cipher string (default: the LwM2M suites, CCM-8 first).
+    pub ciphers: Option<String>,
+    /// Handshake datagram size.
+    pub mtu: u32,
+    pub max_handshakes_per_shard: usize,
+    pub max_sessions_per_shard: usize,
+    /// Handshakes one source address may start per second (0: unlimited).
+    pub handshakes_per_ip_per_s: u32,
+    pub handshake_timeout_ms: u64,
+    /// An established session with no record for this long is dropped
+    /// (default: a day, the default LwM2M lifetime, plus two hours).
+    pub idle_timeout_s: u64,
+    pub cookie_rotate_s: u64,
+    /// Sessions are saved at shutdown, encrypted with this key (hex, 32
+    /// bytes), and restored at start. The key may also come from the
+    /// environment variable named by `session_key_env`. Unset: sessions
+    /// are not kept across restarts.
+    pub session_key_file: Option<PathBuf>,
+    pub session_key_env: Option<String>,
+}
+
+impl Default for DtlsSection {
+    fn default() -> Self {
+        DtlsSection {
+            enabled: true,
+            listen: "0.0.0.0:5684".parse().unwrap_or_else(|_| unreachable!()),
+            cert_file: None,
+            key_file: None,
+            ca_file: None,
+            ciphers: None,
+            mtu: 1200,
+            max_handshakes_per_shard: 2048,
+            max_sessions_per_shard: 1_000_000,
+            handshakes_per_ip_per_s: 0,
+            handshake_timeout_ms: 30_000,
+            idle_timeout_s: 86_400 + 7_200,
+            cookie_rotate_s: 60,
+            session_key_file: None,
+            session_key_env: None,
+        }
+    }
+}
+
+impl DtlsSection {
+    pub fn endpoint_config(&self) -> crate::proto::dtls::DtlsConfig {
+        crate::proto::dtls::DtlsConfig {
+            max_handshakes: self.max_handshakes_per_shard.max(1),
+            max_sessions: self.max_sessions_per_shard.max(1),
+            handshakes_per_ip_per_s: self.handshakes_per_ip_per_s,
+            handshake_timeout: Duration::from_millis(self.handshake_timeout_ms.max(100)),
+            idle_timeout: Duration::from_secs(self.idle_timeout_s.max(1)),
+            cookie_rotate: Duration::from_secs(self.cookie_rotate_s.max(1)),
+        }
+    }
+
+    pub fn tls_settings(&self) -> crate::io::dtls::TlsSettings {
+        crate::io::dtls::TlsSettings {
+            cert_file: self.cert_file.clone(),
+            key_file: self.key_file.clone(),
+            ca_file: self.ca_file.clone(),
+            ciphers: self.ciphers.clone(),
+            mtu: self.mtu,
         }
     }
 }
@@ -228,6 +311,17 @@ impl Config {
         }
         fix(&mut c.directory.snapshot_dir);
         if let Some(p) = c.profiles.dir.as_mut() {
+            fix(p)
+        }
+        for p in [
+            &mut c.dtls.cert_file,
+            &mut c.dtls.key_file,
+            &mut c.dtls.ca_file,
+            &mut c.dtls.session_key_file,
+        ]
+        .into_iter()
+        .flatten()
+        {
             fix(p)
         }
         Ok(c)

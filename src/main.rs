@@ -9,6 +9,7 @@ use corem_lwm2m::control::admin::{
 use corem_lwm2m::control::directory::{Directory, Origin};
 use corem_lwm2m::control::profiles::Profiles;
 use corem_lwm2m::control::registrations::RegistrationStore;
+use corem_lwm2m::control::sessions::SessionStore;
 use corem_lwm2m::control::topics::TopicManager;
 use corem_lwm2m::proto::lwm2m::server::ControlMsg;
 use corem_lwm2m::shard::runtime;
@@ -168,7 +169,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         .directory
         .persist_registrations
         .then(|| RegistrationStore::new(&cfg.directory.snapshot_dir));
-    let shards = runtime::start(&cfg, directory.clone(), profiles.clone(), store)?;
+    let sessions = session_store(&cfg);
+    let shards = runtime::start(&cfg, directory.clone(), profiles.clone(), store, sessions)?;
     let control = shards.control();
     let on_endpoints: EndpointsHook = {
         let c = control.clone();
@@ -197,7 +199,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         },
     )?;
     tracing::info!(
-        coap = %shards.local_addr,
+        coap = ?shards.local_addr,
+        coaps = ?shards.dtls_addr,
         admin = %admin.addr,
         shards = shards.metrics.len(),
         brokers = %cfg.kafka.brokers,
@@ -253,4 +256,40 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     tracing::info!("bye");
     Ok(())
+}
+
+/// The DTLS session store, when a session key is configured (file or
+/// environment variable). A key that cannot be read is logged (never its
+/// value) and sessions are then not kept across restarts.
+fn session_store(cfg: &corem_lwm2m::config::Config) -> Option<std::sync::Arc<SessionStore>> {
+    let d = &cfg.dtls;
+    if !d.enabled {
+        return None;
+    }
+    let key = if let Some(var) = &d.session_key_env {
+        match std::env::var(var) {
+            Ok(k) => k,
+            Err(_) => {
+                tracing::error!(variable = %var, "dtls.session_key_env is not set: DTLS sessions will not survive a restart");
+                return None;
+            }
+        }
+    } else if let Some(f) = &d.session_key_file {
+        match std::fs::read_to_string(f) {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::error!(file = %f.display(), error = %e, "dtls.session_key_file unreadable: DTLS sessions will not survive a restart");
+                return None;
+            }
+        }
+    } else {
+        return None;
+    };
+    match SessionStore::new(&cfg.directory.snapshot_dir, &key) {
+        Ok(s) => Some(std::sync::Arc::new(s)),
+        Err(e) => {
+            tracing::error!(error = %e, "DTLS session key refused: DTLS sessions will not survive a restart");
+            None
+        }
+    }
 }

@@ -81,3 +81,143 @@ fn libcoap_client_registers_updates_and_deregisters_from_new_ports() {
     let (code, _) = coap_client(&["-m", "post", &format!("{base}/rd/{location}")]);
     assert_eq!(code, "4.04");
 }
+
+/// Runs a libcoap client binary; returns its combined output and the
+/// response code of the first non-empty ACK, if any.
+fn run_client(bin: &str, args: &[&str]) -> (String, Option<(String, Vec<String>)>) {
+    let out = Command::new(bin)
+        .args(["-B", "5", "-v", "7"])
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{bin} not runnable ({e}); run scripts/setup"));
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let line = text
+        .lines()
+        .find(|l| l.contains("t:ACK c:") && !l.contains("c:0.00"))
+        .map(|line| {
+            let code = line
+                .split("c:")
+                .nth(1)
+                .and_then(|s| s.split_whitespace().next())
+                .unwrap_or("")
+                .to_string();
+            let locs = line
+                .split("Location-Path:")
+                .skip(1)
+                .map(|s| s.split([',', ' ', ']']).next().unwrap_or("").to_string())
+                .collect();
+            (code, locs)
+        });
+    (text, line)
+}
+
+const LIBCOAP_PSK: &str = "libcoap-psk-key!";
+
+fn dtls_provisioning() -> String {
+    let hex: String = LIBCOAP_PSK.bytes().map(|b| format!("{b:02x}")).collect();
+    format!(
+        r#"
+[[endpoint]]
+endpoint = "urn:imei:libcoap-psk"
+device_id = "libcoap-psk-device"
+tenant_id = "acme"
+psk_identity = "libcoap-dev"
+psk_key_hex = "{hex}"
+
+[[endpoint]]
+endpoint = "urn:imei:libcoap-cert"
+device_id = "libcoap-cert-device"
+tenant_id = "acme"
+x509 = true
+"#
+    )
+}
+
+#[test]
+fn libcoap_dtls_clients_register_with_psk_and_certificates() {
+    use corem_lwm2m::testkit::certs::{self, Pki};
+    let broker = Broker::memory();
+    let dir = tempdir();
+    let pki = Pki::new("interop CA");
+    let (c, k) = pki.issue("localhost", &["localhost", "127.0.0.1"]);
+    certs::write_pem(&dir, "gateway", &c, &k);
+    let (dc, dk) = pki.issue("urn:imei:libcoap-cert", &[]);
+    let (dev_cert, dev_key) = certs::write_pem(&dir, "device", &dc, &dk);
+    let ca = dir.join("ca.crt");
+    std::fs::write(&ca, pki.cert.to_pem().unwrap()).unwrap();
+    let extra = format!(
+        "[dtls]\ncert_file = \"{0}/gateway.crt\"\nkey_file = \"{0}/gateway.key\"\nca_file = \"{0}/ca.crt\"\n",
+        dir.display()
+    );
+    let gw = Gateway::start(&broker, 2, &dtls_provisioning(), &extra);
+    let status = reader(&broker, &["device.status.acme"]);
+    let base = format!("coaps://{}", gw.coaps);
+    let mut registered = 0;
+    for bin in ["coap-client-openssl", "coap-client-gnutls"] {
+        // PSK.
+        let (text, r) = run_client(
+            bin,
+            &[
+                "-u",
+                "libcoap-dev",
+                "-k",
+                LIBCOAP_PSK,
+                "-m",
+                "post",
+                "-e",
+                "</1/0>,</3/0>",
+                &format!("{base}/rd?ep=urn:imei:libcoap-psk&lt=300&lwm2m=1.1&b=U"),
+            ],
+        );
+        let (code, loc) = r.unwrap_or_else(|| panic!("{bin} PSK: no response:\n{text}"));
+        assert_eq!(code, "2.01", "{bin} PSK");
+        assert_eq!(loc.first().map(String::as_str), Some("rd"), "{loc:?}");
+        registered += 1;
+        // A wrong key: the handshake fails, no registration.
+        let (text, r) = run_client(
+            bin,
+            &[
+                "-u",
+                "libcoap-dev",
+                "-k",
+                "not-the-key-1234",
+                "-m",
+                "post",
+                "-e",
+                "</1/0>",
+                &format!("{base}/rd?ep=urn:imei:libcoap-psk&lt=300"),
+            ],
+        );
+        assert!(r.is_none(), "{bin} wrong key answered:\n{text}");
+        // A certificate issued by the gateway's CA, naming the endpoint.
+        let (text, r) = run_client(
+            bin,
+            &[
+                "-c",
+                dev_cert.to_str().unwrap(),
+                "-j",
+                dev_key.to_str().unwrap(),
+                "-C",
+                ca.to_str().unwrap(),
+                "-m",
+                "post",
+                "-e",
+                "</1/0>,</3/0>",
+                &format!("{base}/rd?ep=urn:imei:libcoap-cert&lt=300&lwm2m=1.1&b=U"),
+            ],
+        );
+        let (code, _) = r.unwrap_or_else(|| panic!("{bin} certificate: no response:\n{text}"));
+        assert_eq!(code, "2.01", "{bin} certificate");
+        registered += 1;
+    }
+    let st = read_matching(&status, registered, Duration::from_secs(20), |r| {
+        r.value["reason"] == "registered"
+    });
+    assert_eq!(st.len(), registered);
+    assert!(st.iter().all(|s| s.value["registration"]["address"]
+        .as_str()
+        .unwrap()
+        .starts_with("coaps://")));
+    assert_eq!(gw.metric("dtls_handshakes_completed"), 4);
+}

@@ -235,6 +235,7 @@ fn thousand_port_register_burst_keeps_exactly_one() {
             ),
             sock: s.try_clone().unwrap(),
             server: gw.coap,
+            dtls: None,
             requests_seen: Vec::new(),
         };
         dev.sock.set_nonblocking(false).unwrap();

@@ -3,9 +3,15 @@
 //! gateway's Write-Attributes / Observe / Read / Execute, then sends a
 //! notification for every observed resource each interval with drifting
 //! values, updates before its lifetime runs out, and de-registers on exit.
+//!
+//! `--dtls`: each device first does a DTLS-PSK handshake with the gateway
+//! (`--server` is then its DTLS port), with the identity and key the
+//! provisioning file (`--provisioning`) holds for its endpoint.
 
 use clap::Parser;
+use corem_lwm2m::control::directory::Directory;
 use corem_lwm2m::proto::lwm2m::content::{self, ResourcePath};
+use corem_lwm2m::testkit::dtls_client::{client_context, ClientAuth, DtlsClient, Udp};
 use corem_lwm2m::testkit::sim::SimDevice;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -39,6 +45,43 @@ struct Args {
     /// Use NON notifications instead of CON.
     #[arg(long)]
     non: bool,
+    /// Talk DTLS-PSK (`--server` is the gateway's DTLS port).
+    #[arg(long)]
+    dtls: bool,
+    /// Provisioning file holding each endpoint's PSK (with `--dtls`).
+    #[arg(long, default_value = "config/provisioning.toml")]
+    provisioning: std::path::PathBuf,
+    /// Cipher suites offered (OpenSSL names) with `--dtls`.
+    #[arg(long, default_value = "PSK-AES128-CCM8")]
+    ciphers: String,
+}
+
+/// The device's transport: plain UDP or a DTLS session.
+enum Link {
+    Plain(UdpSocket),
+    Dtls(Box<DtlsClient<Udp>>),
+}
+
+impl Link {
+    fn send(&mut self, d: &[u8], server: SocketAddr) -> std::io::Result<()> {
+        match self {
+            Link::Plain(s) => s.send_to(d, server).map(|_| ()),
+            Link::Dtls(c) => c.send(d),
+        }
+    }
+    fn recv(&mut self, buf: &mut [u8]) -> Option<usize> {
+        match self {
+            Link::Plain(s) => s.recv_from(buf).ok().map(|(n, _)| n),
+            Link::Dtls(c) => match c.try_recv() {
+                Ok(Some(d)) => {
+                    let n = d.len().min(buf.len());
+                    buf[..n].copy_from_slice(&d[..n]);
+                    Some(n)
+                }
+                _ => None,
+            },
+        }
+    }
 }
 
 fn format_code(s: &str) -> anyhow::Result<u16> {
@@ -56,7 +99,7 @@ fn format_code(s: &str) -> anyhow::Result<u16> {
 
 struct Dev {
     sim: SimDevice,
-    sock: UdpSocket,
+    sock: Link,
     registered: bool,
     last_register: Instant,
     last_update: Instant,
@@ -68,11 +111,47 @@ fn main() -> anyhow::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
     signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
+    let creds = if a.dtls {
+        Directory::read_provisioning(&a.provisioning)?
+    } else {
+        Vec::new()
+    };
     let mut devs = Vec::new();
     for i in 0..a.devices {
-        let sock = UdpSocket::bind("127.0.0.1:0")?;
-        sock.set_nonblocking(true)?;
-        let mut sim = SimDevice::new(&format!("{}{}", a.prefix, i), i as u16);
+        let endpoint = format!("{}{}", a.prefix, i);
+        let sock = if a.dtls {
+            let e = creds
+                .iter()
+                .find(|p| p.endpoint == endpoint)
+                .ok_or_else(|| {
+                    anyhow::anyhow!("{endpoint} is not in {}", a.provisioning.display())
+                })?;
+            let (Some(identity), Some(key)) = (e.entry.psk_identity_bytes(), e.entry.psk_key())
+            else {
+                anyhow::bail!("{endpoint} has no PSK in {}", a.provisioning.display());
+            };
+            let ctx = client_context(&ClientAuth::Psk { identity, key }, &a.ciphers)?;
+            let t = Instant::now();
+            let mut c = DtlsClient::connect(
+                &ctx,
+                "127.0.0.1:0".parse()?,
+                a.server,
+                Duration::from_secs(10),
+            )
+            .map_err(|e| anyhow::anyhow!("{endpoint}: DTLS handshake with {}: {e}", a.server))?;
+            println!(
+                "{endpoint}: DTLS session ({}) in {:.1} ms",
+                c.ssl().current_cipher().map(|c| c.name()).unwrap_or("?"),
+                t.elapsed().as_secs_f64() * 1e3
+            );
+            c.transport_socket().set_nonblocking(true)?;
+            Link::Dtls(Box::new(c))
+        } else {
+            let sock = UdpSocket::bind("127.0.0.1:0")?;
+            sock.set_nonblocking(true)?;
+            Link::Plain(sock)
+        };
+        let mut sim = SimDevice::new(&endpoint, i as u16);
         sim.format = fmt;
         sim.lifetime_s = a.lifetime;
         devs.push(Dev {
@@ -93,16 +172,16 @@ fn main() -> anyhow::Result<()> {
             if !d.registered && d.last_register.elapsed() > Duration::from_secs(3) {
                 d.last_register = Instant::now();
                 let r = d.sim.register();
-                d.sock.send_to(&r, a.server)?;
+                d.sock.send(&r, a.server)?;
             }
             if d.registered
                 && d.last_update.elapsed() > Duration::from_secs((a.lifetime as u64 * 2 / 3).max(1))
             {
                 d.last_update = Instant::now();
                 let u = d.sim.update(None, false);
-                d.sock.send_to(&u, a.server)?;
+                d.sock.send(&u, a.server)?;
             }
-            while let Ok((n, _)) = d.sock.recv_from(&mut buf) {
+            while let Some(n) = d.sock.recv(&mut buf) {
                 let ev = d.sim.handle(&buf[..n]);
                 if ev.registered {
                     d.registered = true;
@@ -127,7 +206,7 @@ fn main() -> anyhow::Result<()> {
                     println!("{} executed {p}", d.sim.endpoint);
                 }
                 for r in ev.replies {
-                    d.sock.send_to(&r, a.server)?;
+                    d.sock.send(&r, a.server)?;
                 }
             }
         }
@@ -150,7 +229,7 @@ fn main() -> anyhow::Result<()> {
                 let paths: Vec<ResourcePath> = d.sim.observations.iter().map(|o| o.path).collect();
                 for p in paths {
                     if let Some((_, msg)) = d.sim.notify(&p.to_string(), !a.non) {
-                        d.sock.send_to(&msg, a.server)?;
+                        d.sock.send(&msg, a.server)?;
                     }
                 }
             }
@@ -159,7 +238,7 @@ fn main() -> anyhow::Result<()> {
     }
     for d in devs.iter_mut().filter(|d| d.registered) {
         let m = d.sim.deregister();
-        let _ = d.sock.send_to(&m, a.server);
+        let _ = d.sock.send(&m, a.server);
     }
     std::thread::sleep(Duration::from_millis(200));
     Ok(())

@@ -182,8 +182,9 @@ fn handle(st: &AdminState, mut req: Request) {
         }
         (Method::Get, "/v1/endpoints") => {
             let all = st.directory.all();
-            let m: std::collections::BTreeMap<&String, &EndpointEntry> =
-                all.iter().map(|(k, v)| (k, v.as_ref())).collect();
+            // Keys are never returned (redacted_json).
+            let m: std::collections::BTreeMap<&String, serde_json::Value> =
+                all.iter().map(|(k, v)| (k, v.redacted_json())).collect();
             reply(
                 req,
                 200,
@@ -252,12 +253,7 @@ fn handle(st: &AdminState, mut req: Request) {
             let ep = pct_decode(&u["/v1/endpoints/".len()..]);
             match method {
                 Method::Get => match st.directory.get(&ep) {
-                    Some(e) => reply(
-                        req,
-                        200,
-                        serde_json::to_string(&*e).unwrap_or_default(),
-                        true,
-                    ),
+                    Some(e) => reply(req, 200, e.redacted_json().to_string(), true),
                     None => error(req, 404, "no such endpoint"),
                 },
                 Method::Put => {

@@ -172,6 +172,16 @@ pub enum Origin {
     Empty,
 }
 
+/// The DTLS handshake's credential lookups (lock-free).
+impl crate::io::dtls::Credentials for Directory {
+    fn psk_key(&self, identity: &[u8]) -> Option<Vec<u8>> {
+        self.creds.load().psk_key(identity)
+    }
+    fn pinned(&self, sha256: &[u8; 32]) -> bool {
+        self.creds.load().fingerprints.contains_key(sha256)
+    }
+}
+
 impl Directory {
     /// An in-memory directory (no persistence).
     pub fn new(map: EndpointMap) -> Directory {

@@ -7,5 +7,6 @@ pub mod admin;
 pub mod directory;
 pub mod profiles;
 pub mod registrations;
+pub mod sessions;
 pub mod snapshot;
 pub mod topics;

@@ -21,7 +21,9 @@
 //! the directory (self-signed device certificates).
 
 use crate::proto::dtls::cipher::{Keys, Suite};
-use crate::proto::dtls::endpoint::{Acceptor, Established, Handshake, HandshakeStatus};
+use crate::proto::dtls::endpoint::{
+    credential_tag, Acceptor, Established, Handshake, HandshakeStatus,
+};
 use crate::proto::lwm2m::endpoint::Identity;
 use foreign_types::ForeignTypeRef;
 use openssl::error::ErrorStack;
@@ -218,13 +220,16 @@ const DTLS_CTRL_HANDLE_TIMEOUT: std::ffi::c_int = 74;
 pub struct OpensslAcceptor {
     ctx: SslContext,
     mtu: u32,
+    creds: Arc<dyn Credentials>,
 }
 
 impl OpensslAcceptor {
-    pub fn new(ctx: SslContext, mtu: u32) -> OpensslAcceptor {
+    /// `creds` must be the ones `ctx` was built with.
+    pub fn new(ctx: SslContext, mtu: u32, creds: Arc<dyn Credentials>) -> OpensslAcceptor {
         OpensslAcceptor {
             ctx,
             mtu: if mtu == 0 { 1200 } else { mtu },
+            creds,
         }
     }
 }
@@ -232,6 +237,7 @@ impl OpensslAcceptor {
 pub struct OpensslHandshake {
     stream: SslStream<Pipe>,
     status: Option<Result<(), String>>,
+    creds: Arc<dyn Credentials>,
 }
 
 impl Acceptor for OpensslAcceptor {
@@ -258,6 +264,7 @@ impl Acceptor for OpensslAcceptor {
         let mut h = OpensslHandshake {
             stream,
             status: None,
+            creds: self.creds.clone(),
         };
         h.step();
         Ok(h)
@@ -296,13 +303,26 @@ impl OpensslHandshake {
         ssl.server_random(&mut sr);
         let keys = Keys::derive(suite, &master[..n], &cr, &sr);
         master.fill(0);
-        let identity = if suite.is_psk() {
-            Identity::Psk(ssl.psk_identity().ok_or("no PSK identity")?.to_vec())
+        let (identity, cred_tag) = if suite.is_psk() {
+            let id = ssl.psk_identity().ok_or("no PSK identity")?.to_vec();
+            let tag = self
+                .creds
+                .psk_key(&id)
+                .map(|k| credential_tag(&k))
+                .unwrap_or(0);
+            (Identity::Psk(id), tag)
         } else {
             let cert = ssl.peer_certificate().ok_or("no client certificate")?;
-            identity_of(&cert).ok_or("unreadable client certificate")?
+            (
+                identity_of(&cert).ok_or("unreadable client certificate")?,
+                0,
+            )
         };
-        Ok(Established { keys, identity })
+        Ok(Established {
+            keys,
+            identity,
+            cred_tag,
+        })
     }
 }
 
@@ -445,13 +465,13 @@ mod tests {
             psk: vec![(b"dev-1".to_vec(), vec![0x11; 16])],
             pins,
         });
-        let ctx = server_context(&settings, creds).unwrap();
+        let ctx = server_context(&settings, creds.clone()).unwrap();
         let metrics = Arc::new(ShardMetrics::default());
         let t0 = Instant::now();
         let ep = DtlsEndpoint::new(
             t0,
             DtlsConfig::default(),
-            OpensslAcceptor::new(ctx, 1200),
+            OpensslAcceptor::new(ctx, 1200, creds),
             [3; 32],
             metrics.clone(),
         )

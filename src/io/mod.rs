@@ -144,6 +144,19 @@ impl RecvBatch {
     }
 }
 
+impl RecvBatch {
+    /// Like [`RecvBatch::get`], with the bytes writable (DTLS decrypts in
+    /// place).
+    pub fn get_mut(&mut self, i: usize) -> Option<(SocketAddr, &mut [u8], bool)> {
+        if i >= self.count {
+            return None;
+        }
+        let sa = storage_to_addr(&self.addrs[i], self.addr_lens[i])?;
+        let (start, len) = (i * self.max, self.lens[i]);
+        Some((sa, &mut self.bufs[start..start + len], self.truncated[i]))
+    }
+}
+
 fn storage_to_addr(s: &libc::sockaddr_storage, len: libc::socklen_t) -> Option<SocketAddr> {
     match s.ss_family as libc::c_int {
         libc::AF_INET if len as usize >= size_of::<libc::sockaddr_in>() => {

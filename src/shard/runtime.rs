@@ -26,9 +26,15 @@ use crate::config::Config;
 use crate::control::directory::Directory;
 use crate::control::profiles::Profiles;
 use crate::control::registrations::RegistrationStore;
+use crate::control::sessions::SessionStore;
+use crate::io::dtls::{OpensslAcceptor, TlsSetupError};
 use crate::io::{self, RecvBatch, SendBatch};
 use crate::metrics::ShardMetrics;
 use crate::proto::coap::PeerId;
+use crate::proto::dtls::endpoint::credential_tag;
+use crate::proto::dtls::session::CloseReason;
+use crate::proto::dtls::DtlsEndpoint;
+use crate::proto::lwm2m::endpoint::Identity;
 use crate::proto::lwm2m::server::{ControlMsg, Ctx, Dest, Now, Server, ShardMsg};
 use crate::sink::kafka::KafkaSink;
 use glommio::channels::local_channel::{self, LocalSender};
@@ -74,11 +80,18 @@ pub enum StartError {
     Executor(String, String),
     #[error("shard {0} did not start within 60 s")]
     Timeout(usize),
+    #[error(transparent)]
+    Tls(#[from] TlsSetupError),
+    #[error("nothing to listen on: gateway.plain and dtls.enabled are both off")]
+    NoListener,
 }
 
 pub struct Shards {
     pub metrics: Vec<Arc<ShardMetrics>>,
-    pub local_addr: std::net::SocketAddr,
+    /// The plain CoAP address (when `gateway.plain`).
+    pub local_addr: Option<std::net::SocketAddr>,
+    /// The DTLS address (when `dtls.enabled`).
+    pub dtls_addr: Option<std::net::SocketAddr>,
     control: crossbeam_channel::Sender<Inbox>,
     joins: Vec<glommio::ExecutorJoinHandle<()>>,
 }
@@ -115,6 +128,9 @@ struct State {
     directory: Arc<Directory>,
     profiles: Arc<Profiles>,
     send: SendBatch,
+    /// The shard's DTLS endpoint and socket (when DTLS is on).
+    dtls: Option<DtlsEndpoint<OpensslAcceptor>>,
+    dtls_fd: RawFd,
     outbox: LocalSender<(Dest, ShardMsg)>,
     /// When the timer task will wake; a nudge when something is due earlier.
     timer_at: Rc<Cell<Instant>>,
@@ -131,6 +147,9 @@ impl State {
     fn flush(&mut self) {
         self.send_out();
         let mut due = self.server.poll_timeout();
+        if let Some(d) = self.dtls.as_ref().and_then(|d| d.poll_timeout()) {
+            due = Some(due.map_or(d, |x| x.min(d)));
+        }
         if self.server.awaiting_delivery() > 0 || self.sink.in_flight() > 0 {
             let p = Instant::now() + self.poll;
             due = Some(due.map_or(p, |d| d.min(p)));
@@ -153,16 +172,79 @@ impl State {
         f(&mut self.server, &mut ctx)
     }
 
-    /// Sends transmits and forwards shard messages.
+    /// Runs `f` on the DTLS endpoint and the server with this batch's
+    /// context (DTLS on only).
+    fn with_dtls(
+        &mut self,
+        f: impl FnOnce(&mut DtlsEndpoint<OpensslAcceptor>, &mut Server, &mut Ctx<'_>),
+    ) {
+        let Some(dtls) = self.dtls.as_mut() else {
+            return;
+        };
+        let eps = self.directory.snapshot();
+        let prof = self.profiles.snapshot();
+        let mut ctx = Ctx {
+            endpoints: &eps,
+            profiles: &prof,
+            sink: &mut self.sink,
+        };
+        f(dtls, &mut self.server, &mut ctx)
+    }
+
+    /// Ends DTLS sessions whose PSK no longer is the directory's (changed
+    /// or removed), registered or not.
+    fn revoke_stale_sessions(&mut self) {
+        let Some(dtls) = self.dtls.as_mut() else {
+            return;
+        };
+        let creds = self.directory.credentials();
+        let n = dtls.close_where(CloseReason::Revoked, |id, tag| match id {
+            Identity::Psk(i) => creds.psk_key(i).map(|k| credential_tag(&k)) != Some(tag),
+            Identity::X509 { .. } => false,
+        });
+        if n > 0 {
+            tracing::info!(
+                sessions = n,
+                "DTLS sessions ended: their credentials changed"
+            );
+        }
+    }
+
+    /// Sends transmits and forwards shard messages. CoAP messages to DTLS
+    /// peers are sealed by their session first.
     fn send_out(&mut self) {
         if self.server.has_transmits() {
-            let (sent, failed) = self
-                .send
-                .send(self.fd, self.server.transmits().map(|(p, d)| (p.addr(), d)));
-            let m = self.server.metrics();
-            ShardMetrics::add(&m.datagrams_tx, sent as u64);
-            ShardMetrics::add(&m.tx_errors, failed as u64);
+            let m = self.server.metrics().clone();
+            if let Some(dtls) = self.dtls.as_mut() {
+                for (p, d) in self.server.transmits().filter(|(p, _)| p.is_dtls()) {
+                    dtls.seal(p.addr(), d);
+                }
+            }
+            if self.fd >= 0 {
+                let (sent, failed) = self.send.send(
+                    self.fd,
+                    self.server
+                        .transmits()
+                        .filter(|(p, _)| !p.is_dtls())
+                        .map(|(p, d)| (p.addr(), d)),
+                );
+                ShardMetrics::add(&m.datagrams_tx, sent as u64);
+                ShardMetrics::add(&m.tx_errors, failed as u64);
+            }
             self.server.clear_transmits();
+        }
+        let revoked = self.server.take_revoked();
+        if let Some(dtls) = self.dtls.as_mut() {
+            for p in revoked {
+                dtls.close(p.addr(), CloseReason::Revoked);
+            }
+            if dtls.has_transmits() {
+                let (sent, failed) = self.send.send(self.dtls_fd, dtls.transmits());
+                let m = self.server.metrics();
+                ShardMetrics::add(&m.datagrams_tx, sent as u64);
+                ShardMetrics::add(&m.tx_errors, failed as u64);
+                dtls.clear_transmits();
+            }
         }
         while let Some(m) = self.server.poll_shard_msg() {
             let _ = self.outbox.try_send(m);
@@ -176,6 +258,7 @@ pub fn start(
     directory: Arc<Directory>,
     profiles: Arc<Profiles>,
     store: Option<Arc<RegistrationStore>>,
+    sessions: Option<Arc<SessionStore>>,
 ) -> Result<Shards, StartError> {
     let n = cfg.shard_count();
     let mut allowed = io::allowed_cpus();
@@ -183,27 +266,29 @@ pub fn start(
         allowed.push(0);
     }
     io::raise_memlock(64 << 20);
-    // Bind every socket up front so configuration errors surface here, and
-    // bind the first on the configured port (possibly 0) and the rest on the
-    // port it got.
-    let mut sockets = Vec::with_capacity(n);
-    let mut addr = cfg.gateway.listen;
-    for _ in 0..n {
-        let s = io::bind_reuseport(
-            addr,
-            cfg.gateway.socket_recv_buffer,
-            cfg.gateway.socket_send_buffer,
-        )
-        .map_err(|e| StartError::Bind(addr, e))?;
-        if addr.port() == 0 {
-            addr = s
-                .local_addr()
-                .ok()
-                .and_then(|a| a.as_socket())
-                .ok_or_else(|| StartError::Bind(addr, std::io::Error::other("no inet address")))?;
-        }
-        sockets.push(s);
+    if !cfg.gateway.plain && !cfg.dtls.enabled {
+        return Err(StartError::NoListener);
     }
+    // Bind every socket up front so configuration errors surface here.
+    let (sockets, addr) = if cfg.gateway.plain {
+        let (v, a) = bind_all(cfg, cfg.gateway.listen, n)?;
+        (v.into_iter().map(Some).collect(), Some(a))
+    } else {
+        ((0..n).map(|_| None).collect::<Vec<_>>(), None)
+    };
+    let (dtls_sockets, dtls_addr) = if cfg.dtls.enabled {
+        let (v, a) = bind_all(cfg, cfg.dtls.listen, n)?;
+        (v.into_iter().map(Some).collect(), Some(a))
+    } else {
+        ((0..n).map(|_| None).collect::<Vec<_>>(), None)
+    };
+    let tls = if cfg.dtls.enabled {
+        let creds: Arc<dyn crate::io::dtls::Credentials> = directory.clone();
+        let ctx = crate::io::dtls::server_context(&cfg.dtls.tls_settings(), creds.clone())?;
+        Some((ctx, creds))
+    } else {
+        None
+    };
     // Channels: shard i → shard j (i != j), and relay → shard j.
     type Pair = (Option<SharedSender<Inbox>>, Option<SharedReceiver<Inbox>>);
     let mut grid: Vec<Vec<Pair>> = (0..=n)
@@ -234,7 +319,9 @@ pub fn start(
     let relay_senders = senders.pop().unwrap_or_default();
     // Each shard reports when it is receiving, so "ready" means ready.
     let (ready_tx, ready_rx) = crossbeam_channel::unbounded::<usize>();
+    let mut dtls_sockets = dtls_sockets.into_iter();
     for (i, ((sock, outs), ins)) in sockets.into_iter().zip(senders).zip(receivers).enumerate() {
+        let dtls_sock = dtls_sockets.next().flatten();
         let cpu = cfg
             .gateway
             .cpus
@@ -247,19 +334,43 @@ pub fn start(
             .wrapping_add(i as u64)
             .wrapping_mul(0x2545_f491_4f6c_dd1d);
         let server = Server::new(cfg.server_config(i, seed), metrics[i].clone());
+        let metrics_i = metrics[i].clone();
         let (directory, profiles, store) = (directory.clone(), profiles.clone(), store.clone());
+        let sessions = sessions.clone();
         let gw = cfg.gateway.clone();
         let poll = Duration::from_micros(cfg.kafka.poll_interval_us.max(100));
         let snap_every = Duration::from_secs(cfg.directory.snapshot_interval_s.max(1));
-        let fd = sock.into_raw_fd();
+        let fd = sock.map(|s| s.into_raw_fd()).unwrap_or(-1);
+        let dtls_fd = dtls_sock.map(|s| s.into_raw_fd()).unwrap_or(-1);
+        let tls = tls.clone();
+        let dtls_cfg = cfg.dtls.endpoint_config();
+        let mtu = cfg.dtls.mtu;
         let ready = ready_tx.clone();
         let j = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("shard-{i}"))
             .io_memory(1 << 20)
             .spawn(move || async move {
+                let dtls = tls.and_then(|(ctx, creds)| {
+                    let mut seed = [0u8; 32];
+                    if openssl::rand::rand_bytes(&mut seed).is_err() {
+                        seed = rand::random();
+                    }
+                    let acc = OpensslAcceptor::new(ctx, mtu, creds);
+                    match DtlsEndpoint::new(Instant::now(), dtls_cfg, acc, seed, metrics_i.clone())
+                    {
+                        Ok(d) => Some(d),
+                        Err(e) => {
+                            tracing::error!(shard = i, error = %e, "DTLS endpoint failed to start");
+                            None
+                        }
+                    }
+                });
                 let args = ShardArgs {
                     i,
                     fd,
+                    dtls_fd,
+                    dtls,
+                    sessions,
                     server,
                     sink,
                     directory,
@@ -276,7 +387,7 @@ pub fn start(
                 run_shard(args).await;
             })
             .map_err(|e| StartError::Executor(format!("shard {i} on CPU {cpu}"), e.to_string()))?;
-        tracing::info!(shard = i, cpu, %addr, "shard started");
+        tracing::info!(shard = i, cpu, coap = ?addr, coaps = ?dtls_addr, "shard started");
         joins.push(j);
     }
     let (control_tx, control_rx) = crossbeam_channel::unbounded::<Inbox>();
@@ -293,9 +404,37 @@ pub fn start(
     Ok(Shards {
         metrics,
         local_addr: addr,
+        dtls_addr,
         control: control_tx,
         joins,
     })
+}
+
+/// Binds `n` SO_REUSEPORT sockets on `addr`: the first on the configured
+/// port (possibly 0), the rest on the port it got.
+fn bind_all(
+    cfg: &Config,
+    mut addr: std::net::SocketAddr,
+    n: usize,
+) -> Result<(Vec<socket2::Socket>, std::net::SocketAddr), StartError> {
+    let mut sockets = Vec::with_capacity(n);
+    for _ in 0..n {
+        let s = io::bind_reuseport(
+            addr,
+            cfg.gateway.socket_recv_buffer,
+            cfg.gateway.socket_send_buffer,
+        )
+        .map_err(|e| StartError::Bind(addr, e))?;
+        if addr.port() == 0 {
+            addr = s
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_socket())
+                .ok_or_else(|| StartError::Bind(addr, std::io::Error::other("no inet address")))?;
+        }
+        sockets.push(s);
+    }
+    Ok((sockets, addr))
 }
 
 /// Connects every channel end concurrently (each connect waits for its peer).
@@ -347,6 +486,9 @@ async fn relay(outs: Vec<Option<SharedSender<Inbox>>>, rx: crossbeam_channel::Re
 struct ShardArgs {
     i: usize,
     fd: RawFd,
+    dtls_fd: RawFd,
+    dtls: Option<DtlsEndpoint<OpensslAcceptor>>,
+    sessions: Option<Arc<SessionStore>>,
     server: Server,
     sink: KafkaSink,
     directory: Arc<Directory>,
@@ -365,6 +507,9 @@ async fn run_shard(a: ShardArgs) {
     let ShardArgs {
         i,
         fd,
+        dtls_fd,
+        mut dtls,
+        sessions,
         mut server,
         mut sink,
         directory,
@@ -401,9 +546,41 @@ async fn run_shard(a: ShardArgs) {
         }
         server.take_dirty();
     }
+    // DTLS sessions saved at the last shutdown: this shard's, and those of
+    // shards past the current count.
+    if let (Some(store), Some(d)) = (&sessions, dtls.as_mut()) {
+        let t = now();
+        let idle_ms = cfg_idle_ms(d);
+        let mut restored = 0;
+        for idx in store.shards_saved() {
+            if idx % shards.max(1) != i {
+                continue;
+            }
+            match store.take(idx) {
+                Ok(Some((_, list))) => {
+                    for (peer, s) in list {
+                        if t.wall_ms - s.last_rx_ms < idle_ms {
+                            d.import_session(peer, s);
+                            restored += 1;
+                        }
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(shard = i, error = %e, "DTLS sessions not restored; devices will handshake again")
+                }
+            }
+        }
+        if restored > 0 {
+            tracing::info!(shard = i, sessions = restored, "DTLS sessions restored");
+        }
+    }
     let (outs, ins) = connect_all(outs, ins).await;
-    // SAFETY: `fd` is a bound UDP socket whose ownership we take here.
-    let udp = Rc::new(unsafe { glommio::net::UdpSocket::from_raw_fd(fd) });
+    // SAFETY: `fd` / `dtls_fd` are bound UDP sockets (or -1) whose
+    // ownership we take here.
+    let udp = (fd >= 0).then(|| Rc::new(unsafe { glommio::net::UdpSocket::from_raw_fd(fd) }));
+    let dtls_udp =
+        (dtls_fd >= 0).then(|| Rc::new(unsafe { glommio::net::UdpSocket::from_raw_fd(dtls_fd) }));
     let (out_tx, out_rx) = local_channel::new_unbounded::<(Dest, ShardMsg)>();
     let (nudge_tx, nudge_rx) = local_channel::new_bounded::<()>(1);
     let timer_at = Rc::new(Cell::new(Instant::now() + MAX_SLEEP));
@@ -416,7 +593,9 @@ async fn run_shard(a: ShardArgs) {
         outbox: out_tx,
         timer_at: timer_at.clone(),
         nudge: nudge_tx,
-        fd: udp.as_raw_fd(),
+        fd,
+        dtls,
+        dtls_fd,
         stopping: false,
         poll,
     }));
@@ -453,7 +632,13 @@ async fn run_shard(a: ShardArgs) {
                 let t = now();
                 match m {
                     Inbox::Shard(m) => s.with_ctx(|srv, ctx| srv.handle_shard_msg(t, ctx, m)),
-                    Inbox::Control(c) => s.with_ctx(|srv, ctx| srv.handle_control(t, ctx, c)),
+                    Inbox::Control(c) => {
+                        let endpoints = matches!(c, ControlMsg::Endpoints(_));
+                        s.with_ctx(|srv, ctx| srv.handle_control(t, ctx, c));
+                        if endpoints {
+                            s.revoke_stale_sessions();
+                        }
+                    }
                     Inbox::Shutdown => s.stopping = true,
                 }
                 s.flush();
@@ -465,104 +650,13 @@ async fn run_shard(a: ShardArgs) {
         .detach();
     }
 
-    // Receive.
-    let recv_state = state.clone();
-    let recv_udp = udp.clone();
-    let batch = gw.recv_batch;
-    let max = gw.max_datagram;
-    let coalesce = Duration::from_micros(gw.coalesce_us);
-    glommio::spawn_local(async move {
-        // One byte more than the limit: a datagram that fills it is oversized.
-        let mut first = vec![0u8; max + 1];
-        let mut rb = RecvBatch::new(batch, max);
-        let fd = recv_udp.as_raw_fd();
-        // Drains the socket with recvmmsg batches (bounded, so the other
-        // tasks are never starved); returns how many datagrams were handled.
-        let drain = |rb: &mut RecvBatch| -> usize {
-            let mut st = recv_state.borrow_mut();
-            let st = &mut *st;
-            if st.stopping {
-                return 0;
-            }
-            let mut total = 0;
-            for _ in 0..32 {
-                let got = match rb.recv(fd) {
-                    Ok(g) => g,
-                    Err(e) => {
-                        tracing::warn!(shard = i, error = %e, "recvmmsg failed");
-                        0
-                    }
-                };
-                if got > 0 {
-                    let t = now();
-                    // One directory / profile snapshot for the whole batch.
-                    st.with_ctx(|srv, ctx| {
-                        for k in 0..got {
-                            if let Some((peer, data, truncated)) = rb.get(k) {
-                                let peer = PeerId::udp(peer);
-                                if truncated {
-                                    srv.handle_oversized(t, peer, data);
-                                } else {
-                                    srv.handle_datagram(t, ctx, peer, None, data);
-                                }
-                            }
-                        }
-                    });
-                    st.flush();
-                }
-                total += got;
-                if got < rb.capacity() {
-                    break;
-                }
-            }
-            total
-        };
-        loop {
-            // Park until a datagram arrives (io_uring receive).
-            let (n, peer) = match recv_udp.recv_from(&mut first).await {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::warn!(shard = i, error = %e, "recv_from failed");
-                    glommio::timer::sleep(Duration::from_millis(1)).await;
-                    continue;
-                }
-            };
-            {
-                let mut st = recv_state.borrow_mut();
-                let st = &mut *st;
-                if st.stopping {
-                    // Shutting down: stop reading.
-                    return;
-                }
-                let t = now();
-                let peer = PeerId::udp(peer);
-                if n > max {
-                    st.server.handle_oversized(t, peer, &first[..max]);
-                } else {
-                    let data = &first[..n];
-                    st.with_ctx(|srv, ctx| srv.handle_datagram(t, ctx, peer, None, data));
-                }
-                st.flush();
-            }
-            drain(&mut rb);
-            // Software interrupt coalescing: while traffic keeps coming, wake
-            // every `coalesce` and take what queued up in one recvmmsg batch,
-            // instead of one park/wake cycle per datagram (context switches
-            // dominate the cost per datagram at moderate rates). Back to
-            // parking as soon as a poll finds the socket empty.
-            if coalesce.is_zero() {
-                glommio::yield_if_needed().await;
-                continue;
-            }
-            loop {
-                glommio::timer::sleep(coalesce).await;
-                if drain(&mut rb) == 0 {
-                    break;
-                }
-            }
-        }
-    })
-    .detach();
+    // Receive: one task per socket.
+    if let Some(u) = udp {
+        spawn_receiver(state.clone(), u, false, &gw, i);
+    }
+    if let Some(u) = dtls_udp {
+        spawn_receiver(state.clone(), u, true, &gw, i);
+    }
     let _ = ready.send(i);
 
     // Timers, Kafka delivery reports, snapshots; ends the shard on shutdown.
@@ -577,6 +671,9 @@ async fn run_shard(a: ShardArgs) {
                 .unwrap_or(t + MAX_SLEEP)
                 .min(t + MAX_SLEEP)
                 .min(next_snapshot);
+            if let Some(d) = st.dtls.as_ref().and_then(|d| d.poll_timeout()) {
+                at = at.min(d);
+            }
             if st.server.awaiting_delivery() > 0 || st.sink.in_flight() > 0 {
                 at = at.min(t + poll);
             }
@@ -603,6 +700,9 @@ async fn run_shard(a: ShardArgs) {
         st.sink
             .drain_deliveries(|tag, ok| server.handle_delivery(t, tag, ok));
         st.with_ctx(|srv, ctx| srv.handle_timeout(t, ctx));
+        if let Some(d) = st.dtls.as_mut() {
+            d.handle_timeout(t);
+        }
         st.send_out();
         if Instant::now() >= next_snapshot {
             next_snapshot = Instant::now() + snap_every;
@@ -637,6 +737,16 @@ async fn run_shard(a: ShardArgs) {
     let st = &mut *st;
     let pending = st.sink.in_flight();
     let ok = st.sink.flush(Duration::from_millis(100));
+    if let (Some(sstore), Some(d)) = (&sessions, st.dtls.as_ref()) {
+        match sstore.save(i, now().wall_ms, d.export_sessions()) {
+            Ok(n) => tracing::info!(
+                shard = i,
+                sessions = n,
+                "DTLS session snapshot written (encrypted)"
+            ),
+            Err(e) => tracing::error!(shard = i, error = %e, "DTLS session snapshot failed"),
+        }
+    }
     if let Some(store) = &store {
         let snap = st.server.export_snapshot(now());
         let n = snap.registrations.len();
@@ -650,4 +760,149 @@ async fn run_shard(a: ShardArgs) {
         }
     }
     tracing::info!(shard = i, pending, flushed = ok, "shard stopped");
+}
+
+/// Handles one datagram from the plain (`dtls == false`) or the DTLS socket.
+fn handle_one(
+    st: &mut State,
+    t: Now,
+    dtls: bool,
+    peer: std::net::SocketAddr,
+    data: &mut [u8],
+    truncated: bool,
+) {
+    if !dtls {
+        let peer = PeerId::udp(peer);
+        if truncated {
+            st.server.handle_oversized(t, peer, data);
+        } else {
+            let data = &*data;
+            st.with_ctx(|srv, ctx| srv.handle_datagram(t, ctx, peer, None, data));
+        }
+        return;
+    }
+    if truncated {
+        // A record cut short cannot be authenticated (RFC 6347 §4.1.2.7).
+        ShardMetrics::inc(&st.server.metrics().oversized);
+        return;
+    }
+    st.with_dtls(|d, srv, ctx| {
+        d.handle_datagram(t, peer, data, |identity, plaintext| {
+            srv.handle_datagram(t, ctx, PeerId::dtls(peer), Some(identity), plaintext)
+        })
+    });
+}
+
+/// The receive task of one socket: park on an io_uring receive, then drain
+/// with non-blocking `recvmmsg` batches.
+fn spawn_receiver(
+    state: Rc<RefCell<State>>,
+    udp: Rc<glommio::net::UdpSocket>,
+    dtls: bool,
+    gw: &crate::config::GatewayConfig,
+    i: usize,
+) {
+    let batch = gw.recv_batch;
+    let max = gw.max_datagram;
+    let coalesce = Duration::from_micros(gw.coalesce_us);
+    glommio::spawn_local(async move {
+        // One byte more than the limit: a datagram that fills it is oversized.
+        let mut first = vec![0u8; max + 1];
+        let mut rb = RecvBatch::new(batch, max);
+        let fd = udp.as_raw_fd();
+        // Drains the socket with recvmmsg batches (bounded, so the other
+        // tasks are never starved); returns how many datagrams were handled.
+        let drain = |rb: &mut RecvBatch| -> usize {
+            let mut st = state.borrow_mut();
+            let st = &mut *st;
+            if st.stopping {
+                return 0;
+            }
+            let mut total = 0;
+            for _ in 0..32 {
+                let got = match rb.recv(fd) {
+                    Ok(g) => g,
+                    Err(e) => {
+                        tracing::warn!(shard = i, error = %e, "recvmmsg failed");
+                        0
+                    }
+                };
+                if got > 0 {
+                    let t = now();
+                    if dtls {
+                        for k in 0..got {
+                            if let Some((peer, data, truncated)) = rb.get_mut(k) {
+                                handle_one(st, t, true, peer, data, truncated);
+                            }
+                        }
+                    } else {
+                        // One directory / profile snapshot for the whole batch.
+                        st.with_ctx(|srv, ctx| {
+                            for k in 0..got {
+                                if let Some((peer, data, truncated)) = rb.get(k) {
+                                    let peer = PeerId::udp(peer);
+                                    if truncated {
+                                        srv.handle_oversized(t, peer, data);
+                                    } else {
+                                        srv.handle_datagram(t, ctx, peer, None, data);
+                                    }
+                                }
+                            }
+                        });
+                    }
+                    st.flush();
+                }
+                total += got;
+                if got < rb.capacity() {
+                    break;
+                }
+            }
+            total
+        };
+        loop {
+            // Park until a datagram arrives (io_uring receive).
+            let (n, peer) = match udp.recv_from(&mut first).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(shard = i, error = %e, "recv_from failed");
+                    glommio::timer::sleep(Duration::from_millis(1)).await;
+                    continue;
+                }
+            };
+            {
+                let mut st = state.borrow_mut();
+                let st = &mut *st;
+                if st.stopping {
+                    // Shutting down: stop reading.
+                    return;
+                }
+                let t = now();
+                let truncated = n > max;
+                let len = n.min(max);
+                handle_one(st, t, dtls, peer, &mut first[..len], truncated);
+                st.flush();
+            }
+            drain(&mut rb);
+            // Software interrupt coalescing: while traffic keeps coming, wake
+            // every `coalesce` and take what queued up in one recvmmsg batch,
+            // instead of one park/wake cycle per datagram (context switches
+            // dominate the cost per datagram at moderate rates). Back to
+            // parking as soon as a poll finds the socket empty.
+            if coalesce.is_zero() {
+                glommio::yield_if_needed().await;
+                continue;
+            }
+            loop {
+                glommio::timer::sleep(coalesce).await;
+                if drain(&mut rb) == 0 {
+                    break;
+                }
+            }
+        }
+    })
+    .detach();
+}
+
+fn cfg_idle_ms(d: &DtlsEndpoint<OpensslAcceptor>) -> i64 {
+    d.config().idle_timeout.as_millis() as i64
 }

@@ -67,7 +67,8 @@ impl Pki {
         }
     }
 
-    /// A certificate for `cn` (and DNS SANs) signed by this CA.
+    /// A certificate for `cn` (and SANs: IP addresses, URIs such as
+    /// `urn:imei:1`, else DNS names) signed by this CA.
     pub fn issue(&self, cn: &str, sans: &[&str]) -> (X509, PKey<Private>) {
         let key = p256_key();
         let mut b = builder(cn, &key);
@@ -75,7 +76,13 @@ impl Pki {
         if !sans.is_empty() {
             let mut s = SubjectAlternativeName::new();
             for n in sans {
-                s.dns(n);
+                if n.parse::<std::net::IpAddr>().is_ok() {
+                    s.ip(n);
+                } else if n.contains(':') {
+                    s.uri(n);
+                } else {
+                    s.dns(n);
+                }
             }
             let ext = s
                 .build(&b.x509v3_context(Some(&self.cert), None))

@@ -264,6 +264,11 @@ impl DtlsClient<Udp> {
         Ok(c)
     }
 
+    /// The UDP socket under the session.
+    pub fn transport_socket(&mut self) -> &UdpSocket {
+        &self.stream.get_mut().0 .0
+    }
+
     /// Waits up to `timeout` for one application record.
     pub fn recv(&mut self, timeout: Duration) -> io::Result<Option<Vec<u8>>> {
         let end = Instant::now() + timeout;

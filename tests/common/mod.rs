@@ -8,6 +8,9 @@
 #![allow(dead_code)]
 
 use corem_lwm2m::proto::coap::{Code, Message, MsgType};
+use corem_lwm2m::testkit::dtls_client::{
+    client_context, ClientAuth, ClientError, Datagrams, DtlsClient,
+};
 use corem_lwm2m::testkit::sim::{SimDevice, SimEvents};
 use corem_lwm2m::tools::topic_reader::{Record, TopicReader};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -134,6 +137,8 @@ pub fn tempdir() -> PathBuf {
 
 pub struct Gateway {
     pub coap: SocketAddr,
+    /// The DTLS port.
+    pub coaps: SocketAddr,
     pub admin: SocketAddr,
     pub dir: PathBuf,
     child: Option<Child>,
@@ -182,9 +187,11 @@ impl Gateway {
         std::fs::write(dir.join("profiles/environment.toml"), ENV_PROFILE).unwrap();
         std::fs::write(dir.join("provisioning.toml"), provisioning).unwrap();
         let coap: SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().unwrap();
+        let coaps: SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
         let cfg = format!(
             "[gateway]\nlisten = \"{coap}\"\nshards = {shards}\n\
+             [dtls]\nlisten = \"{coaps}\"\n\
              [kafka]\nbrokers = \"{}\"\nlinger_ms = 1\n\
              [directory]\nprovisioning_file = \"provisioning.toml\"\nsnapshot_dir = \"snap\"\nsnapshot_interval_s = 1\n\
              [profiles]\ndir = \"profiles\"\n\
@@ -197,6 +204,7 @@ impl Gateway {
         std::fs::write(&config, cfg).unwrap();
         let mut g = Gateway {
             coap,
+            coaps,
             admin,
             dir,
             child: None,
@@ -368,6 +376,8 @@ pub struct Device {
     pub sim: SimDevice,
     pub sock: UdpSocket,
     pub server: SocketAddr,
+    /// Set for a device that talks DTLS (its own connected socket).
+    pub dtls: Option<std::cell::RefCell<DtlsClient<Tap>>>,
     /// Requests the gateway sent us (path, code) — to count observations.
     pub requests_seen: Vec<(String, Code, Option<u32>)>,
 }
@@ -381,12 +391,54 @@ impl Device {
             sim: SimDevice::new(endpoint, seed),
             sock,
             server,
+            dtls: None,
             requests_seen: Vec::new(),
         }
     }
 
+    /// A device that handshakes with the gateway's DTLS port first.
+    pub fn new_dtls(
+        endpoint: &str,
+        server: SocketAddr,
+        seed: u16,
+        auth: &ClientAuth,
+        ciphers: &str,
+    ) -> Result<Device, ClientError> {
+        let mut d = Device::new(endpoint, server, seed);
+        d.dtls = Some(std::cell::RefCell::new(dtls_connect(
+            server, auth, ciphers,
+        )?));
+        Ok(d)
+    }
+
     pub fn send(&self, d: &[u8]) {
-        self.sock.send_to(d, self.server).unwrap();
+        match &self.dtls {
+            Some(c) => c.borrow_mut().send(d).unwrap(),
+            None => {
+                self.sock.send_to(d, self.server).unwrap();
+            }
+        }
+    }
+
+    /// One datagram (plaintext for DTLS), waiting up to ~50 ms.
+    pub fn recv_one(&self, buf: &mut [u8]) -> Option<usize> {
+        match &self.dtls {
+            Some(c) => {
+                let end = Instant::now() + Duration::from_millis(50);
+                loop {
+                    match c.borrow_mut().try_recv() {
+                        Ok(Some(d)) => {
+                            let n = d.len().min(buf.len());
+                            buf[..n].copy_from_slice(&d[..n]);
+                            return Some(n);
+                        }
+                        Ok(None) if Instant::now() < end => continue,
+                        _ => return None,
+                    }
+                }
+            }
+            None => self.sock.recv_from(buf).ok().map(|(n, _)| n),
+        }
     }
 
     /// Receives and answers for `dur`; returns everything that happened.
@@ -396,7 +448,7 @@ impl Device {
         let deadline = Instant::now() + dur;
         let mut buf = [0u8; 2048];
         while Instant::now() < deadline {
-            if let Ok((n, _)) = self.sock.recv_from(&mut buf) {
+            if let Some(n) = self.recv_one(&mut buf) {
                 let d = buf[..n].to_vec();
                 if let Ok(m) = Message::decode(&d) {
                     if m.code.is_request() {
@@ -480,7 +532,7 @@ impl Device {
             self.send(&n);
             let until = Instant::now() + backoff;
             while Instant::now() < until {
-                if let Ok((k, _)) = self.sock.recv_from(&mut buf) {
+                if let Some(k) = self.recv_one(&mut buf) {
                     if let Ok(m) = Message::decode(&buf[..k]) {
                         if m.mtype == MsgType::Ack && m.message_id == mid {
                             return Some(MsgType::Ack);
@@ -571,7 +623,10 @@ impl Device {
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.sock.local_addr().unwrap()
+        match &self.dtls {
+            Some(c) => c.borrow_mut().transport().sock.local_addr().unwrap(),
+            None => self.sock.local_addr().unwrap(),
+        }
     }
 }
 
@@ -585,4 +640,43 @@ pub fn raise_nofile() {
             libc::setrlimit(libc::RLIMIT_NOFILE, &r);
         }
     }
+}
+
+/// A connected UDP socket that keeps a copy of every datagram it sent (to
+/// replay records in tests).
+pub struct Tap {
+    pub sock: UdpSocket,
+    pub sent: Vec<Vec<u8>>,
+}
+
+impl Datagrams for Tap {
+    fn send(&mut self, d: &[u8]) -> std::io::Result<()> {
+        self.sent.push(d.to_vec());
+        self.sock.send(d).map(|_| ())
+    }
+    fn recv(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.sock.recv(buf)
+    }
+}
+
+/// Handshakes with `server` from a fresh port.
+pub fn dtls_connect(
+    server: SocketAddr,
+    auth: &ClientAuth,
+    ciphers: &str,
+) -> Result<DtlsClient<Tap>, ClientError> {
+    let ctx = client_context(auth, ciphers)?;
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.connect(server).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(20)))
+        .unwrap();
+    let mut c = DtlsClient::new(
+        &ctx,
+        Tap {
+            sock,
+            sent: Vec::new(),
+        },
+    )?;
+    c.handshake(Duration::from_secs(10))?;
+    Ok(c)
 }

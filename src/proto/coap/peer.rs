@@ -16,6 +16,10 @@ pub struct PeerId(Inner);
 enum Inner {
     /// Plain CoAP over UDP: the peer is its address.
     Udp(SocketAddr),
+    /// CoAP over DTLS: the session with this address on this shard (RFC
+    /// 7252 §9.1: the security association is the endpoint; without
+    /// Connection IDs a session is bound to its address).
+    Dtls(SocketAddr),
 }
 
 impl PeerId {
@@ -23,11 +27,20 @@ impl PeerId {
         PeerId(Inner::Udp(addr))
     }
 
+    pub fn dtls(addr: SocketAddr) -> PeerId {
+        PeerId(Inner::Dtls(addr))
+    }
+
     /// The transport address datagrams to this peer go to.
     pub fn addr(&self) -> SocketAddr {
         match self.0 {
-            Inner::Udp(a) => a,
+            Inner::Udp(a) | Inner::Dtls(a) => a,
         }
+    }
+
+    /// True for a DTLS session.
+    pub fn is_dtls(&self) -> bool {
+        matches!(self.0, Inner::Dtls(_))
     }
 }
 
@@ -35,6 +48,7 @@ impl fmt::Display for PeerId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.0 {
             Inner::Udp(a) => write!(f, "{a}"),
+            Inner::Dtls(a) => write!(f, "coaps://{a}"),
         }
     }
 }
@@ -43,6 +57,7 @@ impl fmt::Debug for PeerId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.0 {
             Inner::Udp(a) => write!(f, "udp:{a}"),
+            Inner::Dtls(a) => write!(f, "dtls:{a}"),
         }
     }
 }

@@ -73,6 +73,18 @@ pub enum HandshakeStatus {
 pub struct Established {
     pub keys: Keys,
     pub identity: Identity,
+    /// Which credentials the handshake used ([`credential_tag`] of a PSK
+    /// key; 0 for certificates): a session whose credentials changed in
+    /// the directory is ended.
+    pub cred_tag: u64,
+}
+
+/// A short, one-way tag of a PSK key (the first 8 bytes of its SHA-256).
+pub fn credential_tag(key: &[u8]) -> u64 {
+    let d = openssl::sha::sha256(key);
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&d[..8]);
+    u64::from_be_bytes(b)
 }
 
 /// One server-side handshake in progress.
@@ -170,6 +182,10 @@ impl<A: Acceptor> DtlsEndpoint<A> {
             closed: Vec::new(),
             metrics,
         })
+    }
+
+    pub fn config(&self) -> &DtlsConfig {
+        &self.cfg
     }
 
     pub fn acceptor_mut(&mut self) -> &mut A {
@@ -482,6 +498,7 @@ impl<A: Acceptor> DtlsEndpoint<A> {
                     replay: p.client_epoch1,
                     last_rx_ms: now.wall_ms,
                     final_flight: Some(pack_flight(p.flight.iter().map(|d| d.as_slice()))),
+                    cred_tag: est.cred_tag,
                 };
                 tracing::debug!(%peer, identity = %session.identity.describe(), suite = ?session.keys.suite, "DTLS session established");
                 ShardMetrics::inc(&self.metrics.dtls_handshakes_completed);
@@ -557,12 +574,12 @@ impl<A: Acceptor> DtlsEndpoint<A> {
     pub fn close_where(
         &mut self,
         reason: CloseReason,
-        mut f: impl FnMut(&Identity) -> bool,
+        mut f: impl FnMut(&Identity, u64) -> bool,
     ) -> usize {
         let peers: Vec<SocketAddr> = self
             .sessions
             .iter()
-            .filter(|(_, (s, _))| f(&s.identity))
+            .filter(|(_, (s, _))| f(&s.identity, s.cred_tag))
             .map(|(a, _)| *a)
             .collect();
         for p in &peers {
@@ -696,6 +713,7 @@ mod tests {
                 HandshakeStatus::Done(Box::new(Established {
                     keys: Keys::derive(Suite::PskAes128Ccm8, &[1; 48], &[2; 32], &[3; 32]),
                     identity: Identity::Psk(b"dev".to_vec()),
+                    cred_tag: 0,
                 }))
             } else {
                 HandshakeStatus::InProgress

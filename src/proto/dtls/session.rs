@@ -94,6 +94,9 @@ pub struct Session {
     /// final flight when the server's Finished is lost).
     #[serde(skip)]
     pub final_flight: Option<Box<[u8]>>,
+    /// The credentials used (see `endpoint::credential_tag`).
+    #[serde(default)]
+    pub cred_tag: u64,
 }
 
 impl Session {
@@ -162,6 +165,7 @@ mod tests {
             replay: ReplayWindow::default(),
             last_rx_ms: 0,
             final_flight: Some(f),
+            cred_tag: 0,
         };
         let got: Vec<&[u8]> = s.final_flight().collect();
         assert_eq!(got, vec![&b"ab"[..], &b""[..], &b"xyz"[..]]);

@@ -391,6 +391,7 @@ impl Registration {
             id: self.id,
             endpoint: self.endpoint.to_string(),
             address: self.peer.addr(),
+            dtls: self.peer.is_dtls(),
             lifetime_s: self.lifetime_s,
             binding: self.binding.to_string(),
             version: self.version,
@@ -417,7 +418,11 @@ impl Registration {
             id: s.id,
             endpoint: Arc::from(s.endpoint.as_str()),
             entry,
-            peer: PeerId::udp(s.address),
+            peer: if s.dtls {
+                PeerId::dtls(s.address)
+            } else {
+                PeerId::udp(s.address)
+            },
             lifetime_s: s.lifetime_s,
             binding: s.binding.clone().into_boxed_str(),
             version: s.version,
@@ -442,6 +447,9 @@ pub struct RegistrationState {
     pub id: RegId,
     pub endpoint: String,
     pub address: SocketAddr,
+    /// Registered over a DTLS session (its keys live in the DTLS layer).
+    #[serde(default)]
+    pub dtls: bool,
     pub lifetime_s: u32,
     pub binding: String,
     pub version: Version,

@@ -24,6 +24,17 @@ impl Server {
                             self.deprovision(now, ctx, id);
                         }
                         Some(entry) => {
+                            let creds = self
+                                .regs
+                                .get(id)
+                                .is_some_and(|r| r.entry.credentials_differ(&entry));
+                            if creds {
+                                // New credentials end the registration and
+                                // its session at once (the device comes back
+                                // with a handshake under the new ones).
+                                self.end_registration(now, ctx, id, End::CredentialsChanged);
+                                continue;
+                            }
                             let changed = self.regs.get(id).is_some_and(|r| *r.entry != *entry);
                             if changed {
                                 if let Some(r) = self.regs.get_mut(id) {

@@ -280,6 +280,8 @@ enum End {
     Deregistered,
     Expired,
     Deprovisioned,
+    /// The endpoint's credentials changed: its session ends with it.
+    CredentialsChanged,
     /// Replaced by a newer registration (here or on another shard): silent.
     Replaced,
     /// Handed to another shard: silent, no home bookkeeping.
@@ -351,6 +353,9 @@ pub struct Server {
     refusals: LogLimiter,
     /// Registration state changed since the last snapshot.
     dirty: bool,
+    /// DTLS peers whose sessions must end (credentials changed, endpoint
+    /// removed).
+    revoked: Vec<PeerId>,
 }
 
 impl Server {
@@ -378,6 +383,7 @@ impl Server {
             lamport: 0,
             refusals: LogLimiter::new(),
             dirty: false,
+            revoked: Vec::new(),
         }
     }
 
@@ -419,6 +425,11 @@ impl Server {
     }
 
     /// True once since the last call when registration state changed.
+    /// DTLS peers whose sessions must end, since the last call.
+    pub fn take_revoked(&mut self) -> Vec<PeerId> {
+        std::mem::take(&mut self.revoked)
+    }
+
     pub fn take_dirty(&mut self) -> bool {
         std::mem::take(&mut self.dirty)
     }

@@ -193,6 +193,13 @@ impl Server {
             }
             return self.reply_error(now, peer, msg, Code::FORBIDDEN, "not authorized", false);
         }
+        if !self.same_security(id, peer) {
+            ShardMetrics::inc(&self.metrics.register_rejected_unauthorized);
+            if self.refused(now) {
+                tracing::info!(shard = self.cfg.shard, %peer, endpoint = %endpoint, "update refused: registered over DTLS, sent without (4.03)");
+            }
+            return self.reply_error(now, peer, msg, Code::FORBIDDEN, "not authorized", false);
+        }
         if !ctx.sink.has_capacity(1) {
             return self.reply_busy(now, peer, msg, protected);
         }
@@ -277,6 +284,7 @@ impl Server {
                 identity,
             )
             .is_err()
+            || !self.same_security(id, peer)
         {
             ShardMetrics::inc(&self.metrics.register_rejected_unauthorized);
             return self.reply_error(now, peer, msg, Code::FORBIDDEN, "not authorized", false);
@@ -309,10 +317,16 @@ impl Server {
         }
         self.ex.forget_peer(&reg.peer);
         self.dirty = true;
+        if reg.peer.is_dtls() && matches!(why, End::Deprovisioned | End::CredentialsChanged) {
+            // The session authenticated with credentials that no longer
+            // hold: the DTLS layer ends it too.
+            self.revoked.push(reg.peer);
+        }
         let (status, reason) = match why {
             End::Deregistered => ("offline", "deregistered"),
             End::Expired => ("offline", "expired"),
             End::Deprovisioned => ("offline", "deprovisioned"),
+            End::CredentialsChanged => ("offline", "credentials_changed"),
             End::Replaced | End::Moved => ("", ""),
         };
         if !status.is_empty() {
@@ -344,6 +358,15 @@ impl Server {
         }
         self.update_gauges();
         Some(reg)
+    }
+
+    /// A registration made over DTLS takes Update and De-register only over
+    /// DTLS (Leshan's security check: the identity that registered; the
+    /// authorizer has matched the identity to the entry already).
+    fn same_security(&self, id: RegId, peer: PeerId) -> bool {
+        self.regs
+            .get(id)
+            .is_none_or(|r| !r.peer.is_dtls() || peer.is_dtls())
     }
 
     pub(super) fn deprovision(&mut self, now: Now, ctx: &mut Ctx<'_>, id: RegId) {

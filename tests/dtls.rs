@@ -1,0 +1,436 @@
+//! DTLS end to end: the real gateway binary on loopback, real handshakes
+//! (OpenSSL clients here, libcoap's OpenSSL and GnuTLS clients in
+//! `libcoap_*`), a real broker, records consumed back and checked.
+
+mod common;
+
+use common::*;
+use corem_lwm2m::proto::coap::{Code, MsgType};
+use corem_lwm2m::proto::dtls::{handshake, record};
+use corem_lwm2m::proto::lwm2m::content::ResourcePath;
+use corem_lwm2m::testkit::certs::{self, Pki};
+use corem_lwm2m::testkit::dtls_client::ClientAuth;
+use std::net::UdpSocket;
+use std::path::PathBuf;
+use std::time::Duration;
+
+const PSK_KEY: &str = "000102030405060708090a0b0c0d0e0f";
+
+fn provisioning() -> String {
+    format!(
+        r#"
+[[endpoint]]
+endpoint = "urn:imei:psk"
+device_id = "psk-device"
+tenant_id = "acme"
+profile = "environment"
+psk_identity = "psk-1"
+psk_key_hex = "{PSK_KEY}"
+
+[[endpoint]]
+endpoint = "urn:imei:psk2"
+device_id = "psk2-device"
+tenant_id = "acme"
+profile = "environment"
+psk_identity = "psk-2"
+psk_key_hex = "{PSK_KEY}"
+
+[[endpoint]]
+endpoint = "urn:imei:x509"
+device_id = "x509-device"
+tenant_id = "acme"
+profile = "environment"
+x509 = true
+
+[[endpoint]]
+endpoint = "urn:imei:nosec"
+device_id = "nosec-device"
+tenant_id = "acme"
+profile = "environment"
+"#
+    )
+}
+
+struct Setup {
+    pki: Pki,
+    dir: PathBuf,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        let dir = tempdir();
+        let pki = Pki::new("corem test CA");
+        let (c, k) = pki.issue("gateway.test", &["localhost"]);
+        certs::write_pem(&dir, "gateway", &c, &k);
+        std::fs::write(dir.join("ca.crt"), pki.cert.to_pem().unwrap()).unwrap();
+        Setup { pki, dir }
+    }
+
+    fn config(&self) -> String {
+        format!(
+            "[dtls]\ncert_file = \"{0}/gateway.crt\"\nkey_file = \"{0}/gateway.key\"\nca_file = \"{0}/ca.crt\"\n",
+            self.dir.display()
+        )
+    }
+}
+
+fn psk(identity: &str, key: &str) -> ClientAuth {
+    ClientAuth::Psk {
+        identity: identity.as_bytes().to_vec(),
+        key: corem_lwm2m::proto::lwm2m::endpoint::decode_hex(key).unwrap(),
+    }
+}
+
+fn rp(s: &str) -> ResourcePath {
+    ResourcePath::parse(s).unwrap()
+}
+
+/// Register, observe, a CON notification on Kafka checked field by field,
+/// De-register → offline, for one DTLS device.
+fn full_cycle(gw: &Gateway, broker: &Broker, mut dev: Device, device_id: &str, endpoint: &str) {
+    let status = reader(broker, &["device.status.acme"]);
+    let tele = reader(broker, &["telemetry.raw.acme"]);
+    dev.sim.values.insert(rp("/3303/0/5700"), 21.0);
+    assert_eq!(dev.register(1), Code::CREATED);
+    let st = read_matching(&status, 1, Duration::from_secs(20), |r| {
+        r.value["endpoint"] == endpoint
+    });
+    assert_eq!(st[0].value["status"], "online");
+    assert_eq!(st[0].value["device_id"], device_id);
+    assert!(
+        st[0].value["registration"]["address"]
+            .as_str()
+            .unwrap()
+            .starts_with("coaps://"),
+        "{}",
+        st[0].value
+    );
+    dev.sim.values.insert(rp("/3303/0/5700"), 22.5);
+    assert_eq!(
+        dev.notify_con("/3303/0", Duration::from_secs(5)),
+        Some(MsgType::Ack)
+    );
+    let pts = read_matching(&tele, 2, Duration::from_secs(20), |r| {
+        r.value["endpoint"] == endpoint
+    });
+    assert_eq!(pts.len(), 2, "initial value + notification");
+    let v = &pts[1].value;
+    assert_eq!(pts[1].key.as_deref(), Some(device_id));
+    assert_eq!(v["numeric_values"]["temperature"], 22.5);
+    assert_eq!(v["device_id"], device_id);
+    assert_eq!(v["tenant_id"], "acme");
+    assert_eq!(v["endpoint"], endpoint);
+    assert_eq!(v["source"]["path"], "/3303/0");
+    assert_eq!(v["source"]["operation"], "notify");
+    let d = dev.sim.deregister();
+    assert_eq!(dev.request(&d, Duration::from_secs(5)), Some(Code::DELETED));
+    let st = read_matching(&status, 1, Duration::from_secs(20), |r| {
+        r.value["endpoint"] == endpoint && r.value["status"] == "offline"
+    });
+    assert_eq!(st[0].value["reason"], "deregistered");
+    let _ = gw;
+}
+
+#[test]
+fn psk_and_x509_devices_register_observe_publish_deregister() {
+    let broker = Broker::memory();
+    let setup = Setup::new();
+    let gw = Gateway::start(&broker, 2, &provisioning(), &setup.config());
+    // A CCM-8-only client (what tinydtls offers).
+    let dev = Device::new_dtls(
+        "urn:imei:psk",
+        gw.coaps,
+        1,
+        &psk("psk-1", PSK_KEY),
+        "PSK-AES128-CCM8",
+    )
+    .unwrap();
+    full_cycle(&gw, &broker, dev, "psk-device", "urn:imei:psk");
+    let (cert, key) = setup.pki.issue("urn:imei:x509", &[]);
+    let auth = ClientAuth::Cert {
+        cert,
+        key,
+        ca: Some(setup.pki.cert.clone()),
+    };
+    let dev = Device::new_dtls(
+        "urn:imei:x509",
+        gw.coaps,
+        2,
+        &auth,
+        "ECDHE-ECDSA-AES128-CCM8",
+    )
+    .unwrap();
+    full_cycle(&gw, &broker, dev, "x509-device", "urn:imei:x509");
+    assert_eq!(gw.metric("dtls_handshakes_completed"), 2);
+    assert_eq!(gw.metric("register_rejected_unauthorized"), 0);
+}
+
+#[test]
+fn identity_binding_and_refusals() {
+    let broker = Broker::memory();
+    let setup = Setup::new();
+    let gw = Gateway::start(&broker, 2, &provisioning(), &setup.config());
+    let tele = reader(&broker, &["telemetry.raw.acme", "device.status.acme"]);
+    // psk-1 authenticates, but registers as psk2's endpoint: 4.03.
+    let mut wrong = Device::new_dtls(
+        "urn:imei:psk2",
+        gw.coaps,
+        1,
+        &psk("psk-1", PSK_KEY),
+        "PSK-AES128-CCM8",
+    )
+    .unwrap();
+    assert_eq!(wrong.register(0), Code::FORBIDDEN);
+    // A credentialed device on plain UDP: 4.03.
+    let mut plain = Device::new("urn:imei:psk", gw.coap, 2);
+    assert_eq!(plain.register(0), Code::FORBIDDEN);
+    // A certificate naming another endpoint: 4.03.
+    let (cert, key) = setup.pki.issue("urn:imei:other", &[]);
+    let auth = ClientAuth::Cert {
+        cert,
+        key,
+        ca: None,
+    };
+    let mut other = Device::new_dtls(
+        "urn:imei:x509",
+        gw.coaps,
+        3,
+        &auth,
+        "ECDHE-ECDSA-AES128-CCM8",
+    )
+    .unwrap();
+    assert_eq!(other.register(0), Code::FORBIDDEN);
+    assert_eq!(gw.metric("register_rejected_unauthorized"), 3);
+    // A certificate from another CA: no session at all.
+    let foreign = Pki::new("someone else");
+    let (cert, key) = foreign.issue("urn:imei:x509", &[]);
+    let auth = ClientAuth::Cert {
+        cert,
+        key,
+        ca: None,
+    };
+    assert!(Device::new_dtls(
+        "urn:imei:x509",
+        gw.coaps,
+        4,
+        &auth,
+        "ECDHE-ECDSA-AES128-CCM8"
+    )
+    .is_err());
+    // A wrong PSK: no session.
+    assert!(Device::new_dtls(
+        "urn:imei:psk",
+        gw.coaps,
+        5,
+        &psk("psk-1", "ffffffffffffffffffffffffffffffff"),
+        "PSK-AES128-CCM8"
+    )
+    .is_err());
+    // Nothing was published for any of them.
+    broker.write_marker("telemetry.raw.acme");
+    let recs = tele.read(usize::MAX, Duration::from_secs(2));
+    assert!(
+        recs.iter().all(|r| r.value.get("marker").is_some()),
+        "{recs:?}"
+    );
+}
+
+#[test]
+fn hello_without_cookie_gets_a_smaller_verify_request_and_no_state() {
+    let broker = Broker::memory();
+    let gw = Gateway::start(&broker, 2, &provisioning(), "");
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let hello = handshake::testing::client_hello(0, 0, &[], &[0xc0a8]);
+    s.send_to(&hello, gw.coaps).unwrap();
+    let mut buf = [0u8; 2048];
+    let (n, _) = s.recv_from(&mut buf).unwrap();
+    assert!(n <= hello.len(), "{n} > {}", hello.len());
+    let (rec, _) = record::parse(&buf[..n]).unwrap();
+    let h = handshake::parse_header(rec.fragment).unwrap();
+    assert_eq!(h.msg_type, handshake::msg_type::HELLO_VERIFY_REQUEST);
+    assert_eq!(rec.seq, 0, "record sequence copied from the hello");
+    assert_eq!(gw.metric("dtls_hello_verify_sent"), 1);
+    assert_eq!(gw.metric("dtls_handshakes"), 0);
+    assert_eq!(gw.metric("dtls_sessions"), 0);
+    assert_eq!(gw.metric("dtls_handshakes_started"), 0);
+    // Garbage and a CoAP message on the DTLS port: dropped, counted.
+    s.send_to(&[0x16, 0xfe, 0xfd, 1], gw.coaps).unwrap();
+    s.send_to(&[0x40, 0x01, 0, 1], gw.coaps).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(gw.metric("dtls_dropped_malformed") + gw.metric("dtls_records_no_session") >= 2);
+}
+
+#[test]
+fn replayed_record_is_dropped_and_processed_once() {
+    let broker = Broker::memory();
+    let gw = Gateway::start(&broker, 1, &provisioning(), "");
+    let tele = reader(&broker, &["telemetry.raw.acme"]);
+    let mut dev = Device::new_dtls(
+        "urn:imei:psk",
+        gw.coaps,
+        1,
+        &psk("psk-1", PSK_KEY),
+        "PSK-AES128-CCM8",
+    )
+    .unwrap();
+    dev.sim.values.insert(rp("/3303/0/5700"), 1.0);
+    assert_eq!(dev.register(1), Code::CREATED);
+    read_matching(&tele, 1, Duration::from_secs(20), |_| true);
+    // A NON notification, then the same record again, byte for byte.
+    dev.sim.values.insert(rp("/3303/0/5700"), 2.0);
+    let (_, n) = dev.sim.notify("/3303/0", false).unwrap();
+    dev.send(&n);
+    {
+        let mut c = dev.dtls.as_ref().unwrap().borrow_mut();
+        let record = c.transport().sent.last().unwrap().clone();
+        c.transport().sock.send(&record).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(gw.metric("dtls_records_replayed"), 1);
+    broker.write_marker("telemetry.raw.acme");
+    let pts: Vec<_> = tele
+        .read(usize::MAX, Duration::from_secs(3))
+        .into_iter()
+        .filter(|r| r.value.get("marker").is_none())
+        .collect();
+    assert_eq!(pts.len(), 1, "{pts:?}");
+    assert_eq!(pts[0].value["numeric_values"]["temperature"], 2.0);
+}
+
+#[test]
+fn credentials_removed_through_the_api_end_the_session() {
+    let broker = Broker::memory();
+    let gw = Gateway::start(&broker, 2, &provisioning(), "");
+    let status = reader(&broker, &["device.status.acme"]);
+    let mut dev = Device::new_dtls(
+        "urn:imei:psk",
+        gw.coaps,
+        1,
+        &psk("psk-1", PSK_KEY),
+        "PSK-AES128-CCM8",
+    )
+    .unwrap();
+    assert_eq!(dev.register(1), Code::CREATED);
+    // New key through the admin API.
+    let body = format!(
+        r#"{{"device_id":"psk-device","tenant_id":"acme","profile":"environment","psk_identity":"psk-1","psk_key_hex":"{}"}}"#,
+        "ab".repeat(16)
+    );
+    let (code, _) = http(gw.admin, "PUT", "/v1/endpoints/urn:imei:psk", &body).unwrap();
+    assert!(code == 200 || code == 201, "{code}");
+    let st = read_matching(&status, 1, Duration::from_secs(20), |r| {
+        r.value["status"] == "offline"
+    });
+    assert_eq!(st[0].value["reason"], "credentials_changed");
+    // The session is gone: the next request gets no answer.
+    let u = dev.sim.update(None, false);
+    assert_eq!(dev.request(&u, Duration::from_secs(2)), None);
+    assert_eq!(gw.metric("dtls_sessions"), 0);
+    // The key is never returned.
+    let (_, body) = http(gw.admin, "GET", "/v1/endpoints/urn:imei:psk", "").unwrap();
+    assert!(!body.contains(&"ab".repeat(16)), "{body}");
+    assert!(!body.contains("psk_key_hex"), "{body}");
+    // With the new key the device is back.
+    let mut dev = Device::new_dtls(
+        "urn:imei:psk",
+        gw.coaps,
+        2,
+        &psk("psk-1", &"ab".repeat(16)),
+        "PSK-AES128-CCM8",
+    )
+    .unwrap();
+    assert_eq!(dev.register(1), Code::CREATED);
+}
+
+/// SIGTERM + restart with 1,000 established DTLS devices: the sessions are
+/// saved encrypted and restored, so every device goes on sending over its
+/// session with no new handshake, and its points reach the topic.
+#[test]
+fn sigterm_restart_keeps_1000_dtls_sessions() {
+    raise_nofile();
+    const N: usize = 1000;
+    let broker = Broker::memory();
+    let keydir = tempdir();
+    std::fs::write(keydir.join("session.key"), "5a".repeat(32)).unwrap();
+    let mut prov = String::new();
+    for i in 0..N {
+        prov.push_str(&format!(
+            "[[endpoint]]\nendpoint = \"urn:imei:r{i}\"\ndevice_id = \"r{i}\"\ntenant_id = \"acme\"\nprofile = \"environment\"\npsk_identity = \"r{i}\"\npsk_key_hex = \"{:032x}\"\n\n",
+            i + 1
+        ));
+    }
+    let extra = format!(
+        "[dtls]\nsession_key_file = \"{}/session.key\"\n",
+        keydir.display()
+    );
+    let mut gw = Gateway::start(&broker, 2, &prov, &extra);
+    let coaps = gw.coaps;
+    // Handshake and register from four threads.
+    let register = |range: std::ops::Range<usize>| {
+        std::thread::spawn(move || {
+            range
+                .map(|i| {
+                    let auth = psk(&format!("r{i}"), &format!("{:032x}", i + 1));
+                    let mut d = Device::new_dtls(
+                        &format!("urn:imei:r{i}"),
+                        coaps,
+                        i as u16,
+                        &auth,
+                        "PSK-AES128-CCM8",
+                    )
+                    .unwrap_or_else(|e| panic!("device {i}: {e}"));
+                    // No observed objects: the test drives Send.
+                    d.sim.objects = vec!["/1/0".into(), "/3/0".into()];
+                    d.sim.values.insert(rp("/3303/0/5700"), i as f64);
+                    assert_eq!(d.register(0), Code::CREATED, "device {i}");
+                    d
+                })
+                .collect::<Vec<_>>()
+        })
+    };
+    let threads: Vec<_> = (0..4)
+        .map(|t| register(t * N / 4..(t + 1) * N / 4))
+        .collect();
+    let devices: Vec<Vec<Device>> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    assert_eq!(gw.metric("dtls_handshakes_completed"), N as i64);
+    assert_eq!(gw.metric("dtls_sessions"), N as i64);
+    assert_eq!(gw.stop(), Some(0));
+    assert!(gw.log_contains("DTLS session snapshot written"));
+    gw.spawn();
+    assert_eq!(gw.metric("dtls_sessions_restored"), N as i64);
+    let tele = reader(&broker, &["telemetry.raw.acme"]);
+    // Every device sends over its old session.
+    let threads: Vec<_> = devices
+        .into_iter()
+        .map(|mut ds| {
+            std::thread::spawn(move || {
+                for d in ds.iter_mut() {
+                    let s = d.sim.send(&["/3303/0/5700"], None, false);
+                    assert_eq!(
+                        d.request(&s, Duration::from_secs(10)),
+                        Some(Code::CHANGED),
+                        "{} after the restart",
+                        d.sim.endpoint
+                    );
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(gw.metric("dtls_handshakes_started"), 0, "no new handshake");
+    broker.write_marker("telemetry.raw.acme");
+    let pts = read_matching(&tele, N, Duration::from_secs(60), |r| {
+        r.value["source"]["operation"] == "send"
+    });
+    let mut ids: Vec<String> = pts
+        .iter()
+        .map(|r| r.value["device_id"].as_str().unwrap().to_string())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), N);
+    let _ = MsgType::Ack;
+}
