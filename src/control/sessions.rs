@@ -23,6 +23,9 @@ fn file_name(shard: usize) -> String {
     format!("dtls-sessions-{shard}.snap")
 }
 
+/// Sessions saved by one shard: (saved at, wall-clock ms; the sessions).
+pub type SavedSessions = (i64, Vec<(SocketAddr, Session)>);
+
 #[derive(Serialize, Deserialize)]
 struct Body {
     saved_at_ms: i64,
@@ -102,10 +105,7 @@ impl SessionStore {
 
     /// Loads and removes one shard's saved sessions (with the time they
     /// were saved). `Ok(None)` when there is no file.
-    pub fn take(
-        &self,
-        shard: usize,
-    ) -> Result<Option<(i64, Vec<(SocketAddr, Session)>)>, SessionStoreError> {
+    pub fn take(&self, shard: usize) -> Result<Option<SavedSessions>, SessionStoreError> {
         let name = file_name(shard);
         let path = self.dir.join(&name);
         if !path.exists() {
