@@ -57,7 +57,7 @@ out.append(f"* gateway: release build, shards = one per core, `coalesce_us` 1000
 out.append("| scenario | devices | offered /s | accepted /s | ratio to baseline | lost | dup | CON ACK p50 / p99 ms | notify→Kafka p50 / p99 ms | gateway CPU µs / point | gateway RSS MiB |")
 out.append("|---|---|---|---|---|---|---|---|---|---|---|")
 
-for name in ["baseline-con", "baseline-non", "non-10k", "non-10k-half", "con-10k", "con-10k-half"]:
+for name in ["baseline-con", "baseline-non", "non-10k", "non-10k-half", "con-10k", "con-10k-half", "dtls-con-10k"]:
     if name not in rows:
         continue
     r = rows[name]
@@ -111,5 +111,38 @@ if "idle-100k" in rows:
                f"(includes the Register exchanges still held for duplicate detection); "
                f"{r['gw_rss_kib_idle_late'] / 1024:.0f} MiB after EXCHANGE_LIFETIME ({act2:,} still registered) = "
                f"**{per2:,.0f} bytes per device**")
+def cpu_per_point(name):
+    r = rows.get(name) or {}
+    if r.get("gw_cpu_s") is not None and r.get("points_published"):
+        return r["gw_cpu_s"] * 1e6 / r["points_published"]
+    return None
+
+
+if "dtls-con-10k" in rows:
+    d, p = cpu_per_point("dtls-con-10k"), cpu_per_point("con-10k")
+    acc_d = get(rows, "dtls-con-10k", "report", "notifications", "acked_per_second")
+    acc_p = get(rows, "con-10k", "report", "notifications", "acked_per_second")
+    if d and p:
+        out.append(f"* **DTLS CON**: {d:.2f} µs of gateway CPU per point over DTLS vs {p:.2f} plain = **{d / p:.2f}×** "
+                   f"(target ≤ 1.5×); accepted {acc_d:,.0f}/s vs {acc_p:,.0f}/s")
+    elif d:
+        out.append(f"* **DTLS CON**: {d:.2f} µs of gateway CPU per point over DTLS (run con-10k in the same run for the ratio)")
+for mode in ["psk", "x509"]:
+    name = f"dtls-handshake-storm-{mode}"
+    if name in rows:
+        r = rows[name]
+        h = get(r, "report", "dtls") or {}
+        lat = h.get("latency") or {}
+        out.append(f"* **DTLS handshake storm ({mode}, {get(r, 'report', 'dtls', 'ciphers')})**: {h.get('handshakes', 0):,} handshakes, "
+                   f"{h.get('failed', 0)} failed, in {h.get('seconds', 0):.1f} s = **{h.get('per_second', 0):,.0f} handshakes/s** "
+                   f"(window 2048 per load-generator worker); latency p50 {ms(lat.get('p50_us'))} ms, p99 {ms(lat.get('p99_us'))} ms; "
+                   f"gateway CPU {r['gw_cpu_s']:.1f} s = {r['gw_cpu_s'] * 1e6 / max(1, h.get('handshakes', 1)):.0f} µs per handshake + registration")
+if "dtls-idle-100k" in rows:
+    r = rows["dtls-idle-100k"]
+    act2 = r.get("dtls_sessions_late", 0)
+    per2 = (r["gw_rss_kib_idle_late"] - r["gw_rss_kib_start"]) * 1024 / act2 if act2 else 0
+    out.append(f"* **DTLS idle scale**: {r.get('dtls_sessions', 0):,} established sessions ({r.get('registrations_active', 0):,} registrations); "
+               f"after EXCHANGE_LIFETIME {act2:,} sessions, gateway RSS {r['gw_rss_kib_start'] / 1024:.0f} → {r['gw_rss_kib_idle_late'] / 1024:.0f} MiB "
+               f"= **{per2:,.0f} bytes per idle DTLS device** (session + registration + observations; target ≤ 1 KiB)")
 out.append("")
 print("\n".join(out))

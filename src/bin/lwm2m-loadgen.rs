@@ -18,11 +18,22 @@
 //! CON ACK latency are measured in the workers with hdrhistogram and merged.
 //! A live progress line runs on stderr; a summary and a JSON report come at
 //! the end.
+//!
+//! `--dtls psk|x509`: each device first does a real DTLS 1.2 handshake with
+//! the gateway's DTLS port (OpenSSL client side, many handshakes in flight
+//! per worker, `--register-window` at a time) and then registers and
+//! notifies over its session; handshake rate and latency are in the report.
+//! PSK keys are derived from the endpoint name (`--write-provisioning` with
+//! `--dtls psk` writes them); certificates are issued per device by the CA
+//! in `--pki DIR` (`--write-pki DIR` creates it and the gateway's
+//! certificate).
 
 use clap::Parser;
 use corem_lwm2m::proto::coap::{Code, Message, MsgType};
 use corem_lwm2m::proto::lwm2m::content;
 use corem_lwm2m::proto::lwm2m::content::ResourcePath;
+use corem_lwm2m::testkit::certs::Pki;
+use corem_lwm2m::testkit::dtls_client::{client_context, ClientAuth, Datagrams, DtlsClient};
 use corem_lwm2m::testkit::sim::{SimDevice, SimObservation};
 use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
 use hdrhistogram::Histogram;
@@ -102,6 +113,19 @@ struct Args {
     /// Write the JSON report here (also printed on stdout).
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+    /// DTLS mode: `psk` or `x509` (`--server` is then the DTLS port).
+    #[arg(long)]
+    dtls: Option<String>,
+    /// Cipher suites offered in DTLS mode (OpenSSL names).
+    #[arg(long, default_value = "PSK-AES128-CCM8:ECDHE-ECDSA-AES128-CCM8")]
+    ciphers: String,
+    /// Directory with ca.crt / ca.key issuing the device certificates (x509).
+    #[arg(long)]
+    pki: Option<std::path::PathBuf>,
+    /// Write a CA (ca.crt, ca.key) and a gateway certificate (gateway.crt,
+    /// gateway.key) into DIR and exit.
+    #[arg(long)]
+    write_pki: Option<std::path::PathBuf>,
     /// Internal: run as worker I of the fleet.
     #[arg(long, hide = true)]
     worker_index: Option<usize>,
@@ -169,6 +193,10 @@ struct WorkerReport {
     server_requests: u64,
     steady_seconds: f64,
     register_seconds: f64,
+    handshakes: u64,
+    handshakes_failed: u64,
+    handshake_seconds: f64,
+    hs_hist: String,
     reg_hist: String,
     ack_hist: String,
 }
@@ -180,9 +208,58 @@ struct Progress {
     acked: u64,
 }
 
+/// A device socket as the DTLS client's datagram transport.
+struct MioUdp {
+    sock: UdpSocket,
+    server: SocketAddr,
+}
+
+impl Datagrams for MioUdp {
+    fn send(&mut self, d: &[u8]) -> std::io::Result<()> {
+        self.sock.send_to(d, self.server).map(|_| ())
+    }
+    fn recv(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.sock.recv_from(buf).map(|(n, _)| n)
+    }
+}
+
+/// Plain UDP, or a DTLS session (handshaking until `connected`).
+enum Link {
+    Plain(UdpSocket),
+    Dtls(Box<DtlsClient<MioUdp>>),
+}
+
+impl Link {
+    fn send_to(&mut self, d: &[u8], server: SocketAddr) -> std::io::Result<usize> {
+        match self {
+            Link::Plain(s) => s.send_to(d, server),
+            Link::Dtls(c) => c.send(d).map(|_| d.len()),
+        }
+    }
+    /// One datagram (plaintext for DTLS) into `buf`.
+    fn recv(&mut self, buf: &mut [u8]) -> Option<usize> {
+        match self {
+            Link::Plain(s) => s.recv_from(buf).ok().map(|(n, _)| n),
+            Link::Dtls(c) => match c.try_recv() {
+                Ok(Some(d)) => {
+                    let n = d.len().min(buf.len());
+                    buf[..n].copy_from_slice(&d[..n]);
+                    Some(n)
+                }
+                _ => None,
+            },
+        }
+    }
+}
+
+/// The PSK of a loadgen device: 16 bytes derived from its endpoint name.
+fn psk_of(endpoint: &str) -> Vec<u8> {
+    openssl::sha::sha256(endpoint.as_bytes())[..16].to_vec()
+}
+
 struct Dev {
     sim: SimDevice,
-    sock: UdpSocket,
+    sock: Link,
     state: DevState,
     /// Send time and MID of the outstanding CON (register / notification / update).
     outstanding: Option<(Instant, u16, u8, u8)>,
@@ -246,13 +323,52 @@ fn run_worker(a: &Args, index: usize, count: usize) -> anyhow::Result<()> {
     let fmt = format_code(&a.format);
     let mut poll = Poll::new()?;
     let mut devs: Vec<Dev> = Vec::with_capacity(hi - lo);
+    let ca = match (a.dtls.as_deref(), &a.pki) {
+        (Some("x509"), Some(dir)) => Some(Pki {
+            cert: openssl::x509::X509::from_pem(&std::fs::read(dir.join("ca.crt"))?)?,
+            key: openssl::pkey::PKey::private_key_from_pem(&std::fs::read(dir.join("ca.key"))?)?,
+        }),
+        (Some("x509"), None) => anyhow::bail!("--dtls x509 needs --pki DIR (see --write-pki)"),
+        (Some("psk") | None, _) => None,
+        (Some(other), _) => anyhow::bail!("--dtls {other}: psk or x509"),
+    };
     for g in lo..hi {
+        let endpoint = format!("{}{}", a.prefix, g);
         let std_sock = std::net::UdpSocket::bind(bind_addr(g))?;
         std_sock.set_nonblocking(true)?;
         let mut sock = UdpSocket::from_std(std_sock);
         poll.registry()
             .register(&mut sock, Token(devs.len()), Interest::READABLE)?;
-        let mut sim = SimDevice::new(&format!("{}{}", a.prefix, g), g as u16);
+        let link = match a.dtls.as_deref() {
+            None => Link::Plain(sock),
+            Some(mode) => {
+                let auth = if mode == "psk" {
+                    ClientAuth::Psk {
+                        identity: endpoint.as_bytes().to_vec(),
+                        key: psk_of(&endpoint),
+                    }
+                } else {
+                    let ca = ca.as_ref().ok_or_else(|| anyhow::anyhow!("no CA"))?;
+                    let (cert, key) = ca.issue(&endpoint, &[]);
+                    ClientAuth::Cert {
+                        cert,
+                        key,
+                        ca: None,
+                    }
+                };
+                let ctx = client_context(&auth, &a.ciphers)?;
+                let c = DtlsClient::new(
+                    &ctx,
+                    MioUdp {
+                        sock,
+                        server: a.server,
+                    },
+                )
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+                Link::Dtls(Box::new(c))
+            }
+        };
+        let mut sim = SimDevice::new(&endpoint, g as u16);
         sim.lifetime_s = a.lifetime;
         sim.format = fmt;
         // Only the temperature object: one observation per device.
@@ -268,7 +384,7 @@ fn run_worker(a: &Args, index: usize, count: usize) -> anyhow::Result<()> {
         }
         devs.push(Dev {
             sim,
-            sock,
+            sock: link,
             state: DevState::Idle,
             outstanding: None,
             obs_token: None,
@@ -400,7 +516,13 @@ fn run_worker(a: &Args, index: usize, count: usize) -> anyhow::Result<()> {
         for ev in events.iter() {
             let i = ev.token().0;
             let Some(d) = devs.get_mut(i) else { continue };
-            while let Ok((k, _)) = d.sock.recv_from(buf) {
+            if let Link::Dtls(c) = &mut d.sock {
+                if !c.connected {
+                    // Handshake input: advanced in the handshake phase.
+                    continue;
+                }
+            }
+            while let Some(k) = d.sock.recv(buf) {
                 let data = buf[..k].to_vec();
                 on_datagram(d, &data, server, rep, reg_h, ack_h, a.baseline);
             }
@@ -450,6 +572,49 @@ fn run_worker(a: &Args, index: usize, count: usize) -> anyhow::Result<()> {
         }
     };
 
+    // ---------------------------------------------------------- phase 0: DTLS handshakes
+    let mut hs_h = hist();
+    if a.dtls.is_some() {
+        let t_hs = Instant::now();
+        let mut next = 0usize;
+        let mut pending: Vec<(usize, Instant)> = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while (next < n || !pending.is_empty()) && Instant::now() < deadline {
+            while next < n && pending.len() < a.register_window {
+                if let Link::Dtls(c) = &mut devs[next].sock {
+                    let _ = c.handshake_step();
+                }
+                pending.push((next, Instant::now()));
+                next += 1;
+            }
+            let _ = poll.poll(&mut events, Some(Duration::from_millis(1)));
+            pending.retain(|(i, t0)| {
+                let Link::Dtls(c) = &mut devs[*i].sock else {
+                    return false;
+                };
+                c.handle_timeout();
+                match c.handshake_step() {
+                    Ok(true) => {
+                        rep.handshakes += 1;
+                        let _ = hs_h.record((t0.elapsed().as_micros() as u64).max(1));
+                        false
+                    }
+                    Ok(false) if t0.elapsed() < Duration::from_secs(30) => true,
+                    _ => {
+                        rep.handshakes_failed += 1;
+                        devs[*i].state = DevState::Failed;
+                        false
+                    }
+                }
+            });
+            if last_progress.elapsed() >= Duration::from_secs(1) {
+                last_progress = Instant::now();
+                progress(&rep);
+            }
+        }
+        rep.handshake_seconds = t_hs.elapsed().as_secs_f64();
+    }
+
     // ---------------------------------------------------------- phase 1: register
     let t_reg = Instant::now();
     if !a.baseline {
@@ -474,6 +639,11 @@ fn run_worker(a: &Args, index: usize, count: usize) -> anyhow::Result<()> {
             let mut room = a.register_window.saturating_sub(in_flight);
             while next < n && room > 0 && issued < allowed {
                 let d = &mut devs[next];
+                if d.state == DevState::Failed {
+                    // Its handshake failed.
+                    next += 1;
+                    continue;
+                }
                 let msg = d.sim.register();
                 d.start_request(msg, K_REGISTER, server);
                 d.state = DevState::Registering;
@@ -648,6 +818,7 @@ fn run_worker(a: &Args, index: usize, count: usize) -> anyhow::Result<()> {
         }
     }
     progress(&rep);
+    rep.hs_hist = ser(&hs_h);
     rep.reg_hist = ser(&reg_h);
     rep.ack_hist = ser(&ack_h);
     let mut s = stdout.lock();
@@ -913,11 +1084,21 @@ fn write_provisioning(a: &Args, path: &std::path::Path) -> anyhow::Result<()> {
         a.devices, a.tenant
     )?;
     for i in 0..a.devices {
+        let ep = format!("{}{}", a.prefix, i);
         writeln!(
             f,
-            "[[endpoint]]\nendpoint = \"{}{}\"\ndevice_id = \"lg-{:08}\"\ntenant_id = \"{}\"\n",
-            a.prefix, i, i, a.tenant
+            "[[endpoint]]\nendpoint = \"{ep}\"\ndevice_id = \"lg-{:08}\"\ntenant_id = \"{}\"",
+            i, a.tenant
         )?;
+        match a.dtls.as_deref() {
+            Some("psk") => {
+                let key: String = psk_of(&ep).iter().map(|b| format!("{b:02x}")).collect();
+                writeln!(f, "psk_identity = \"{ep}\"\npsk_key_hex = \"{key}\"")?
+            }
+            Some("x509") => writeln!(f, "x509 = true")?,
+            _ => {}
+        }
+        writeln!(f)?;
     }
     f.flush()?;
     Ok(())
@@ -927,6 +1108,18 @@ fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     if let (Some(i), Some(c)) = (a.worker_index, a.worker_count) {
         return run_worker(&a, i, c);
+    }
+    if let Some(dir) = &a.write_pki {
+        std::fs::create_dir_all(dir)?;
+        let ca = Pki::new("lwm2m-loadgen CA");
+        corem_lwm2m::testkit::certs::write_pem(dir, "ca", &ca.cert, &ca.key);
+        let (c, k) = ca.issue("gateway", &["localhost", "127.0.0.1"]);
+        corem_lwm2m::testkit::certs::write_pem(dir, "gateway", &c, &k);
+        eprintln!(
+            "wrote ca.crt/ca.key and gateway.crt/gateway.key to {}",
+            dir.display()
+        );
+        return Ok(());
     }
     if let Some(p) = &a.write_provisioning {
         write_provisioning(&a, p)?;
@@ -1021,6 +1214,7 @@ fn main() -> anyhow::Result<()> {
     let mut total = WorkerReport::default();
     let mut reg_h = hist();
     let mut ack_h = hist();
+    let mut hs_h = hist();
     for r in &reports {
         total.devices += r.devices;
         total.registered += r.registered;
@@ -1037,6 +1231,10 @@ fn main() -> anyhow::Result<()> {
         total.server_requests += r.server_requests;
         total.steady_seconds = total.steady_seconds.max(r.steady_seconds);
         total.register_seconds = total.register_seconds.max(r.register_seconds);
+        total.handshakes += r.handshakes;
+        total.handshakes_failed += r.handshakes_failed;
+        total.handshake_seconds = total.handshake_seconds.max(r.handshake_seconds);
+        let _ = hs_h.add(de(&r.hs_hist));
         let _ = reg_h.add(de(&r.reg_hist));
         let _ = ack_h.add(de(&r.ack_hist));
     }
@@ -1086,6 +1284,12 @@ fn main() -> anyhow::Result<()> {
             "rate": a.rate, "duration_s": a.duration, "con": !a.non, "send": a.send,
             "format": a.format, "lifetime_s": a.lifetime, "idle": a.idle, "baseline": a.baseline,
         },
+        "dtls": if a.dtls.is_some() { serde_json::json!({
+            "mode": a.dtls, "ciphers": a.ciphers, "handshakes": total.handshakes,
+            "failed": total.handshakes_failed, "seconds": total.handshake_seconds,
+            "per_second": total.handshakes as f64 / total.handshake_seconds.max(1e-9),
+            "latency": pct(&hs_h),
+        }) } else { serde_json::json!(null) },
         "registration": {
             "registered": total.registered, "failed": total.register_failed,
             "retransmits": total.register_retransmits, "observed": total.observed,
@@ -1115,6 +1319,17 @@ fn main() -> anyhow::Result<()> {
         "devices            {} ({} workers), registered {}, failed {}, observed {}",
         a.devices, workers, total.registered, total.register_failed, total.observed
     );
+    if a.dtls.is_some() {
+        println!(
+            "DTLS handshakes    {} ok, {} failed, {:.0}/s over {:.2} s; latency p50 {} p99 {}",
+            total.handshakes,
+            total.handshakes_failed,
+            total.handshakes as f64 / total.handshake_seconds.max(1e-9),
+            total.handshake_seconds,
+            ms(&hs_h, 0.5),
+            ms(&hs_h, 0.99)
+        );
+    }
     println!(
         "registration       {:.0}/s over {:.2} s; latency p50 {} p99 {}",
         reg_rate,
