@@ -434,3 +434,132 @@ fn sigterm_restart_keeps_1000_dtls_sessions() {
     assert_eq!(ids.len(), N);
     let _ = MsgType::Ack;
 }
+
+/// 20,000 ClientHellos from 2,000 source ports on another address, half of
+/// them coming back with valid cookies: the caps hold (handshakes in
+/// progress, per-address rate), the gateway's memory stays bounded, and an
+/// established device keeps publishing through it all.
+#[test]
+fn handshake_flood_is_capped_and_established_devices_keep_publishing() {
+    raise_nofile();
+    let broker = Broker::memory();
+    let extra = "[dtls]\nmax_handshakes_per_shard = 64\nhandshakes_per_ip_per_s = 200\nhandshake_timeout_ms = 2000\n";
+    let gw = Gateway::start(&broker, 2, &provisioning(), extra);
+    let tele = reader(&broker, &["telemetry.raw.acme"]);
+    let mut dev = Device::new_dtls(
+        "urn:imei:psk",
+        gw.coaps,
+        1,
+        &psk("psk-1", PSK_KEY),
+        "PSK-AES128-CCM8",
+    )
+    .unwrap();
+    dev.sim.values.insert(rp("/3303/0/5700"), 0.0);
+    assert_eq!(dev.register(1), Code::CREATED);
+    let rss0 = gw.rss_kib();
+    let coaps = gw.coaps;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let flood = std::thread::spawn(move || {
+        let start = std::time::Instant::now();
+        let socks: Vec<UdpSocket> = (0..2000)
+            .map(|_| {
+                let s = UdpSocket::bind("127.0.0.2:0").unwrap();
+                s.set_nonblocking(true).unwrap();
+                s
+            })
+            .collect();
+        let mut sent = 0;
+        let mut buf = [0u8; 512];
+        let mut round = 0u8;
+        while !stop2.load(std::sync::atomic::Ordering::Relaxed) || sent < 20_000 {
+            round = round.wrapping_add(1);
+            // A first hello from every port…
+            for (i, s) in socks.iter().enumerate() {
+                let h =
+                    handshake::testing::client_hello_with(round ^ i as u8, 0, 0, &[], &[0xc0a8]);
+                let _ = s.send_to(&h, coaps);
+                sent += 1;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+            // …and the second, with the cookie each got back.
+            for (i, s) in socks.iter().enumerate() {
+                while let Ok((n, _)) = s.recv_from(&mut buf) {
+                    let Ok((rec, _)) = record::parse(&buf[..n]) else {
+                        continue;
+                    };
+                    let Ok(h) = handshake::parse_header(rec.fragment) else {
+                        continue;
+                    };
+                    if h.msg_type != handshake::msg_type::HELLO_VERIFY_REQUEST {
+                        continue;
+                    }
+                    let cookie = &h.fragment[3..];
+                    let h2 = handshake::testing::client_hello_with(
+                        round ^ i as u8,
+                        1,
+                        1,
+                        cookie,
+                        &[0xc0a8],
+                    );
+                    let _ = s.send_to(&h2, coaps);
+                    sent += 1;
+                }
+            }
+        }
+        (sent, start.elapsed())
+    });
+    // Meanwhile the established device notifies (CON), every one acknowledged.
+    let mut acked = 0;
+    for k in 1..=20 {
+        dev.sim.values.insert(rp("/3303/0/5700"), k as f64);
+        if dev.notify_con("/3303/0", Duration::from_secs(10)) == Some(MsgType::Ack) {
+            acked += 1;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (sent, took) = flood.join().unwrap();
+    assert!(sent >= 20_000, "flood sent {sent}");
+    assert!(took < Duration::from_secs(60), "flood took {took:?}");
+    assert_eq!(acked, 20, "the established device was served");
+    let started = gw.metric("dtls_handshakes_started");
+    let capped = gw.metric("dtls_dropped_handshake_cap") + gw.metric("dtls_dropped_rate");
+    assert!(capped > 0, "caps never applied (started {started})");
+    assert!(
+        gw.metric("dtls_handshakes") <= 2 * 64,
+        "{}",
+        gw.metric("dtls_handshakes")
+    );
+    eprintln!(
+        "flood: sent {sent} in {took:?}; HVR {}, started {started}, capped {capped}, completed {}, failed {}, timeouts {}",
+        gw.metric("dtls_hello_verify_sent"),
+        gw.metric("dtls_handshakes_completed"),
+        gw.metric("dtls_handshakes_failed"),
+        gw.metric("dtls_handshake_timeouts")
+    );
+    // Most first hellos were answered (the rest the kernel dropped from a
+    // full socket buffer), statelessly.
+    assert!(gw.metric("dtls_hello_verify_sent") >= sent as i64 / 4);
+    assert_eq!(
+        gw.metric("dtls_sessions"),
+        1,
+        "only the real device has a session"
+    );
+    let rss1 = gw.rss_kib();
+    assert!(
+        rss1 < rss0 + 64 * 1024,
+        "RSS grew from {rss0} to {rss1} KiB"
+    );
+    // The half-open handshakes expire.
+    std::thread::sleep(Duration::from_millis(3000));
+    assert_eq!(gw.metric("dtls_handshakes"), 0);
+    let pts = read_matching(&tele, 21, Duration::from_secs(20), |r| {
+        r.value["endpoint"] == "urn:imei:psk"
+    });
+    assert_eq!(
+        pts.len(),
+        21,
+        "initial value + 20 notifications on the topic"
+    );
+}
