@@ -215,6 +215,36 @@ pub struct KafkaConfig {
     pub poll_interval_us: u64,
     /// Extra librdkafka properties passed through verbatim.
     pub extra: BTreeMap<String, String>,
+    /// TLS to the brokers (`security.protocol` SSL, or SASL_SSL with `sasl`).
+    pub tls: Option<KafkaTls>,
+    /// SASL authentication (SASL_SSL with `tls`, else SASL_PLAINTEXT).
+    pub sasl: Option<KafkaSasl>,
+}
+
+/// `[kafka.tls]`: the broker's CA, and a client certificate for mTLS.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaTls {
+    /// CA bundle (PEM) the broker certificate must chain to; unset: the
+    /// system trust store.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate and key (PEM) for mutual TLS.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// Check the broker's host name against its certificate (default true).
+    pub verify_hostname: Option<bool>,
+}
+
+/// `[kafka.sasl]`: the password comes from a file or an environment
+/// variable, never from this file, and is never logged.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaSasl {
+    /// PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512.
+    pub mechanism: String,
+    pub username: String,
+    pub password_file: Option<PathBuf>,
+    pub password_env: Option<String>,
 }
 
 impl Default for KafkaConfig {
@@ -236,6 +266,8 @@ impl Default for KafkaConfig {
             ack_after: AckPolicy::Delivered,
             poll_interval_us: 1000,
             extra: BTreeMap::new(),
+            tls: None,
+            sasl: None,
         }
     }
 }
@@ -311,6 +343,17 @@ impl Config {
         }
         fix(&mut c.directory.snapshot_dir);
         if let Some(p) = c.profiles.dir.as_mut() {
+            fix(p)
+        }
+        if let Some(t) = c.kafka.tls.as_mut() {
+            for p in [&mut t.ca_file, &mut t.cert_file, &mut t.key_file]
+                .into_iter()
+                .flatten()
+            {
+                fix(p)
+            }
+        }
+        if let Some(p) = c.kafka.sasl.as_mut().and_then(|s| s.password_file.as_mut()) {
             fix(p)
         }
         for p in [

@@ -22,6 +22,8 @@ impl TopicManager {
     pub fn new(cfg: &KafkaConfig) -> Result<TopicManager, rdkafka::error::KafkaError> {
         let mut c = rdkafka::ClientConfig::new();
         c.set("bootstrap.servers", &cfg.brokers);
+        crate::sink::kafka::apply_security(cfg, &mut c)
+            .map_err(|e| rdkafka::error::KafkaError::ClientCreation(e.to_string()))?;
         for (k, v) in &cfg.extra {
             if k.starts_with("security.") || k.starts_with("sasl.") || k.starts_with("ssl.") {
                 c.set(k, v);

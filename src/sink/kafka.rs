@@ -37,7 +37,19 @@ impl ClientContext for ShardContext {
     fn error(&self, error: KafkaError, reason: &str) {
         // librdkafka logs transport failures itself; surface only the state
         // an operator acts on (no broker reachable) at warn level.
-        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+        let code = error.rdkafka_error_code();
+        if matches!(
+            code,
+            Some(RDKafkaErrorCode::SSL) | Some(RDKafkaErrorCode::Authentication)
+        ) {
+            // TLS handshake or SASL failure: records stay queued (and
+            // unacknowledged) until it is fixed or message.timeout.ms.
+            tracing::error!(
+                shard = self.shard,
+                reason,
+                "kafka: TLS/SASL connection to the broker failed; records stay queued"
+            );
+        } else if code == Some(RDKafkaErrorCode::AllBrokersDown) {
             tracing::warn!(
                 shard = self.shard,
                 reason,
@@ -70,6 +82,69 @@ impl ProducerContext for ShardContext {
             let _ = self.deliveries.send((tag as DeliveryTag, ok));
         }
     }
+}
+
+/// Why the broker security settings cannot be applied.
+#[derive(Debug, thiserror::Error)]
+pub enum SecurityError {
+    #[error("kafka.sasl: {0}")]
+    Sasl(String),
+}
+
+/// Sets `security.protocol` and the TLS / SASL properties from
+/// `[kafka.tls]` / `[kafka.sasl]` (librdkafka CONFIGURATION.md names). The
+/// SASL password is read here from its file or variable; it goes only into
+/// librdkafka's configuration, never into a log line.
+pub fn apply_security(k: &KafkaConfig, c: &mut ClientConfig) -> Result<(), SecurityError> {
+    let protocol = match (&k.tls, &k.sasl) {
+        (None, None) => return Ok(()),
+        (Some(_), None) => "ssl",
+        (Some(_), Some(_)) => "sasl_ssl",
+        (None, Some(_)) => "sasl_plaintext",
+    };
+    c.set("security.protocol", protocol);
+    if let Some(t) = &k.tls {
+        if let Some(ca) = &t.ca_file {
+            c.set("ssl.ca.location", ca.to_string_lossy());
+        }
+        if let Some(cert) = &t.cert_file {
+            c.set("ssl.certificate.location", cert.to_string_lossy());
+        }
+        if let Some(key) = &t.key_file {
+            c.set("ssl.key.location", key.to_string_lossy());
+        }
+        let verify = t.verify_hostname.unwrap_or(true);
+        c.set(
+            "ssl.endpoint.identification.algorithm",
+            if verify { "https" } else { "none" },
+        );
+    }
+    if let Some(s) = &k.sasl {
+        let mech = s.mechanism.to_ascii_uppercase();
+        if !["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"].contains(&mech.as_str()) {
+            return Err(SecurityError::Sasl(format!(
+                "mechanism {:?}: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512",
+                s.mechanism
+            )));
+        }
+        let password = match (&s.password_env, &s.password_file) {
+            (Some(var), _) => std::env::var(var)
+                .map_err(|_| SecurityError::Sasl(format!("password_env {var} is not set")))?,
+            (None, Some(f)) => std::fs::read_to_string(f)
+                .map_err(|e| SecurityError::Sasl(format!("password_file {}: {e}", f.display())))?
+                .trim_end_matches(['\r', '\n'])
+                .to_string(),
+            (None, None) => {
+                return Err(SecurityError::Sasl(
+                    "password_file or password_env is required".into(),
+                ))
+            }
+        };
+        c.set("sasl.mechanisms", mech)
+            .set("sasl.username", &s.username)
+            .set("sasl.password", password);
+    }
+    Ok(())
 }
 
 /// Builds the librdkafka configuration from ours.
@@ -112,6 +187,7 @@ impl KafkaSink {
     ) -> Result<KafkaSink, KafkaError> {
         let mut cfg = client_config(k);
         cfg.set("client.id", format!("{}-shard{shard}", k.client_id));
+        apply_security(k, &mut cfg).map_err(|e| KafkaError::ClientCreation(e.to_string()))?;
         let (tx, rx) = crossbeam_channel::unbounded();
         let producer = cfg.create_with_context(ShardContext {
             metrics: metrics.clone(),
@@ -213,5 +289,71 @@ impl Sink for KafkaSink {
         self.buf.clear();
         json::encode_status(e, &mut self.buf).map_err(|_| SinkError::Rejected)?;
         self.send(false, e.tenant_id, e.device_id, 0)
+    }
+}
+
+#[cfg(test)]
+mod security_tests {
+    use super::*;
+    use crate::config::{KafkaSasl, KafkaTls};
+
+    #[test]
+    fn tls_and_sasl_map_to_librdkafka_properties() {
+        let mut k = KafkaConfig::default();
+        let mut c = ClientConfig::new();
+        apply_security(&k, &mut c).unwrap();
+        assert_eq!(c.get("security.protocol"), None);
+        k.tls = Some(KafkaTls {
+            ca_file: Some("/etc/ca.crt".into()),
+            cert_file: Some("/etc/client.crt".into()),
+            key_file: Some("/etc/client.key".into()),
+            verify_hostname: None,
+        });
+        let mut c = ClientConfig::new();
+        apply_security(&k, &mut c).unwrap();
+        assert_eq!(c.get("security.protocol"), Some("ssl"));
+        assert_eq!(c.get("ssl.ca.location"), Some("/etc/ca.crt"));
+        assert_eq!(c.get("ssl.certificate.location"), Some("/etc/client.crt"));
+        assert_eq!(c.get("ssl.key.location"), Some("/etc/client.key"));
+        assert_eq!(
+            c.get("ssl.endpoint.identification.algorithm"),
+            Some("https")
+        );
+        std::env::set_var("COREM_TEST_SASL_PW", "s3cret");
+        k.sasl = Some(KafkaSasl {
+            mechanism: "scram-sha-512".into(),
+            username: "gw".into(),
+            password_file: None,
+            password_env: Some("COREM_TEST_SASL_PW".into()),
+        });
+        let mut c = ClientConfig::new();
+        apply_security(&k, &mut c).unwrap();
+        assert_eq!(c.get("security.protocol"), Some("sasl_ssl"));
+        assert_eq!(c.get("sasl.mechanisms"), Some("SCRAM-SHA-512"));
+        assert_eq!(c.get("sasl.username"), Some("gw"));
+        assert_eq!(c.get("sasl.password"), Some("s3cret"));
+        // The config's Debug (what a log line could show) has no password.
+        assert!(!format!("{k:?}").contains("s3cret"));
+        // From a file, trailing newline dropped; without TLS: SASL_PLAINTEXT.
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("pw");
+        std::fs::write(&f, "filepw\n").unwrap();
+        k.tls = None;
+        k.sasl = Some(KafkaSasl {
+            mechanism: "PLAIN".into(),
+            username: "gw".into(),
+            password_file: Some(f),
+            password_env: None,
+        });
+        let mut c = ClientConfig::new();
+        apply_security(&k, &mut c).unwrap();
+        assert_eq!(c.get("security.protocol"), Some("sasl_plaintext"));
+        assert_eq!(c.get("sasl.password"), Some("filepw"));
+        // Refusals.
+        k.sasl.as_mut().unwrap().mechanism = "GSSAPI".into();
+        assert!(apply_security(&k, &mut ClientConfig::new()).is_err());
+        k.sasl.as_mut().unwrap().mechanism = "PLAIN".into();
+        k.sasl.as_mut().unwrap().password_file = None;
+        assert!(apply_security(&k, &mut ClientConfig::new()).is_err());
     }
 }

@@ -38,13 +38,26 @@ impl TopicReader {
         topics: &[String],
         wait: Duration,
     ) -> Result<TopicReader, ReaderError> {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", brokers)
+        Self::with_config(brokers, topics, wait, &[])
+    }
+
+    /// The same, with extra librdkafka properties (TLS to the broker).
+    pub fn with_config(
+        brokers: &str,
+        topics: &[String],
+        wait: Duration,
+        extra: &[(&str, &str)],
+    ) -> Result<TopicReader, ReaderError> {
+        let mut cfg = ClientConfig::new();
+        cfg.set("bootstrap.servers", brokers)
             .set("group.id", "corem-lwm2m-reader")
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "false")
-            .set("auto.offset.reset", "earliest")
-            .create()?;
+            .set("auto.offset.reset", "earliest");
+        for (k, v) in extra {
+            cfg.set(*k, *v);
+        }
+        let consumer: BaseConsumer = cfg.create()?;
         let deadline = Instant::now() + wait;
         let mut tpl = TopicPartitionList::new();
         for t in topics {

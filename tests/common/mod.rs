@@ -54,6 +54,8 @@ fn tansu_bin() -> PathBuf {
 
 pub struct Broker {
     pub port: u16,
+    /// The port clients are told to connect to (a TLS proxy), when not `port`.
+    pub advertised: Option<u16>,
     storage: String,
     dir: PathBuf,
     child: Option<Child>,
@@ -74,6 +76,7 @@ impl Broker {
     fn start_with(storage: String, dir: PathBuf) -> Broker {
         let mut b = Broker {
             port: free_tcp_port(),
+            advertised: None,
             storage,
             dir,
             child: None,
@@ -86,8 +89,23 @@ impl Broker {
         format!("127.0.0.1:{}", self.port)
     }
 
+    /// In-memory storage on `port`, advertising `advertised` (a TLS proxy
+    /// in front of it).
+    pub fn memory_behind(port: u16, advertised: u16) -> Broker {
+        let mut b = Broker {
+            port,
+            advertised: Some(advertised),
+            storage: format!("memory://tansu{}/", free_tcp_port()),
+            dir: tempdir(),
+            child: None,
+        };
+        b.start();
+        b
+    }
+
     pub fn start(&mut self) {
         let url = format!("tcp://127.0.0.1:{}", self.port);
+        let adv = format!("tcp://127.0.0.1:{}", self.advertised.unwrap_or(self.port));
         let log = std::fs::File::create(self.dir.join("broker.log")).unwrap();
         let child = Command::new(tansu_bin())
             .current_dir(&self.dir)
@@ -96,7 +114,7 @@ impl Broker {
                 "--listener-url",
                 &url,
                 "--advertised-listener-url",
-                &url,
+                &adv,
             ])
             .args(["--storage-engine", &self.storage])
             .stdout(log.try_clone().unwrap())
@@ -271,6 +289,12 @@ impl Gateway {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Rewrites the generated config file (for the next `spawn`).
+    pub fn edit_config(&self, f: impl FnOnce(String) -> String) {
+        let s = std::fs::read_to_string(&self.config).unwrap();
+        std::fs::write(&self.config, f(s)).unwrap();
     }
 
     /// The gateway process id.
@@ -697,4 +721,96 @@ pub fn dtls_connect(
     )?;
     c.handshake(Duration::from_secs(10))?;
     Ok(c)
+}
+
+/// A TLS-terminating TCP proxy (tansu 0.6.0 cannot serve TLS itself: its
+/// `--cert` and `--key` flags exclude each other and its broker never uses
+/// the acceptor it builds). Each connection: a thread shuttling bytes
+/// between the TLS side and the plaintext backend.
+pub struct TlsProxy {
+    pub port: u16,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl TlsProxy {
+    pub fn start(backend: u16, cert: &Path, key: &Path) -> TlsProxy {
+        use openssl::ssl::{SslAcceptor, SslFiletype, SslMethod};
+        let mut b = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls()).unwrap();
+        b.set_certificate_chain_file(cert).unwrap();
+        b.set_private_key_file(key, SslFiletype::PEM).unwrap();
+        let acceptor = Arc::new(b.build());
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        listener.set_nonblocking(true).unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let st = stop.clone();
+        std::thread::spawn(move || {
+            while !st.load(std::sync::atomic::Ordering::Relaxed) {
+                let Ok((client, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                };
+                let acceptor = acceptor.clone();
+                let st = st.clone();
+                std::thread::spawn(move || {
+                    client.set_nonblocking(false).ok();
+                    let Ok(mut tls) = acceptor.accept(client) else {
+                        return; // handshake refused (wrong CA on the client side)
+                    };
+                    let Ok(mut up) = TcpStream::connect(("127.0.0.1", backend)) else {
+                        return;
+                    };
+                    tls.get_ref().set_nonblocking(true).ok();
+                    up.set_nonblocking(true).ok();
+                    let mut buf = vec![0u8; 64 * 1024];
+                    while !st.load(std::sync::atomic::Ordering::Relaxed) {
+                        let mut idle = true;
+                        match tls.ssl_read(&mut buf) {
+                            Ok(0) => return,
+                            Ok(n) => {
+                                idle = false;
+                                up.set_nonblocking(false).ok();
+                                if up.write_all(&buf[..n]).is_err() {
+                                    return;
+                                }
+                                up.set_nonblocking(true).ok();
+                            }
+                            Err(e) if e.code() == openssl::ssl::ErrorCode::WANT_READ => {}
+                            Err(_) => return,
+                        }
+                        match up.read(&mut buf) {
+                            Ok(0) => return,
+                            Ok(n) => {
+                                idle = false;
+                                let mut off = 0;
+                                while off < n {
+                                    match tls.ssl_write(&buf[off..n]) {
+                                        Ok(k) => off += k,
+                                        Err(e)
+                                            if e.code() == openssl::ssl::ErrorCode::WANT_WRITE =>
+                                        {
+                                            std::thread::sleep(Duration::from_micros(200))
+                                        }
+                                        Err(_) => return,
+                                    }
+                                }
+                            }
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                            Err(_) => return,
+                        }
+                        if idle {
+                            std::thread::sleep(Duration::from_millis(1));
+                        }
+                    }
+                });
+            }
+        });
+        TlsProxy { port, stop }
+    }
+}
+
+impl Drop for TlsProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }
