@@ -103,6 +103,9 @@ pub struct DtlsSection {
     /// are not kept across restarts.
     pub session_key_file: Option<PathBuf>,
     pub session_key_env: Option<String>,
+    /// Let devices provisioned with DTLS credentials use plain CoAP (off:
+    /// they get 4.03 there, LwM2M TS 1.1 Transport §5.2.1).
+    pub allow_plain_with_credentials: bool,
 }
 
 impl Default for DtlsSection {
@@ -123,6 +126,7 @@ impl Default for DtlsSection {
             cookie_rotate_s: 60,
             session_key_file: None,
             session_key_env: None,
+            allow_plain_with_credentials: false,
         }
     }
 }

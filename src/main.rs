@@ -133,6 +133,13 @@ fn run(args: Args) -> anyhow::Result<()> {
     let profiles = Arc::new(Profiles::load(cfg.profiles.dir.as_deref())?);
     let directory = Arc::new(load_directory(&cfg)?);
     if args.check {
+        if cfg.dtls.enabled {
+            // Certificate, key, CA and cipher list load as they will at start.
+            let creds: Arc<dyn corem_lwm2m::io::dtls::Credentials> = directory.clone();
+            corem_lwm2m::io::dtls::server_context(&cfg.dtls.tls_settings(), creds)?;
+        }
+        let mut kc = rdkafka::ClientConfig::new();
+        corem_lwm2m::sink::kafka::apply_security(&cfg.kafka, &mut kc)?;
         println!(
             "configuration ok: {} shards, {} endpoints, profiles {:?}",
             cfg.shard_count(),

@@ -72,10 +72,11 @@ pub const DEFAULT_CIPHERS: &str = "PSK-AES128-CCM8:ECDHE-ECDSA-AES128-CCM8:PSK-A
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsSetupError {
-    #[error("DTLS {what} {path}: {source}")]
+    #[error("DTLS {what} {path}")]
     File {
         what: &'static str,
         path: PathBuf,
+        #[source]
         source: ErrorStack,
     },
     #[error("DTLS cipher list {0:?} enables none of the supported suites")]

@@ -333,7 +333,10 @@ pub fn start(
         let seed = base_seed
             .wrapping_add(i as u64)
             .wrapping_mul(0x2545_f491_4f6c_dd1d);
-        let server = Server::new(cfg.server_config(i, seed), metrics[i].clone());
+        let mut server = Server::new(cfg.server_config(i, seed), metrics[i].clone());
+        server.set_authorizer(Box::new(crate::proto::lwm2m::endpoint::DefaultAuthorizer {
+            allow_plain_with_credentials: cfg.dtls.allow_plain_with_credentials,
+        }));
         let metrics_i = metrics[i].clone();
         let (directory, profiles, store) = (directory.clone(), profiles.clone(), store.clone());
         let sessions = sessions.clone();

@@ -263,7 +263,11 @@ pub trait Authorizer: Send {
 
 /// The default policy (see the module documentation).
 #[derive(Debug, Clone, Copy, Default)]
-pub struct DefaultAuthorizer;
+pub struct DefaultAuthorizer {
+    /// Let a device provisioned with credentials use plain CoAP anyway
+    /// (`dtls.allow_plain_with_credentials`; off by default: 4.03).
+    pub allow_plain_with_credentials: bool,
+}
 
 impl Authorizer for DefaultAuthorizer {
     fn authorize(
@@ -276,7 +280,9 @@ impl Authorizer for DefaultAuthorizer {
             cn == req.endpoint() || sans.iter().any(|s| s == req.endpoint())
         };
         match identity {
-            None if entry.has_credentials() => Err(Denied::Unsecured),
+            None if entry.has_credentials() && !self.allow_plain_with_credentials => {
+                Err(Denied::Unsecured)
+            }
             None => Ok(()),
             Some(Identity::Psk(id)) => match entry.psk_identity_bytes() {
                 Some(p) if &p == id => Ok(()),
@@ -322,7 +328,10 @@ mod tests {
 
     #[test]
     fn default_policy() {
-        let a = DefaultAuthorizer;
+        let a = DefaultAuthorizer::default();
+        let lax = DefaultAuthorizer {
+            allow_plain_with_credentials: true,
+        };
         let reg = Uplink::Register {
             endpoint: "urn:imei:1",
         };
@@ -331,6 +340,7 @@ mod tests {
             a.authorize(reg, &entry(Some("id1")), None),
             Err(Denied::Unsecured)
         );
+        assert_eq!(lax.authorize(reg, &entry(Some("id1")), None), Ok(()));
         let psk = Identity::Psk(b"id1".to_vec());
         assert_eq!(a.authorize(reg, &entry(Some("id1")), Some(&psk)), Ok(()));
         assert_eq!(

@@ -368,7 +368,7 @@ impl Server {
             cfg,
             metrics,
             rng,
-            authorizer: Box::new(DefaultAuthorizer),
+            authorizer: Box::new(DefaultAuthorizer::default()),
             ex,
             regs: Registry::default(),
             obs: FastMap::default(),
