@@ -563,3 +563,45 @@ fn handshake_flood_is_capped_and_established_devices_keep_publishing() {
         "initial value + 20 notifications on the topic"
     );
 }
+
+/// A DTLS device whose address changes (NAT rebinding: a new port, a new
+/// handshake, possibly on the other shard) updates its registration through
+/// the new session; the old session is dropped, not kept until it idles out.
+/// Its Update over plain CoAP is refused.
+#[test]
+fn new_session_takes_over_registration_and_old_session_goes() {
+    let broker = Broker::memory();
+    let gw = Gateway::start(&broker, 2, &provisioning(), "");
+    let auth = psk("psk-1", PSK_KEY);
+    let mut dev = Device::new_dtls("urn:imei:psk", gw.coaps, 1, &auth, "PSK-AES128-CCM8").unwrap();
+    dev.sim.objects = vec!["/1/0".into(), "/3/0".into()];
+    assert_eq!(dev.register(0), Code::CREATED);
+    // Plain CoAP on the same location: refused.
+    let mut plain = Device::new("urn:imei:psk", gw.coap, 2);
+    plain.sim.location = dev.sim.location.clone();
+    let u = plain.sim.update(None, false);
+    assert_eq!(
+        plain.request(&u, Duration::from_secs(3)),
+        Some(Code::FORBIDDEN)
+    );
+    for round in 0..6 {
+        let old = dev.dtls.take().unwrap();
+        dev.dtls = Some(std::cell::RefCell::new(
+            dtls_connect(gw.coaps, &auth, "PSK-AES128-CCM8").unwrap(),
+        ));
+        let u = dev.sim.update(None, false);
+        assert_eq!(
+            dev.request(&u, Duration::from_secs(5)),
+            Some(Code::CHANGED),
+            "round {round}"
+        );
+        drop(old);
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(
+            gw.metric("dtls_sessions"),
+            1,
+            "round {round}: the old session is gone"
+        );
+    }
+    assert_eq!(gw.metric("registrations_active"), 1);
+}

@@ -234,9 +234,13 @@ impl State {
             self.server.clear_transmits();
         }
         let revoked = self.server.take_revoked();
+        let retired = self.server.take_retired();
         if let Some(dtls) = self.dtls.as_mut() {
             for p in revoked {
                 dtls.close(p.addr(), CloseReason::Revoked);
+            }
+            for p in retired {
+                dtls.forget(p.addr());
             }
             if dtls.has_transmits() {
                 let (sent, failed) = self.send.send(self.dtls_fd, dtls.transmits());

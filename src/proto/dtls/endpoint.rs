@@ -570,7 +570,13 @@ impl<A: Acceptor> DtlsEndpoint<A> {
         true
     }
 
-    /// Ends every session whose identity `f` selects.
+    /// Drops a session silently (no registration uses it any more).
+    pub fn forget(&mut self, peer: SocketAddr) {
+        self.end(peer, CloseReason::Retired);
+        self.gauges();
+    }
+
+    /// Ends every session `f` selects (identity, credential tag).
     pub fn close_where(
         &mut self,
         reason: CloseReason,
@@ -976,6 +982,29 @@ mod tests {
         );
         assert_eq!((e.session_count(), e.handshake_count()), (1, 0));
         assert_eq!(ShardMetrics::get(&m.dtls_sessions_replaced), 1);
+    }
+
+    proptest::proptest! {
+        /// Random datagrams, and mutations of real ones, from a peer with
+        /// and without a session: never a panic, never a session.
+        #[test]
+        fn never_panics_on_random_datagrams(
+            data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400),
+            flip in 0usize..400,
+        ) {
+            let (mut e, _m, t) = endpoint(DtlsConfig::default());
+            let peer: SocketAddr = "10.9.0.1:1".parse().unwrap();
+            let mut d = data.clone();
+            e.handle_datagram(at(t, 0), peer, &mut d, |_, _| {});
+            let mut h = testing::client_hello(0, 0, &[], &[0xc0a8]);
+            h.extend_from_slice(&data);
+            if !h.is_empty() {
+                let i = flip % h.len();
+                h[i] ^= 0x5a;
+            }
+            e.handle_datagram(at(t, 1), peer, &mut h, |_, _| {});
+            proptest::prop_assert_eq!(e.session_count(), 0);
+        }
     }
 
     #[test]

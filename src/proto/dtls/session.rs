@@ -62,6 +62,8 @@ pub enum CloseReason {
     Replaced,
     /// The gateway ended it (credentials changed, endpoint removed).
     Revoked,
+    /// Its registration moved to another address or shard.
+    Retired,
 }
 
 impl CloseReason {
@@ -72,6 +74,7 @@ impl CloseReason {
             CloseReason::Idle => "idle",
             CloseReason::Replaced => "replaced",
             CloseReason::Revoked => "revoked",
+            CloseReason::Retired => "retired",
         }
     }
 }

@@ -356,6 +356,9 @@ pub struct Server {
     /// DTLS peers whose sessions must end (credentials changed, endpoint
     /// removed).
     revoked: Vec<PeerId>,
+    /// DTLS peers no registration uses any more (it moved to another
+    /// address or shard): their sessions are dropped silently.
+    retired: Vec<PeerId>,
 }
 
 impl Server {
@@ -384,6 +387,7 @@ impl Server {
             refusals: LogLimiter::new(),
             dirty: false,
             revoked: Vec::new(),
+            retired: Vec::new(),
         }
     }
 
@@ -425,6 +429,11 @@ impl Server {
     }
 
     /// True once since the last call when registration state changed.
+    /// DTLS peers whose sessions are no longer used, since the last call.
+    pub fn take_retired(&mut self) -> Vec<PeerId> {
+        std::mem::take(&mut self.retired)
+    }
+
     /// DTLS peers whose sessions must end, since the last call.
     pub fn take_revoked(&mut self) -> Vec<PeerId> {
         std::mem::take(&mut self.revoked)

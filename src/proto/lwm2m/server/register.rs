@@ -233,6 +233,10 @@ impl Server {
             tracing::info!(shard = self.cfg.shard, endpoint = %endpoint, old = %old_peer, new = %peer, "device address changed");
             ShardMetrics::inc(&self.metrics.address_changes);
             self.regs.rebind(id, peer);
+            if old_peer.is_dtls() {
+                // A new session (new address) took over the registration.
+                self.retired.push(old_peer);
+            }
             self.ex.rebind_peer(old_peer, peer);
         }
         let lifetime_s = self.regs.get(id).map(|r| r.lifetime_s).unwrap_or(0);
@@ -321,6 +325,11 @@ impl Server {
             // The session authenticated with credentials that no longer
             // hold: the DTLS layer ends it too.
             self.revoked.push(reg.peer);
+        }
+        if reg.peer.is_dtls() && why == End::Moved {
+            // The device's datagrams reach another shard now (a new
+            // address): its session here is dead.
+            self.retired.push(reg.peer);
         }
         let (status, reason) = match why {
             End::Deregistered => ("offline", "deregistered"),
