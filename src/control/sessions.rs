@@ -173,6 +173,7 @@ mod tests {
             last_rx_ms: 5,
             final_flight: None,
             cred_tag: 9,
+            idle_s: 0,
         }
     }
 

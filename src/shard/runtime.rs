@@ -242,6 +242,9 @@ impl State {
             for p in retired {
                 dtls.forget(p.addr());
             }
+            for (p, secs) in self.server.take_session_lifetimes() {
+                dtls.set_idle_timeout(p.addr(), secs);
+            }
             if dtls.has_transmits() {
                 let (sent, failed) = self.send.send(self.dtls_fd, dtls.transmits());
                 let m = self.server.metrics();
@@ -566,7 +569,12 @@ async fn run_shard(a: ShardArgs) {
             match store.take(idx) {
                 Ok(Some((_, list))) => {
                     for (peer, s) in list {
-                        if t.wall_ms - s.last_rx_ms < idle_ms {
+                        let limit = if s.idle_s > 0 {
+                            s.idle_s as i64 * 1000
+                        } else {
+                            idle_ms
+                        };
+                        if t.wall_ms - s.last_rx_ms < limit {
                             d.import_session(peer, s);
                             restored += 1;
                         }

@@ -499,6 +499,7 @@ impl<A: Acceptor> DtlsEndpoint<A> {
                     last_rx_ms: now.wall_ms,
                     final_flight: Some(pack_flight(p.flight.iter().map(|d| d.as_slice()))),
                     cred_tag: est.cred_tag,
+                    idle_s: 0,
                 };
                 tracing::debug!(%peer, identity = %session.identity.describe(), suite = ?session.keys.suite, "DTLS session established");
                 ShardMetrics::inc(&self.metrics.dtls_handshakes_completed);
@@ -568,6 +569,13 @@ impl<A: Acceptor> DtlsEndpoint<A> {
         self.end(peer, reason);
         self.gauges();
         true
+    }
+
+    /// Sets a session's idle timeout (its registration's lifetime + grace).
+    pub fn set_idle_timeout(&mut self, peer: SocketAddr, secs: u32) {
+        if let Some((s, _)) = self.sessions.get_mut(&peer) {
+            s.idle_s = secs;
+        }
     }
 
     /// Drops a session silently (no registration uses it any more).
@@ -646,11 +654,18 @@ impl<A: Acceptor> DtlsEndpoint<A> {
                 .min(Duration::from_secs(10))
                 .max(Duration::from_millis(100));
             self.next_sweep = t + sweep;
-            let idle_ms = self.cfg.idle_timeout.as_millis() as i64;
+            let default_ms = self.cfg.idle_timeout.as_millis() as i64;
             let expired: Vec<SocketAddr> = self
                 .sessions
                 .iter()
-                .filter(|(_, (s, _))| now.wall_ms - s.last_rx_ms >= idle_ms)
+                .filter(|(_, (s, _))| {
+                    let idle_ms = if s.idle_s > 0 {
+                        s.idle_s as i64 * 1000
+                    } else {
+                        default_ms
+                    };
+                    now.wall_ms - s.last_rx_ms >= idle_ms
+                })
                 .map(|(a, _)| *a)
                 .collect();
             for p in expired {
@@ -1005,6 +1020,26 @@ mod tests {
             e.handle_datagram(at(t, 1), peer, &mut h, |_, _| {});
             proptest::prop_assert_eq!(e.session_count(), 0);
         }
+    }
+
+    #[test]
+    fn a_registration_sets_its_session_idle_timeout() {
+        let (mut e, _m, t) = endpoint(DtlsConfig::default());
+        let peer: SocketAddr = "10.0.0.6:5000".parse().unwrap();
+        let mut h2 = second_hello(&mut e, at(t, 0), peer);
+        e.handle_datagram(at(t, 1), peer, &mut h2, |_, _| {});
+        e.handle_datagram(
+            at(t, 2),
+            peer,
+            &mut [22u8, 0xfe, 0xfd, 0, 0, 0, 0, 0, 0, 0, 9, 0, 0],
+            |_, _| {},
+        );
+        // Default 26 h; the registration says 5 s.
+        e.set_idle_timeout(peer, 5);
+        e.handle_timeout(at(t, 4_000));
+        assert_eq!(e.session_count(), 1);
+        e.handle_timeout(at(t, 20_000));
+        assert_eq!(e.session_count(), 0);
     }
 
     #[test]

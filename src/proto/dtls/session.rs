@@ -100,6 +100,10 @@ pub struct Session {
     /// The credentials used (see `endpoint::credential_tag`).
     #[serde(default)]
     pub cred_tag: u64,
+    /// Idle timeout of this session in seconds (its registration's lifetime
+    /// plus grace); 0: the configured `idle_timeout`.
+    #[serde(default)]
+    pub idle_s: u32,
 }
 
 impl Session {
@@ -169,6 +173,7 @@ mod tests {
             last_rx_ms: 0,
             final_flight: Some(f),
             cred_tag: 0,
+            idle_s: 0,
         };
         let got: Vec<&[u8]> = s.final_flight().collect();
         assert_eq!(got, vec![&b"ab"[..], &b""[..], &b"xyz"[..]]);

@@ -359,6 +359,8 @@ pub struct Server {
     /// DTLS peers no registration uses any more (it moved to another
     /// address or shard): their sessions are dropped silently.
     retired: Vec<PeerId>,
+    /// (DTLS peer, idle timeout in seconds) from Register / Update.
+    session_lifetimes: Vec<(PeerId, u32)>,
 }
 
 impl Server {
@@ -388,6 +390,7 @@ impl Server {
             dirty: false,
             revoked: Vec::new(),
             retired: Vec::new(),
+            session_lifetimes: Vec::new(),
         }
     }
 
@@ -429,6 +432,12 @@ impl Server {
     }
 
     /// True once since the last call when registration state changed.
+    /// Idle timeouts for DTLS sessions carrying registrations, since the
+    /// last call.
+    pub fn take_session_lifetimes(&mut self) -> Vec<(PeerId, u32)> {
+        std::mem::take(&mut self.session_lifetimes)
+    }
+
     /// DTLS peers whose sessions are no longer used, since the last call.
     pub fn take_retired(&mut self) -> Vec<PeerId> {
         std::mem::take(&mut self.retired)

@@ -120,6 +120,7 @@ impl Server {
         self.regs.insert(reg);
         self.dirty = true;
         self.update_gauges();
+        self.session_lifetime(peer, lifetime_s);
         let loc = registration::location(id);
         let b = MessageBuilder::new(MsgType::Ack, Code::CREATED)
             .token(msg.token)
@@ -240,6 +241,7 @@ impl Server {
             self.ex.rebind_peer(old_peer, peer);
         }
         let lifetime_s = self.regs.get(id).map(|r| r.lifetime_s).unwrap_or(0);
+        self.session_lifetime(peer, lifetime_s);
         self.regs.set_expiry(
             id,
             now.instant + Duration::from_secs(lifetime_s as u64 + grace),
@@ -376,6 +378,17 @@ impl Server {
         self.regs
             .get(id)
             .is_none_or(|r| !r.peer.is_dtls() || peer.is_dtls())
+    }
+
+    /// A DTLS session carrying a registration stays while the registration
+    /// may: its idle timeout becomes the lifetime plus grace (plus a minute
+    /// for the device's clock).
+    fn session_lifetime(&mut self, peer: PeerId, lifetime_s: u32) {
+        if peer.is_dtls() {
+            let s = lifetime_s as u64 + self.cfg.lifetime_grace_s + 60;
+            self.session_lifetimes
+                .push((peer, s.min(u32::MAX as u64) as u32));
+        }
     }
 
     pub(super) fn deprovision(&mut self, now: Now, ctx: &mut Ctx<'_>, id: RegId) {
