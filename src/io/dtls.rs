@@ -103,9 +103,11 @@ pub fn server_context(
         .ciphers
         .clone()
         .unwrap_or_else(|| DEFAULT_CIPHERS.to_string());
-    // CCM-8's 64-bit tag is below OpenSSL 3's default security level;
-    // LwM2M requires it, so the level is lowered to what the list asks.
-    b.set_security_level(0);
+    // OpenSSL 3.2 moved the CCM-8 suites to security level 0 (their 64-bit
+    // tag); LwM2M requires them (tinydtls offers nothing else). Level 0 is
+    // used only when the list names a CCM-8 suite: the suites stay exactly
+    // the listed ones, certificates are still verified against the CA.
+    b.set_security_level(if ciphers.contains("CCM8") { 0 } else { 1 });
     b.set_cipher_list(&ciphers)
         .map_err(|_| TlsSetupError::Ciphers(ciphers.clone()))?;
     if let (Some(c), Some(k)) = (&s.cert_file, &s.key_file) {
