@@ -355,7 +355,11 @@ pub fn identity_of(cert: &X509Ref) -> Option<Identity> {
 
 impl Handshake for OpensslHandshake {
     fn handle_datagram(&mut self, datagram: &[u8]) {
-        self.stream.get_mut().inbox.push_back(datagram.to_vec());
+        // OpenSSL reads what it is given at once; a peer cannot queue more
+        // than a flight's worth here.
+        if self.stream.get_mut().inbox.len() < 16 {
+            self.stream.get_mut().inbox.push_back(datagram.to_vec());
+        }
         self.step();
     }
 
