@@ -303,6 +303,7 @@ impl<A: Acceptor> DtlsEndpoint<A> {
                 return false;
             };
             let (head, frag) = buf[off..off + len].split_at_mut(HEADER_LEN);
+            let frag_len = frag.len();
             off += len;
             if epoch == s.epoch
                 && (ct == content_type::APPLICATION_DATA || ct == content_type::ALERT)
@@ -367,8 +368,11 @@ impl<A: Acceptor> DtlsEndpoint<A> {
             if epoch == s.epoch && ct == content_type::HANDSHAKE {
                 // The client retransmitted its final flight: our Finished
                 // was lost (RFC 6347 §4.2.4). Answer it again, once per
-                // flight (on its Finished, the flight's last record).
-                if s.final_flight.is_some() {
+                // flight (on its Finished, the flight's last record). A
+                // record too short to be an encrypted Finished (12-byte
+                // header + 12-byte verify_data + AEAD or CBC overhead)
+                // does not trigger it: no amplification by spoofed records.
+                if s.final_flight.is_some() && frag_len >= 24 + 16 {
                     let flight: Vec<Vec<u8>> = s.final_flight().map(|d| d.to_vec()).collect();
                     for d in flight {
                         self.push_tx(peer, &d);
@@ -847,8 +851,8 @@ mod tests {
             1,
         );
         fin.push(1);
-        record::write_header(&mut fin, content_type::HANDSHAKE, record::DTLS1_2, 1, 0, 1);
-        fin.push(0);
+        record::write_header(&mut fin, content_type::HANDSHAKE, record::DTLS1_2, 1, 0, 40);
+        fin.extend_from_slice(&[0; 40]);
         e.handle_datagram(at(t, 2), peer, &mut fin.clone(), |_, _| {});
         assert_eq!((e.handshake_count(), e.session_count()), (0, 1));
         assert_eq!(ShardMetrics::get(&m.dtls_handshakes_completed), 1);
