@@ -10,33 +10,11 @@ use common::*;
 use std::process::Command;
 use std::time::Duration;
 
-/// Runs coap-client with verbose PDU logging; returns (response code,
-/// Location-Path segments) of the answer.
+/// Runs coap-client-openssl; returns (response code, Location-Path
+/// segments) of the answer.
 fn coap_client(args: &[&str]) -> (String, Vec<String>) {
-    let out = Command::new("coap-client-openssl")
-        .args(["-B", "5", "-v", "7"])
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("coap-client-openssl not runnable ({e}); run scripts/setup"));
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    // The response PDU line: "v:1 t:ACK c:2.01 i:476d {01} [ Location-Path:rd, ... ]"
-    let line = text
-        .lines()
-        .find(|l| l.contains("t:ACK c:") && !l.contains("c:0.00"))
-        .unwrap_or_else(|| panic!("no response in coap-client output:\n{text}"));
-    let code = line
-        .split("c:")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .unwrap_or("")
-        .to_string();
-    let locs = line
-        .split("Location-Path:")
-        .skip(1)
-        .map(|s| s.split([',', ' ', ']']).next().unwrap_or("").to_string())
-        .collect();
-    (code, locs)
+    let (text, r) = run_client("coap-client-openssl", args);
+    r.unwrap_or_else(|| panic!("no response in coap-client output:\n{text}"))
 }
 
 #[test]
@@ -82,8 +60,10 @@ fn libcoap_client_registers_updates_and_deregisters_from_new_ports() {
     assert_eq!(code, "4.04");
 }
 
-/// Runs a libcoap client binary; returns its combined output and the
-/// response code of the first non-empty ACK, if any.
+/// Runs a libcoap client binary with verbose PDU logging; returns its
+/// combined output and (response code, Location-Path segments) of the
+/// first non-empty ACK ("v:1 t:ACK c:2.01 i:476d {01} [ Location-Path:rd, ... ]"),
+/// if any.
 fn run_client(bin: &str, args: &[&str]) -> (String, Option<(String, Vec<String>)>) {
     let out = Command::new(bin)
         .args(["-B", "5", "-v", "7"])
