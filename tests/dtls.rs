@@ -331,6 +331,30 @@ fn credentials_removed_through_the_api_end_the_session() {
     let (_, body) = http(gw.admin, "GET", "/v1/endpoints/urn:imei:psk", "").unwrap();
     assert!(!body.contains(&"ab".repeat(16)), "{body}");
     assert!(!body.contains("psk_key_hex"), "{body}");
+    // Credentials removed altogether (the entry kept): the same.
+    let mut dev2 = Device::new_dtls(
+        "urn:imei:psk2",
+        gw.coaps,
+        3,
+        &psk("psk-2", PSK_KEY),
+        "PSK-AES128-CCM8",
+    )
+    .unwrap();
+    assert_eq!(dev2.register(1), Code::CREATED);
+    let (code, _) = http(
+        gw.admin,
+        "PUT",
+        "/v1/endpoints/urn:imei:psk2",
+        r#"{"device_id":"psk2-device","tenant_id":"acme","profile":"environment"}"#,
+    )
+    .unwrap();
+    assert_eq!(code, 200);
+    let st = read_matching(&status, 1, Duration::from_secs(20), |r| {
+        r.value["endpoint"] == "urn:imei:psk2" && r.value["status"] == "offline"
+    });
+    assert_eq!(st[0].value["reason"], "credentials_changed");
+    let u = dev2.sim.update(None, false);
+    assert_eq!(dev2.request(&u, Duration::from_secs(2)), None);
     // With the new key the device is back.
     let mut dev = Device::new_dtls(
         "urn:imei:psk",

@@ -796,15 +796,27 @@ fn handle_one(
         }
         return;
     }
+    st.with_dtls(|d, srv, ctx| dtls_one(d, srv, ctx, t, peer, data, truncated));
+}
+
+/// One datagram from the DTLS socket: records opened in place, the CoAP
+/// messages they carry handed to the server with the session's identity.
+fn dtls_one(
+    d: &mut DtlsEndpoint<OpensslAcceptor>,
+    srv: &mut Server,
+    ctx: &mut Ctx<'_>,
+    t: Now,
+    peer: std::net::SocketAddr,
+    data: &mut [u8],
+    truncated: bool,
+) {
     if truncated {
         // A record cut short cannot be authenticated (RFC 6347 §4.1.2.7).
-        ShardMetrics::inc(&st.server.metrics().oversized);
+        ShardMetrics::inc(&srv.metrics().oversized);
         return;
     }
-    st.with_dtls(|d, srv, ctx| {
-        d.handle_datagram(t, peer, data, |identity, plaintext| {
-            srv.handle_datagram(t, ctx, PeerId::dtls(peer), Some(identity), plaintext)
-        })
+    d.handle_datagram(t, peer, data, |identity, plaintext| {
+        srv.handle_datagram(t, ctx, PeerId::dtls(peer), Some(identity), plaintext)
     });
 }
 
@@ -845,11 +857,14 @@ fn spawn_receiver(
                 if got > 0 {
                     let t = now();
                     if dtls {
-                        for k in 0..got {
-                            if let Some((peer, data, truncated)) = rb.get_mut(k) {
-                                handle_one(st, t, true, peer, data, truncated);
+                        // One directory / profile snapshot for the whole batch.
+                        st.with_dtls(|d, srv, ctx| {
+                            for k in 0..got {
+                                if let Some((peer, data, truncated)) = rb.get_mut(k) {
+                                    dtls_one(d, srv, ctx, t, peer, data, truncated);
+                                }
                             }
-                        }
+                        });
                     } else {
                         // One directory / profile snapshot for the whole batch.
                         st.with_ctx(|srv, ctx| {

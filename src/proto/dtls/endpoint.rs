@@ -256,7 +256,7 @@ impl<A: Acceptor> DtlsEndpoint<A> {
             && self.sessions.contains_key(&peer)
             && !self.session_datagram(now, peer, buf, &mut app)
         {
-            self.gauges();
+            // The record path: gauges move only when a session ends (end()).
             return;
         }
         if let Some(p) = self.handshakes.get_mut(&peer) {
@@ -608,6 +608,7 @@ impl<A: Acceptor> DtlsEndpoint<A> {
 
     fn end(&mut self, peer: SocketAddr, reason: CloseReason) {
         if let Some((s, _)) = self.sessions.remove(&peer) {
+            ShardMetrics::set(&self.metrics.dtls_sessions, self.sessions.len() as i64);
             ShardMetrics::inc(&self.metrics.dtls_sessions_closed);
             tracing::debug!(%peer, identity = %s.identity.describe(), reason = reason.as_str(), "DTLS session ended");
             self.closed.push((peer, s.identity, reason));
@@ -1038,12 +1039,14 @@ mod tests {
             &mut [22u8, 0xfe, 0xfd, 0, 0, 0, 0, 0, 0, 0, 9, 0, 0],
             |_, _| {},
         );
-        // Default 26 h; the registration says 5 s.
-        e.set_idle_timeout(peer, 5);
-        e.handle_timeout(at(t, 4_000));
+        // Default 26 h; the registration says 30 s. The sweep at 12 s keeps
+        // it, the one at 40 s ends it (the default would keep it a day).
+        e.set_idle_timeout(peer, 30);
+        e.handle_timeout(at(t, 12_000));
         assert_eq!(e.session_count(), 1);
-        e.handle_timeout(at(t, 20_000));
+        e.handle_timeout(at(t, 40_000));
         assert_eq!(e.session_count(), 0);
+        assert_eq!(e.take_closed()[0].2, CloseReason::Idle);
     }
 
     #[test]
