@@ -35,7 +35,7 @@ use crate::proto::dtls::endpoint::credential_tag;
 use crate::proto::dtls::session::CloseReason;
 use crate::proto::dtls::DtlsEndpoint;
 use crate::proto::lwm2m::endpoint::Identity;
-use crate::proto::lwm2m::server::{ControlMsg, Ctx, Dest, Now, Server, ShardMsg};
+use crate::proto::lwm2m::server::{ControlMsg, Ctx, Dest, Now, Server, SessionCmd, ShardMsg};
 use crate::sink::kafka::KafkaSink;
 use glommio::channels::local_channel::{self, LocalSender};
 use glommio::channels::shared_channel::{self, ConnectedReceiver, SharedReceiver, SharedSender};
@@ -233,17 +233,16 @@ impl State {
             }
             self.server.clear_transmits();
         }
-        let revoked = self.server.take_revoked();
-        let retired = self.server.take_retired();
+        let cmds = self.server.take_session_cmds();
         if let Some(dtls) = self.dtls.as_mut() {
-            for p in revoked {
-                dtls.close(p.addr(), CloseReason::Revoked);
-            }
-            for p in retired {
-                dtls.forget(p.addr());
-            }
-            for (p, secs) in self.server.take_session_lifetimes() {
-                dtls.set_idle_timeout(p.addr(), secs);
+            for c in cmds {
+                match c {
+                    SessionCmd::Revoke(p) => {
+                        dtls.close(p.addr(), CloseReason::Revoked);
+                    }
+                    SessionCmd::Retire(p) => dtls.forget(p.addr()),
+                    SessionCmd::IdleTimeout(p, secs) => dtls.set_idle_timeout(p.addr(), secs),
+                }
             }
             if dtls.has_transmits() {
                 let (sent, failed) = self.send.send(self.dtls_fd, dtls.transmits());

@@ -353,14 +353,22 @@ pub struct Server {
     refusals: LogLimiter,
     /// Registration state changed since the last snapshot.
     dirty: bool,
-    /// DTLS peers whose sessions must end (credentials changed, endpoint
-    /// removed).
-    revoked: Vec<PeerId>,
-    /// DTLS peers no registration uses any more (it moved to another
-    /// address or shard): their sessions are dropped silently.
-    retired: Vec<PeerId>,
-    /// (DTLS peer, idle timeout in seconds) from Register / Update.
-    session_lifetimes: Vec<(PeerId, u32)>,
+    /// What the DTLS layer must do with sessions, in order.
+    session_cmds: Vec<SessionCmd>,
+}
+
+/// The server's decisions about DTLS sessions, for the DTLS layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionCmd {
+    /// End it with close_notify: the credentials it authenticated with no
+    /// longer hold (changed, endpoint removed).
+    Revoke(PeerId),
+    /// Drop it silently: no registration uses it any more (the device's
+    /// datagrams come from another address or shard now).
+    Retire(PeerId),
+    /// It carries a registration: keep it this many seconds idle (the
+    /// lifetime plus grace).
+    IdleTimeout(PeerId, u32),
 }
 
 impl Server {
@@ -388,9 +396,7 @@ impl Server {
             lamport: 0,
             refusals: LogLimiter::new(),
             dirty: false,
-            revoked: Vec::new(),
-            retired: Vec::new(),
-            session_lifetimes: Vec::new(),
+            session_cmds: Vec::new(),
         }
     }
 
@@ -431,23 +437,12 @@ impl Server {
         self.acks.len()
     }
 
+    /// Session commands for the DTLS layer since the last call.
+    pub fn take_session_cmds(&mut self) -> Vec<SessionCmd> {
+        std::mem::take(&mut self.session_cmds)
+    }
+
     /// True once since the last call when registration state changed.
-    /// Idle timeouts for DTLS sessions carrying registrations, since the
-    /// last call.
-    pub fn take_session_lifetimes(&mut self) -> Vec<(PeerId, u32)> {
-        std::mem::take(&mut self.session_lifetimes)
-    }
-
-    /// DTLS peers whose sessions are no longer used, since the last call.
-    pub fn take_retired(&mut self) -> Vec<PeerId> {
-        std::mem::take(&mut self.retired)
-    }
-
-    /// DTLS peers whose sessions must end, since the last call.
-    pub fn take_revoked(&mut self) -> Vec<PeerId> {
-        std::mem::take(&mut self.revoked)
-    }
-
     pub fn take_dirty(&mut self) -> bool {
         std::mem::take(&mut self.dirty)
     }

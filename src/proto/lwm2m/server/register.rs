@@ -236,7 +236,7 @@ impl Server {
             self.regs.rebind(id, peer);
             if old_peer.is_dtls() {
                 // A new session (new address) took over the registration.
-                self.retired.push(old_peer);
+                self.session_cmds.push(SessionCmd::Retire(old_peer));
             }
             self.ex.rebind_peer(old_peer, peer);
         }
@@ -326,12 +326,12 @@ impl Server {
         if reg.peer.is_dtls() && matches!(why, End::Deprovisioned | End::CredentialsChanged) {
             // The session authenticated with credentials that no longer
             // hold: the DTLS layer ends it too.
-            self.revoked.push(reg.peer);
+            self.session_cmds.push(SessionCmd::Revoke(reg.peer));
         }
         if reg.peer.is_dtls() && why == End::Moved {
             // The device's datagrams reach another shard now (a new
             // address): its session here is dead.
-            self.retired.push(reg.peer);
+            self.session_cmds.push(SessionCmd::Retire(reg.peer));
         }
         let (status, reason) = match why {
             End::Deregistered => ("offline", "deregistered"),
@@ -386,8 +386,8 @@ impl Server {
     fn session_lifetime(&mut self, peer: PeerId, lifetime_s: u32) {
         if peer.is_dtls() {
             let s = lifetime_s as u64 + self.cfg.lifetime_grace_s + 60;
-            self.session_lifetimes
-                .push((peer, s.min(u32::MAX as u64) as u32));
+            self.session_cmds
+                .push(SessionCmd::IdleTimeout(peer, s.min(u32::MAX as u64) as u32));
         }
     }
 
