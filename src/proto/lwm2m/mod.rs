@@ -5,6 +5,8 @@
 //! * [`observe`]: observations and notification ordering (RFC 7641).
 //! * [`send`]: LwM2M 1.1 Send.
 //! * [`content`]: content formats (Core §7.4) decoded into resource values.
+//! * [`encode`]: content encoders (Write, Create, composite path lists)
+//!   and the choice of format per device.
 //! * [`link_format`]: the registration payload (RFC 6690 links).
 //! * [`telemetry`]: values + profile → TelemetryPoints.
 //! * [`endpoint`]: provisioned entries, transport identities, the authorizer.
@@ -13,6 +15,7 @@
 //! * [`server`]: the per-shard server state machine composing all of it.
 
 pub mod content;
+pub mod encode;
 pub mod endpoint;
 pub mod link_format;
 pub mod observe;
