@@ -178,6 +178,27 @@ pub fn encode(
     }
 }
 
+/// The payload of a Write-Composite (TS 1.1 Core §5.4.3.2): SenML records
+/// with absolute names, values at resources or resource instances.
+pub fn encode_composite(
+    cf: u16,
+    entries: &[WriteEntry],
+    out: &mut Vec<u8>,
+) -> Result<(), EncodeError> {
+    if let Some(e) = entries.iter().find(|e| e.path.resource.is_none()) {
+        return Err(EncodeError::BadValue {
+            path: e.path,
+            reason: "values go to resources",
+        });
+    }
+    match cf {
+        CF_SENML_JSON => encode_senml_json(entries.iter().map(|e| (e.path, Some(&e.value))), out),
+        CF_SENML_CBOR => encode_senml_cbor(entries.iter().map(|e| (e.path, Some(&e.value))), out),
+        other => return Err(EncodeError::Unsupported(other)),
+    }
+    Ok(())
+}
+
 /// The path list of a Read-Composite / Observe-Composite request (TS 1.1
 /// Core §5.4.1, §5.5.1: SenML records with a name and no value).
 pub fn encode_paths(cf: u16, paths: &[ResourcePath], out: &mut Vec<u8>) -> Result<(), EncodeError> {

@@ -5,6 +5,8 @@
 //! * [`observe`]: observations and notification ordering (RFC 7641).
 //! * [`send`]: LwM2M 1.1 Send.
 //! * [`content`]: content formats (Core §7.4) decoded into resource values.
+//! * [`dm`]: server-initiated operations (Read, Write, Execute, ...) on the
+//!   wire and their answers.
 //! * [`encode`]: content encoders (Write, Create, composite path lists)
 //!   and the choice of format per device.
 //! * [`link_format`]: the registration payload (RFC 6690 links).
@@ -15,6 +17,7 @@
 //! * [`server`]: the per-shard server state machine composing all of it.
 
 pub mod content;
+pub mod dm;
 pub mod encode;
 pub mod endpoint;
 pub mod link_format;
