@@ -10,7 +10,9 @@
 //! sets of existing registrations change at their next Register.
 
 use crate::proto::lwm2m::content::{DataType, ResourcePath};
-pub use crate::proto::lwm2m::profile::{builtin_type, Mapping, MetricKind, Profile, ProfileMap};
+pub use crate::proto::lwm2m::profile::{
+    builtin_type, Mapping, MetricKind, Profile, ProfileMap, RpcMethod,
+};
 use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -54,6 +56,16 @@ pub struct ObserveSpec {
 pub struct RpcMapping {
     pub operation: String,
     pub path: String,
+    /// Execute arguments (TS Core §5.4.5), `{param}` filled from the RPC's
+    /// params.
+    #[serde(default)]
+    pub args: Option<String>,
+    /// Write value; strings may hold `{param}` placeholders.
+    #[serde(default)]
+    pub value: Option<serde_json::Value>,
+    /// Content format to use instead of the device's preferred one.
+    #[serde(default)]
+    pub format: Option<u16>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -66,6 +78,10 @@ struct ProfileFile {
     observe: Vec<ObserveSpec>,
     #[serde(default)]
     rpc: HashMap<String, RpcMapping>,
+    /// Publish values of unmapped paths under their path (default: count
+    /// them only).
+    #[serde(default)]
+    publish_unmapped: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -157,20 +173,47 @@ impl Profile {
                 .ok_or_else(|| inv(format!("rpc {method}: bad path {:?}", m.path)))?;
             if !matches!(
                 m.operation.as_str(),
-                "execute" | "read" | "write" | "observe" | "cancel_observe" | "delete" | "create"
+                "execute"
+                    | "read"
+                    | "write"
+                    | "discover"
+                    | "observe"
+                    | "cancel_observe"
+                    | "delete"
+                    | "create"
+                    | "write_attributes"
             ) {
                 return Err(inv(format!(
                     "rpc {method}: unknown operation {}",
                     m.operation
                 )));
             }
-            rpc.insert(method, (m.operation, p));
+            if let Some(a) = &m.args {
+                // Placeholders are checked when the RPC arrives; the fixed
+                // parts must already be valid arguments.
+                let probe = crate::proto::lwm2m::rpc::fill_template(a, &|_| Some("0".into()))
+                    .unwrap_or_default();
+                if !crate::proto::lwm2m::dm::valid_execute_args(&probe) {
+                    return Err(inv(format!("rpc {method}: bad execute args {a:?}")));
+                }
+            }
+            rpc.insert(
+                method,
+                RpcMethod {
+                    operation: m.operation,
+                    path: p,
+                    args: m.args,
+                    value: m.value,
+                    format: m.format,
+                },
+            );
         }
         Ok(Profile {
             name,
             resources,
             observe,
             rpc,
+            publish_unmapped: pf.publish_unmapped,
         })
     }
 
@@ -264,7 +307,7 @@ mod tests {
             .unwrap();
         assert_eq!(&*m.metric, "temperature");
         assert_eq!(p.observe.len(), 4);
-        assert_eq!(p.rpc["reboot"].1.to_string(), "/3/0/4");
+        assert_eq!(p.rpc["reboot"].path.to_string(), "/3/0/4");
         assert_eq!(
             &*p.mapping(&ResourcePath::parse("/3/0/9").unwrap())
                 .unwrap()

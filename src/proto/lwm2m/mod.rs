@@ -13,6 +13,8 @@
 //! * [`telemetry`]: values + profile → TelemetryPoints.
 //! * [`endpoint`]: provisioned entries, transport identities, the authorizer.
 //! * [`profile`]: resolved device profiles.
+//! * [`rpc`]: platform RPC requests, their status lifecycle, method →
+//!   operation resolution through the profile.
 //! * [`output`]: the records produced and the [`output::Sink`] they go to.
 //! * [`server`]: the per-shard server state machine composing all of it.
 
@@ -25,6 +27,7 @@ pub mod observe;
 pub mod output;
 pub mod profile;
 pub mod registration;
+pub mod rpc;
 pub mod send;
 pub mod server;
 pub mod telemetry;

@@ -26,7 +26,21 @@ pub struct Profile {
     /// Mapping by resource path (no resource instance).
     pub resources: FastMap<ResourcePath, Mapping>,
     pub observe: Vec<(ResourcePath, Option<u32>, Option<u32>)>,
-    pub rpc: HashMap<String, (String, ResourcePath)>,
+    pub rpc: HashMap<String, RpcMethod>,
+    /// Values of paths no mapping covers (observations set up by RPC):
+    /// published with the path as the metric name, or only counted.
+    pub publish_unmapped: bool,
+}
+
+/// A profile's RPC method: an operation on a path, with fixed or
+/// templated (`{param}`) Execute arguments or Write value.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RpcMethod {
+    pub operation: String,
+    pub path: ResourcePath,
+    pub args: Option<String>,
+    pub value: Option<serde_json::Value>,
+    pub format: Option<u16>,
 }
 
 #[derive(Debug, Clone)]
@@ -46,6 +60,18 @@ pub fn builtin_type(p: &ResourcePath) -> Option<DataType> {
         // Device: battery level, memory free, error code, battery status, memory total.
         (3, 7..=11) | (3, 20) | (3, 21) => Some(DataType::Integer),
         (3, 13) => Some(DataType::Time),
+        // Device: manufacturer, model, serial, firmware version, time zone,
+        // device type, hardware / software version, binding modes.
+        (3, 0..=3) | (3, 14..=19) => Some(DataType::String),
+        // Server: short server id, lifetime, pmin, pmax, disable timeout,
+        // notification storing (bool), binding.
+        (1, 0..=3) | (1, 5) => Some(DataType::Integer),
+        (1, 6) => Some(DataType::Boolean),
+        (1, 7) => Some(DataType::String),
+        // Firmware update: package URI, state, update result, name, version.
+        (5, 1) | (5, 6) | (5, 7) => Some(DataType::String),
+        (5, 3) | (5, 5) | (5, 9) => Some(DataType::Integer),
+        (5, 0) => Some(DataType::Opaque),
         // Connectivity monitoring: radio signal strength, link quality, cell id...
         (4, 2..=3) | (4, 8..=12) => Some(DataType::Integer),
         // Location: latitude, longitude, altitude, radius, speed.
