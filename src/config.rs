@@ -174,6 +174,19 @@ pub struct CoapConfig {
     /// Peers remembered by duplicate detection per shard; past it, peers
     /// without a registration are evicted first.
     pub dedup_max_peers: usize,
+    /// How long a queue-mode device (binding with Q) listens after it sent
+    /// something (TS 1.1 Transport §6.5; MAX_TRANSMIT_WAIT, 93 s).
+    pub queue_awake_s: u64,
+    /// Block size of block-wise writes to devices and reads from them,
+    /// as SZX (RFC 7959: 16 << szx bytes; 6 = 1024). A device asking for
+    /// smaller blocks gets them.
+    pub block_szx: u8,
+    /// Largest body reassembled from blocks (a device's Block2 response, a
+    /// Block1 Register / Send to us); larger incoming bodies get 4.13
+    /// with Size1 = this.
+    pub max_body: usize,
+    /// Block1 bodies being received at once per shard (5.03 beyond).
+    pub max_block1_assemblies: usize,
 }
 
 impl Default for CoapConfig {
@@ -188,6 +201,10 @@ impl Default for CoapConfig {
             min_lifetime_s: 1,
             nstart: 1,
             dedup_max_peers: 262_144,
+            queue_awake_s: 93,
+            block_szx: 6,
+            max_body: 64 * 1024,
+            max_block1_assemblies: 1024,
         }
     }
 }
@@ -407,6 +424,10 @@ impl Config {
             max_datagram: self.gateway.max_datagram,
             ack_policy: self.kafka.ack_after,
             seed,
+            queue_awake: Duration::from_secs(c.queue_awake_s),
+            block_szx: c.block_szx.min(6),
+            max_body: c.max_body.max(1024),
+            max_block1_assemblies: c.max_block1_assemblies.max(1),
         }
     }
 }

@@ -120,6 +120,17 @@ metrics! {
         dtls_sessions_replaced: "DTLS sessions replaced by a new handshake from the same address (RFC 6347 §4.2.8)",
         dtls_sessions_restored: "DTLS sessions restored from the encrypted session snapshot",
         dtls_tx_no_session: "datagrams for a DTLS peer without a session (not sent)",
+        rpc_exec_received: "RPCs handed to the shard for sending",
+        rpc_returned: "RPCs handed back unsent (device not registered here or asleep)",
+        rpc_succeeded: "RPCs the device answered with 2.xx",
+        rpc_failed: "RPCs that failed (error code from the device, refused before sending, interrupted)",
+        rpc_timed_out: "RPCs without an answer within the CoAP retransmissions or their timeout",
+        block2_continuations: "Block2 continuation requests sent for large device responses (RFC 7959)",
+        block1_sent: "Block1 blocks sent for large writes (RFC 7959)",
+        block1_rx: "Block1 blocks received for large requests (Register, Send)",
+        block1_too_large: "Block1 request bodies refused with 4.13 (above gateway.max_body)",
+        block1_incomplete: "Block1 request bodies refused with 4.08 (a block missing)",
+        block1_expired: "Block1 request bodies dropped unfinished (no block for their lifetime)",
     }
     gauges {
         registrations_active: "registrations currently held by the shard",
@@ -130,6 +141,7 @@ metrics! {
         kafka_queue: "records in the shard producer's queue",
         dtls_sessions: "established DTLS sessions held by the shard",
         dtls_handshakes: "DTLS handshakes in progress on the shard",
+        rpc_in_flight: "RPCs sent to devices and awaiting their answer",
     }
 }
 

@@ -27,7 +27,7 @@
 //! `clear_transmits`. Nothing here reads a clock or touches a socket.
 
 use super::builder::MessageBuilder;
-use super::codec::{Message, MsgType};
+use super::codec::{Block, Message, MsgType};
 use super::dedup::{Cached, Dedup};
 use super::peer::PeerId;
 use crate::metrics::ShardMetrics;
@@ -151,6 +151,9 @@ pub struct Exchanges {
     spare_mid: u16,
     out: Vec<u8>,
     out_meta: Vec<(PeerId, u32, u32)>,
+    /// Block1 options to echo on the answer to (peer, MID): the final block
+    /// of a block-wise request (RFC 7959 §2.3).
+    echo: SmallVec<[(PeerId, u16, Block); 2]>,
 }
 
 /// Dedup sweep period.
@@ -178,6 +181,7 @@ impl Exchanges {
             spare_mid,
             out: Vec::with_capacity(64 * 1024),
             out_meta: Vec::with_capacity(256),
+            echo: SmallVec::new(),
         }
     }
 
@@ -387,6 +391,13 @@ impl Exchanges {
         protected: bool,
     ) {
         self.schedule_sweep(now);
+        let reply = match self.echo.iter().position(|(p, m, _)| *p == peer && *m == req_mid) {
+            Some(i) => {
+                let (_, _, b) = self.echo.swap_remove(i);
+                reply.block1(b)
+            }
+            None => reply,
+        };
         let reply = if req_type == MsgType::Con {
             reply.mtype(MsgType::Ack).mid(req_mid)
         } else {
@@ -404,6 +415,15 @@ impl Exchanges {
         } else {
             self.dedup.remove(&peer, req_mid);
         }
+    }
+
+    /// The answer to `(peer, mid)`, whenever it is sent, carries Block1
+    /// option `b` (the last block of a block-wise request, RFC 7959 §2.3).
+    pub fn echo_block1(&mut self, peer: PeerId, mid: u16, b: Block) {
+        if self.echo.len() >= 64 {
+            self.echo.remove(0);
+        }
+        self.echo.push((peer, mid, b));
     }
 
     /// Acknowledges a CON (notification or separate response) with an empty

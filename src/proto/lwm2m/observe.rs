@@ -141,6 +141,9 @@ pub struct Observation {
     pub reg: u64,
     pub path: ResourcePath,
     pub window: ObserveWindow,
+    /// Set up by an RPC (kept when the profile changes; ended by
+    /// `cancel_observe`), not by the profile.
+    pub rpc: bool,
 }
 
 /// [`Observation`] as plain data.
@@ -149,6 +152,11 @@ pub struct ObservationState {
     pub token: u64,
     pub path: String,
     pub window: WindowState,
+    #[serde(default)]
+    pub rpc: bool,
+    /// The paths of a composite observation (Observe-Composite).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub composite: Vec<String>,
 }
 
 #[cfg(test)]

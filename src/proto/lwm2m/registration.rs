@@ -357,6 +357,12 @@ pub struct Registration {
     pub status_seq: u64,
     /// Tokens of its established observations.
     pub observations: SmallVec<[u64; 4]>,
+    /// The content format the device announced first (`ct=` on its root
+    /// link, TS 1.1 Transport §6.2.1).
+    pub preferred_cf: Option<u16>,
+    /// Queue mode (TS 1.1 Transport §6.5): requests go to the device only
+    /// until this instant after it last sent something.
+    pub awake_until: Option<Instant>,
 }
 
 impl Registration {
@@ -405,6 +411,7 @@ impl Registration {
             moves: self.moves,
             status_seq: self.status_seq,
             observations,
+            preferred_cf: self.preferred_cf,
         }
     }
 
@@ -436,7 +443,15 @@ impl Registration {
             moves: s.moves,
             status_seq: s.status_seq,
             observations: SmallVec::new(),
+            preferred_cf: s.preferred_cf,
+            awake_until: None,
         }
+    }
+
+    /// True when a request can be sent to the device now (always, unless
+    /// it is in queue mode and asleep).
+    pub fn reachable(&self, now: Instant) -> bool {
+        !self.queue_mode || self.awake_until.is_some_and(|t| t > now)
     }
 }
 
@@ -464,6 +479,8 @@ pub struct RegistrationState {
     #[serde(default)]
     pub status_seq: u64,
     pub observations: Vec<ObservationState>,
+    #[serde(default)]
+    pub preferred_cf: Option<u16>,
 }
 
 /// The registrations of one shard.

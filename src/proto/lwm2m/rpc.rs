@@ -162,6 +162,85 @@ impl RpcRequest {
     }
 }
 
+/// An RPC handed to the shard that holds the device's registration, to
+/// send now (the control plane recorded it as `sent` first).
+#[derive(Debug, Clone)]
+pub struct RpcExec {
+    pub rpc_id: std::sync::Arc<str>,
+    pub endpoint: std::sync::Arc<str>,
+    pub op: Op,
+    /// Wall-clock epoch ms after which it ends `timed_out`.
+    pub deadline_ms: i64,
+}
+
+/// How an RPC ended on the shard.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RpcOutcome {
+    pub status: RpcStatus,
+    /// The device's CoAP response code (`"2.04"`).
+    pub code: Option<String>,
+    /// The decoded response (`{path: value}`, Discover links, Create location).
+    pub response: Option<J>,
+    pub reason: Option<String>,
+}
+
+impl RpcOutcome {
+    pub fn failed(reason: impl Into<String>) -> RpcOutcome {
+        RpcOutcome {
+            status: RpcStatus::Failed,
+            code: None,
+            response: None,
+            reason: Some(reason.into()),
+        }
+    }
+}
+
+/// Orders presence reports of one device across shards: a newer
+/// registration (epoch) or a later move wins; reports from one shard arrive
+/// in order.
+pub type PresenceOrder = (u64, u16, u32);
+
+/// What the control plane knows of a device's registration (routing of
+/// RPCs, the device API).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Presence {
+    pub device_id: String,
+    pub tenant_id: String,
+    pub endpoint: String,
+    pub shard: u16,
+    #[serde(skip)]
+    pub order: PresenceOrder,
+    /// Registered (somewhere).
+    pub online: bool,
+    /// Requests can be sent now (false for a queue-mode device asleep).
+    pub reachable: bool,
+    pub registration_id: String,
+    pub address: String,
+    pub lwm2m_version: &'static str,
+    pub binding: String,
+    pub lifetime_s: u32,
+    pub queue_mode: bool,
+    pub registered_at: i64,
+    pub last_seen: i64,
+    /// Why it went offline (`deregistered`, `expired`, ...).
+    pub reason: Option<&'static str>,
+}
+
+/// What a shard reports to the RPC control plane.
+#[derive(Debug, Clone)]
+pub enum RpcEvent {
+    /// A device's registration here changed state.
+    Presence(Presence),
+    /// The RPC was not sent (no registration here, or the device is not
+    /// reachable): it goes back to the device's queue.
+    Returned { rpc_id: std::sync::Arc<str> },
+    /// The RPC ended.
+    Done {
+        rpc_id: std::sync::Arc<str>,
+        outcome: RpcOutcome,
+    },
+}
+
 /// Replaces `{name}` by `lookup(name)`; `Err(name)` for a missing one.
 pub fn fill_template(t: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
     let mut out = String::with_capacity(t.len());

@@ -53,7 +53,7 @@ impl Server {
                 }
             }
         }
-        self.drain_failures();
+        self.drain_failures(now);
         self.update_gauges();
     }
 

@@ -58,6 +58,8 @@ use super::registration::{
 use super::send;
 use super::telemetry::build_points;
 use crate::metrics::ShardMetrics;
+use super::rpc::{Presence, RpcEvent, RpcExec, RpcOutcome, RpcStatus};
+use crate::proto::coap::block::{Block1Limits, Block1Step, Block1Table};
 use crate::proto::coap::exchange::{token_of, ExchangeConfig, Exchanges, Inbound, Token};
 use crate::proto::coap::{self, Code, Message, MessageBuilder, MsgType, PeerId};
 use crate::proto::FastMap;
@@ -65,7 +67,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use smallvec::SmallVec;
-use std::collections::VecDeque;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -103,6 +106,17 @@ pub struct ServerConfig {
     pub ack_policy: AckPolicy,
     /// Seed of the server's CSPRNG (registration ids, tokens, MIDs).
     pub seed: u64,
+    /// How long a queue-mode device listens after it sent something (TS
+    /// 1.1 Transport §6.5; CoAP MAX_TRANSMIT_WAIT, 93 s, by default).
+    pub queue_awake: Duration,
+    /// Block size for our Block1 writes and Block2 reads (RFC 7959 SZX,
+    /// 6 = 1024 bytes); the device's smaller size wins.
+    pub block_szx: u8,
+    /// Largest body reassembled from blocks: a device's Block2 response,
+    /// or a Block1 request (Register, Send) to us (4.13 with Size1 above).
+    pub max_body: usize,
+    /// Block1 bodies being received at once.
+    pub max_block1_assemblies: usize,
 }
 
 impl Default for ServerConfig {
@@ -117,6 +131,10 @@ impl Default for ServerConfig {
             max_datagram: 2048,
             ack_policy: AckPolicy::Delivered,
             seed: 0,
+            queue_awake: Duration::from_secs(93),
+            block_szx: 6,
+            max_body: 64 * 1024,
+            max_block1_assemblies: 1024,
         }
     }
 }
@@ -190,6 +208,8 @@ enum Kind {
     WriteAttributes,
     Observe,
     CancelObserve,
+    /// A request of the registration's RPC in flight.
+    Rpc,
 }
 
 /// What one of our outstanding requests is for.
@@ -355,6 +375,18 @@ pub struct Server {
     dirty: bool,
     /// What the DTLS layer must do with sessions, in order.
     session_cmds: Vec<SessionCmd>,
+    /// The RPC in flight per registration (one at a time: per-device order).
+    rpcs: FastMap<RegId, dm::InFlight>,
+    /// RPC deadlines and queue-mode wake windows (lazy: stale entries are
+    /// skipped when they come up).
+    rpc_timers: BinaryHeap<Reverse<(Instant, RegId)>>,
+    awake_timers: BinaryHeap<Reverse<(Instant, RegId)>>,
+    /// Reports for the RPC control plane.
+    rpc_events: VecDeque<RpcEvent>,
+    /// The paths of composite observations, by token.
+    composite: FastMap<Token, Box<[ResourcePath]>>,
+    /// Block1 request bodies being received (Register, Send).
+    blocks_in: Block1Table,
 }
 
 /// The server's decisions about DTLS sessions, for the DTLS layer.
@@ -377,6 +409,11 @@ impl Server {
             cfg.seed ^ (cfg.shard as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
         );
         let ex = Exchanges::new(cfg.exchange.clone(), rng.gen(), metrics.clone());
+        let blocks_in = Block1Table::new(Block1Limits {
+            max_body: cfg.max_body,
+            max_assemblies: cfg.max_block1_assemblies,
+            lifetime: cfg.exchange.exchange_lifetime.min(Duration::from_secs(120)),
+        });
         Server {
             cfg,
             metrics,
@@ -397,6 +434,12 @@ impl Server {
             refusals: LogLimiter::new(),
             dirty: false,
             session_cmds: Vec::new(),
+            rpcs: FastMap::default(),
+            rpc_timers: BinaryHeap::new(),
+            awake_timers: BinaryHeap::new(),
+            rpc_events: VecDeque::new(),
+            composite: FastMap::default(),
+            blocks_in,
         }
     }
 
@@ -437,6 +480,11 @@ impl Server {
         self.acks.len()
     }
 
+    /// The next report for the RPC control plane.
+    pub fn poll_rpc_event(&mut self) -> Option<RpcEvent> {
+        self.rpc_events.pop_front()
+    }
+
     /// Session commands for the DTLS layer since the last call.
     pub fn take_session_cmds(&mut self) -> Vec<SessionCmd> {
         std::mem::take(&mut self.session_cmds)
@@ -471,10 +519,13 @@ impl Server {
 
     /// The earliest time [`Server::handle_timeout`] has work.
     pub fn poll_timeout(&mut self) -> Option<Instant> {
+        let rpc = self.next_rpc_timer();
         [
             self.ex.poll_timeout(),
             self.regs.next_expiry(),
             self.backlog_retry,
+            rpc,
+            self.blocks_in.poll_timeout(),
         ]
         .into_iter()
         .flatten()
@@ -520,7 +571,7 @@ impl Server {
             } => self.on_response(now, ctx, peer, &msg, token, separate),
             Inbound::Unsolicited => self.on_notification(now, ctx, peer, &msg),
         }
-        self.drain_failures();
+        self.drain_failures(now);
     }
 
     /// A datagram larger than `max_datagram` arrived; `prefix` is what fit.
@@ -548,7 +599,7 @@ impl Server {
     /// Retransmissions, request timeouts, lifetime expiry, status retries.
     pub fn handle_timeout(&mut self, now: Now, ctx: &mut Ctx<'_>) {
         self.ex.handle_timeout(now.instant);
-        self.drain_failures();
+        self.drain_failures(now);
         // LwM2M TS 1.1 Core §6.2.1: the registration is removed when its
         // lifetime passes without an Update.
         while let Some(id) = self.regs.next_expired(now.instant) {
@@ -557,6 +608,11 @@ impl Server {
             }
         }
         self.tombstones.retain(|_, until| *until > now.instant);
+        self.rpc_timeouts(now);
+        if self.blocks_in.poll_timeout().is_some_and(|t| t <= now.instant) {
+            let n = self.blocks_in.sweep(now.instant);
+            ShardMetrics::add(&self.metrics.block1_expired, n as u64);
+        }
         self.flush_backlog(now, ctx);
         self.update_gauges();
     }
@@ -610,6 +666,7 @@ fn loc_string(id: RegId) -> String {
 }
 
 mod control;
+mod dm;
 mod register;
 mod report;
 mod requests;

@@ -92,6 +92,11 @@ impl Server {
             moves: 0,
             status_seq: 0,
             observations: SmallVec::new(),
+            preferred_cf: req.links.content_formats.first().copied(),
+            awake_until: req
+                .params
+                .queue_mode
+                .then(|| now.instant + self.cfg.queue_awake),
         };
         match publish_status(ctx.sink, &mut reg, "online", "registered", now.wall_ms) {
             Ok(()) => ShardMetrics::inc(&self.metrics.status_published),
@@ -121,6 +126,12 @@ impl Server {
         self.dirty = true;
         self.update_gauges();
         self.session_lifetime(peer, lifetime_s);
+        if let Some(r) = self.regs.get(id) {
+            if let Some(t) = r.awake_until {
+                self.awake_timers.push(Reverse((t, id)));
+            }
+        }
+        self.report_presence(now, id, true, None);
         let loc = registration::location(id);
         let b = MessageBuilder::new(MsgType::Ack, Code::CREATED)
             .token(msg.token)
@@ -253,6 +264,8 @@ impl Server {
         }
         ShardMetrics::inc(&self.metrics.updates);
         self.dirty = true;
+        self.device_awake(now, id);
+        self.report_presence(now, id, true, None);
         let b = MessageBuilder::new(MsgType::Ack, Code::CHANGED).token(msg.token);
         self.ex.respond(now.instant, peer, msg, b, true, true);
         // New objects, a changed profile, an observation that failed or was
@@ -317,7 +330,10 @@ impl Server {
         let mut reg = self.regs.remove(id)?;
         for t in &reg.observations {
             self.obs.remove(t);
+            self.composite.remove(t);
         }
+        self.rpc_registration_ended(now, &reg, why);
+        self.blocks_in.forget_peer(&reg.peer);
         for (tok, _) in self.ex.pending_for(&reg.peer) {
             self.requests.remove(&tok);
         }

@@ -48,6 +48,7 @@ impl Server {
         if let Some(reg) = self.regs.get_mut(id) {
             reg.last_seen_ms = now.wall_ms;
         }
+        self.device_awake(now, id);
         let tag = self.tag_for(msg.mtype);
         match self.publish(now, ctx, id, send::ROOT, msg, Operation::Send, tag) {
             Published::Busy => self.reply_busy(now, peer, msg, true),
@@ -165,10 +166,17 @@ impl Server {
         let Some(profile) = Profile::lookup(ctx.profiles, &reg.entry.profile) else {
             return;
         };
+        // Observations set up by RPC are the RPC caller's: the profile
+        // neither counts nor cancels them.
         let established: SmallVec<[(ResourcePath, Token); 8]> = reg
             .observations
             .iter()
-            .filter_map(|t| self.obs.get(t).map(|o| (o.path, *t)))
+            .filter_map(|t| {
+                self.obs
+                    .get(t)
+                    .filter(|o| !o.rpc)
+                    .map(|o| (o.path, *t))
+            })
             .collect();
         let requested: SmallVec<[ResourcePath; 8]> = self
             .ex
@@ -276,9 +284,12 @@ impl Server {
         );
     }
 
-    pub(super) fn drain_failures(&mut self) {
+    pub(super) fn drain_failures(&mut self, now: Now) {
         while let Some(f) = self.ex.poll_failed() {
             if let Some(p) = self.requests.remove(&f.token) {
+                if p.kind == Kind::Rpc {
+                    self.on_rpc_failure(now, p.reg, f.token, f.reason);
+                }
                 if p.kind == Kind::Observe {
                     ShardMetrics::inc(&self.metrics.observe_failed);
                     tracing::debug!(peer = %f.peer, path = %p.path, reason = ?f.reason, "observe request failed");
@@ -305,6 +316,7 @@ impl Server {
             return;
         };
         match p.kind {
+            Kind::Rpc => self.on_rpc_response(now, ctx, peer, msg, p.reg, token, separate),
             Kind::WriteAttributes | Kind::CancelObserve => {
                 if !msg.code.is_success() {
                     tracing::debug!(%peer, code = %msg.code, kind = ?p.kind, "request refused by the device");
@@ -337,6 +349,7 @@ impl Server {
                             reg: p.reg,
                             path: p.path,
                             window,
+                            rpc: false,
                         },
                     );
                     if let Some(r) = self.regs.get_mut(p.reg) {
@@ -457,6 +470,7 @@ impl Server {
             Freshness::Fresh => {}
         }
         reg.last_seen_ms = now.wall_ms;
+        self.device_awake(now, reg_id);
         let tag = self.tag_for(msg.mtype);
         let outcome = self.publish(now, ctx, reg_id, path, msg, Operation::Notify, tag);
         let record = |s: &mut Server| {

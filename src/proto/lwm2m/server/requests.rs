@@ -33,6 +33,60 @@ impl Server {
                 protected,
             );
         }
+        // RFC 7959 §2.5: a body in Block1 blocks is collected first; the
+        // request runs once, with the whole body.
+        let assembled;
+        let whole;
+        let msg = match msg.block1() {
+            Some(b1) if msg.code.is_request() => {
+                ShardMetrics::inc(&self.metrics.block1_rx);
+                let key = crate::proto::coap::block::request_key(
+                    msg.code.0,
+                    msg.uri_path().chain(msg.uri_query()),
+                );
+                match self
+                    .blocks_in
+                    .handle(now.instant, peer, key, b1, msg.size1(), msg.payload)
+                {
+                    Block1Step::Continue(b) => {
+                        let r = MessageBuilder::new(MsgType::Ack, Code::CONTINUE)
+                            .token(msg.token)
+                            .block1(b);
+                        return self.ex.respond(now.instant, peer, msg, r, true, protected);
+                    }
+                    Block1Step::TooLarge => {
+                        ShardMetrics::inc(&self.metrics.block1_too_large);
+                        // RFC 7959 §2.9.3: 4.13 with Size1 = what we accept.
+                        let r = MessageBuilder::new(MsgType::Ack, Code::REQUEST_ENTITY_TOO_LARGE)
+                            .token(msg.token)
+                            .size1(self.cfg.max_body as u32);
+                        return self.ex.respond(now.instant, peer, msg, r, true, protected);
+                    }
+                    Block1Step::Incomplete => {
+                        ShardMetrics::inc(&self.metrics.block1_incomplete);
+                        return self.reply_error(
+                            now,
+                            peer,
+                            msg,
+                            Code::REQUEST_ENTITY_INCOMPLETE,
+                            "block missing",
+                            protected,
+                        );
+                    }
+                    Block1Step::Busy => return self.reply_busy(now, peer, msg, protected),
+                    Block1Step::Complete(body) => {
+                        // The final response echoes the last block (§2.3).
+                        self.ex.echo_block1(peer, msg.message_id, b1);
+                        assembled = body;
+                        let mut m = *msg;
+                        m.payload = &assembled;
+                        whole = m;
+                        &whole
+                    }
+                }
+            }
+            _ => msg,
+        };
         let mut path = msg.uri_path();
         let first = path.next();
         let second = path.next();

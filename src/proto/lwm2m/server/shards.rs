@@ -111,7 +111,7 @@ impl Server {
                         Route::Claimed { deprovisioned },
                     );
                 }
-                self.drain_failures();
+                self.drain_failures(now);
             }
             ShardMsg::Homed { id, owner, moves } => {
                 if self.home_of(id) == self.cfg.shard {
@@ -155,6 +155,12 @@ impl Server {
                     token: *t,
                     path: o.path.to_string(),
                     window: o.window.to_state(now.instant),
+                    rpc: o.rpc,
+                    composite: self
+                        .composite
+                        .get(t)
+                        .map(|ps| ps.iter().map(|p| p.to_string()).collect())
+                        .unwrap_or_default(),
                 })
             })
             .collect()
@@ -197,14 +203,24 @@ impl Server {
                     reg: st.id,
                     path,
                     window: ObserveWindow::from_state(&o.window, now.instant),
+                    rpc: o.rpc,
                 },
             );
+            if !o.composite.is_empty() {
+                let ps: Vec<ResourcePath> = o
+                    .composite
+                    .iter()
+                    .filter_map(|p| ResourcePath::parse(p))
+                    .collect();
+                self.composite.insert(o.token, ps.into_boxed_slice());
+            }
             reg.observations.push(o.token);
         }
         let id = reg.id;
         self.regs.insert(reg);
         self.dirty = true;
         self.update_gauges();
+        self.report_presence(now, id, true, None);
         Some(id)
     }
 }
