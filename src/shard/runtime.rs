@@ -255,6 +255,10 @@ impl State {
         while let Some(m) = self.server.poll_shard_msg() {
             let _ = self.outbox.try_send(m);
         }
+        // Presence and RPC reports: to the RPC control plane once it is
+        // wired (next step of issue 9); until then they are dropped here so
+        // nothing accumulates on the shard.
+        while self.server.poll_rpc_event().is_some() {}
     }
 }
 

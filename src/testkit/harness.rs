@@ -13,6 +13,7 @@ use crate::proto::coap::{Code, Message, MsgType, PeerId};
 use crate::proto::lwm2m::content::ResourcePath;
 use crate::proto::lwm2m::endpoint::{EndpointEntry, EndpointMap};
 use crate::proto::lwm2m::profile::ProfileMap;
+use crate::proto::lwm2m::rpc::{RpcEvent, RpcExec};
 use crate::proto::lwm2m::server::{ControlMsg, Ctx, Dest, Now, Server, ServerConfig, ShardMsg};
 use crate::testkit::memory_sink::MemorySink;
 use crate::testkit::sim::SimDevice;
@@ -51,6 +52,8 @@ pub struct Gateway {
     pub router: Box<dyn Fn(SocketAddr) -> usize>,
     /// Confirm every record as soon as it is queued (the broker is fast).
     pub auto_deliver: bool,
+    /// What the shards reported to the RPC control plane, in order.
+    pub rpc_events: Vec<(usize, RpcEvent)>,
 }
 
 pub type Out = Vec<(SocketAddr, Vec<u8>)>;
@@ -82,6 +85,7 @@ impl Gateway {
             profiles: (*Profiles::from_profiles(vec![]).snapshot()).clone(),
             router: Box::new(move |a| default_route(a, n)),
             auto_deliver: true,
+            rpc_events: Vec::new(),
         }
     }
 
@@ -132,6 +136,24 @@ impl Gateway {
         self.pump(now)
     }
 
+    /// An RPC handed to shard `i`.
+    pub fn exec(&mut self, now: Now, i: usize, exec: RpcExec) -> Out {
+        self.with_ctx(i, |s, ctx| s.handle_rpc_exec(now, ctx, exec));
+        self.pump(now)
+    }
+
+    /// The shard whose latest presence report for `device_id` says online.
+    pub fn shard_holding(&self, device_id: &str) -> Option<usize> {
+        self.rpc_events
+            .iter()
+            .rev()
+            .find_map(|(i, e)| match e {
+                RpcEvent::Presence(p) if p.device_id == device_id => Some((*i, p.online)),
+                _ => None,
+            })
+            .and_then(|(i, online)| online.then_some(i))
+    }
+
     pub fn control(&mut self, now: Now, msg: ControlMsg) -> Out {
         for i in 0..self.shards.len() {
             let m = msg.clone();
@@ -163,13 +185,18 @@ impl Gateway {
         let mut out = Out::new();
         loop {
             let mut msgs: VecDeque<(usize, Dest, ShardMsg)> = VecDeque::new();
+            let mut events = Vec::new();
             for (i, s) in self.shards.iter_mut().enumerate() {
                 out.extend(s.transmits().map(|(p, d)| (p.addr(), d.to_vec())));
                 s.clear_transmits();
+                while let Some(e) = s.poll_rpc_event() {
+                    events.push((i, e));
+                }
                 while let Some((d, m)) = s.poll_shard_msg() {
                     msgs.push_back((i, d, m));
                 }
             }
+            self.rpc_events.extend(events);
             let mut delivered = false;
             if self.auto_deliver {
                 for i in 0..self.shards.len() {

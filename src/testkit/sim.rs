@@ -8,8 +8,10 @@
 //! chosen content format (text, opaque, CBOR, TLV, SenML JSON/CBOR, LwM2M JSON).
 
 use crate::proto::cbor::enc;
+use crate::proto::coap::block;
 use crate::proto::coap::{Code, Message, MessageBuilder, MsgType};
-use crate::proto::lwm2m::content::{self, tlv_kind, ResourcePath};
+use crate::proto::lwm2m::content::{self, tlv_kind, ResourcePath, Value};
+use crate::proto::lwm2m::encode::{self, WriteEntry, WriteValue};
 use std::collections::BTreeMap;
 
 #[derive(Debug, Clone)]
@@ -50,6 +52,23 @@ pub struct SimDevice {
     /// The last server requests answered (MID → replies): a duplicate gets
     /// the same replies and is not processed again (RFC 7252 §4.5).
     recent: std::collections::VecDeque<(u16, Vec<Vec<u8>>)>,
+    /// Non-numeric resources (strings, opaque, written values), beside the
+    /// numeric `values`.
+    pub store: BTreeMap<ResourcePath, WriteValue>,
+    /// Write-Attributes received, by path.
+    pub attributes: BTreeMap<ResourcePath, Vec<String>>,
+    /// Answer requests with (method code, path) with this code instead.
+    pub fail: BTreeMap<(u8, ResourcePath), Code>,
+    /// Ignore every server request (a device that went quiet).
+    pub silent: bool,
+    /// Largest block this device sends or accepts (RFC 7959 SZX).
+    pub block_szx: u8,
+    /// Answer a Block1 block larger than `block_szx` with 4.13 (instead of
+    /// accepting it and asking for smaller blocks, RFC 7959 §2.3).
+    pub block1_refuse_large: bool,
+    /// Execute arguments received, in order.
+    pub executed_args: Vec<(ResourcePath, String)>,
+    block1_body: Vec<u8>,
 }
 
 fn p(s: &str) -> ResourcePath {
@@ -84,6 +103,71 @@ impl SimDevice {
             next_token: seed as u32,
             outstanding: None,
             recent: std::collections::VecDeque::new(),
+            store: [
+                (p("/3/0/0"), WriteValue::Str("CORE-M sim".into())),
+                (p("/3/0/1"), WriteValue::Str("lwm2m-devsim".into())),
+                (p("/3/0/3"), WriteValue::Str("1.0.0".into())),
+                (p("/3/0/6/0"), WriteValue::Int(1)),
+                (p("/3/0/6/1"), WriteValue::Int(5)),
+                (p("/1/0/0"), WriteValue::Int(1)),
+                (p("/1/0/1"), WriteValue::Int(300)),
+                (p("/1/0/7"), WriteValue::Str("U".into())),
+            ]
+            .into_iter()
+            .collect(),
+            attributes: BTreeMap::new(),
+            fail: BTreeMap::new(),
+            silent: false,
+            block_szx: 6,
+            block1_refuse_large: false,
+            executed_args: Vec::new(),
+            block1_body: Vec::new(),
+        }
+    }
+
+    /// Every resource value under `path` (numeric and stored), typed.
+    pub fn entries_under(&self, path: ResourcePath) -> Vec<WriteEntry> {
+        let mut out: BTreeMap<ResourcePath, WriteValue> = BTreeMap::new();
+        for (k, v) in &self.values {
+            if encode::is_within(&path, k) {
+                let wv = match crate::control::profiles::builtin_type(k) {
+                    Some(content::DataType::Integer) => WriteValue::Int(*v as i64),
+                    _ => WriteValue::Float(*v),
+                };
+                out.insert(*k, wv);
+            }
+        }
+        for (k, v) in &self.store {
+            if encode::is_within(&path, k) {
+                out.insert(*k, v.clone());
+            }
+        }
+        out.into_iter()
+            .map(|(path, value)| WriteEntry { path, value })
+            .collect()
+    }
+
+    /// Stores a written value (numeric resources stay numeric).
+    pub fn put_value(&mut self, path: ResourcePath, v: WriteValue) {
+        match (&v, self.values.contains_key(&path)) {
+            (WriteValue::Int(i), true) => {
+                self.values.insert(path, *i as f64);
+            }
+            (WriteValue::Float(f), true) => {
+                self.values.insert(path, *f);
+            }
+            _ => {
+                self.store.insert(path, v);
+            }
+        }
+    }
+
+    /// The stored bytes of an opaque (or string) resource.
+    pub fn bytes_of(&self, path: &str) -> Option<Vec<u8>> {
+        match self.store.get(&p(path))? {
+            WriteValue::Opaque(b) => Some(b.clone()),
+            WriteValue::Str(s) => Some(s.as_bytes().to_vec()),
+            _ => None,
         }
     }
 
@@ -294,10 +378,124 @@ impl SimDevice {
             }
             ev.replies.push(r.to_vec());
         };
+        if self.silent {
+            return ev;
+        }
+        let seg_count = segs.iter().filter(|s| !s.is_empty()).count();
+        if seg_count == 0 && m.code != Code::FETCH && m.code != Code::IPATCH {
+            reply(Code::BAD_REQUEST, None, None, &[]);
+        } else if let Some(code) = self.fail.get(&(m.code.0, path)).copied() {
+            reply(code, None, None, b"refused");
+        } else {
+            self.serve(&m, path, &mut ev);
+        }
+        self.recent.push_back((m.message_id, ev.replies.clone()));
+        if self.recent.len() > 16 {
+            self.recent.pop_front();
+        }
+        ev
+    }
+
+    /// Answers one server request (TS 1.1 Transport §6.3, §6.4) from the
+    /// device's object store.
+    fn serve(&mut self, m: &Message<'_>, path: ResourcePath, ev: &mut SimEvents) {
+        let reply_with = |code: Code,
+                          obs: Option<u32>,
+                          cf: Option<u16>,
+                          payload: &[u8],
+                          opts: &[(u16, u32)],
+                          ev: &mut SimEvents| {
+            let mut r = MessageBuilder::response_to(m.mtype, m.message_id, code)
+                .token(m.token)
+                .payload(payload);
+            if let Some(o) = obs {
+                r = r.observe(o);
+            }
+            if let Some(c) = cf {
+                r = r.content_format(c);
+            }
+            for (n, v) in opts {
+                r = r.uint_option(*n, *v);
+            }
+            ev.replies.push(r.to_vec());
+        };
+        // Block1 (RFC 7959 §2.3): collect, then handle the whole body.
+        let mut whole = None;
+        if let Some(b1) = m.block1() {
+            if b1.szx > self.block_szx && self.block1_refuse_large {
+                {
+                    let hint = crate::proto::coap::Block {
+                        num: 0,
+                        more: false,
+                        szx: self.block_szx,
+                    };
+                    return reply_with(
+                        Code::REQUEST_ENTITY_TOO_LARGE,
+                        None,
+                        None,
+                        &[],
+                        &[(crate::proto::coap::opt::BLOCK1, hint.encode())],
+                        ev,
+                    );
+                }
+            }
+            if b1.num == 0 {
+                self.block1_body.clear();
+            }
+            if b1.num as usize * b1.size() != self.block1_body.len() {
+                return reply_with(Code::REQUEST_ENTITY_INCOMPLETE, None, None, &[], &[], ev);
+            }
+            self.block1_body.extend_from_slice(m.payload);
+            if b1.more {
+                let szx = b1.szx.min(self.block_szx);
+                let ack = crate::proto::coap::Block {
+                    num: b1.num,
+                    more: true,
+                    szx,
+                };
+                return reply_with(
+                    Code::CONTINUE,
+                    None,
+                    None,
+                    &[],
+                    &[(crate::proto::coap::opt::BLOCK1, ack.encode())],
+                    ev,
+                );
+            }
+            whole = Some(std::mem::take(&mut self.block1_body));
+        }
+        let body: &[u8] = whole.as_deref().unwrap_or(m.payload);
         match m.code {
+            Code::GET if m.accept() == Some(content::CF_LINK) => {
+                // Discover (TS 1.1 Core §5.4.2): the resources under the path.
+                let mut links = vec![format!("<{path}>")];
+                for e in self.entries_under(path) {
+                    links.push(format!("<{}>", e.path.without_resource_instance()));
+                }
+                links.dedup();
+                reply_with(
+                    Code::CONTENT,
+                    None,
+                    Some(content::CF_LINK),
+                    links.join(",").as_bytes(),
+                    &[],
+                    ev,
+                );
+            }
             Code::GET => {
-                let (cf, body) = self.encode_values(path);
-                match m.observe() {
+                let observe = m.observe();
+                let custom = m.accept().is_some()
+                    || self.store.keys().any(|k| encode::is_within(&path, k))
+                    || m.block2().is_some();
+                let (cf, body) = if custom {
+                    match self.read(path, m.accept()) {
+                        Ok(x) => x,
+                        Err(code) => return reply_with(code, None, None, &[], &[], ev),
+                    }
+                } else {
+                    self.encode_values(path)
+                };
+                let seq = match observe {
                     Some(0) => {
                         // RFC 7641 §4.1: the same token again refreshes the
                         // observation (its numbering goes on).
@@ -313,28 +511,178 @@ impl SimDevice {
                                 1
                             }
                         };
-                        reply(Code::CONTENT, Some(seq), Some(cf), &body);
                         ev.observed.push(path);
+                        Some(seq)
                     }
                     Some(1) => {
                         self.observations.retain(|o| o.token != m.token);
-                        reply(Code::CONTENT, None, Some(cf), &body);
+                        None
                     }
-                    _ => reply(Code::CONTENT, None, Some(cf), &body),
+                    _ => None,
+                };
+                let limit = block::block_size(self.block_szx);
+                if body.len() > limit || m.block2().is_some() {
+                    // Block2 (RFC 7959 §2.4): the block asked for, at most
+                    // our size.
+                    let Some((r, b2)) = block::block2_slice(body.len(), m.block2(), self.block_szx)
+                    else {
+                        return reply_with(Code::BAD_OPTION, None, None, &[], &[], ev);
+                    };
+                    return reply_with(
+                        Code::CONTENT,
+                        seq,
+                        Some(cf),
+                        &body[r],
+                        &[(crate::proto::coap::opt::BLOCK2, b2.encode())],
+                        ev,
+                    );
                 }
+                reply_with(Code::CONTENT, seq, Some(cf), &body, &[], ev);
             }
-            Code::PUT => reply(Code::CHANGED, None, None, &[]),
-            Code::POST => {
+            Code::PUT if body.is_empty() && m.uri_query().next().is_some() => {
+                // Write-Attributes (TS 1.1 Core §5.4.4).
+                let q: Vec<String> = m
+                    .uri_query()
+                    .map(|q| String::from_utf8_lossy(q).into_owned())
+                    .collect();
+                self.attributes.insert(path, q);
+                reply_with(Code::CHANGED, None, None, &[], &[], ev);
+            }
+            Code::PUT | Code::IPATCH => {
+                let code = self.write(path, m.content_format(), body, true);
+                reply_with(code, None, None, &[], &[], ev);
+            }
+            Code::POST if path.resource.is_some() => {
+                // Execute (TS 1.1 Core §5.4.5).
                 ev.executed.push(path);
-                reply(Code::CHANGED, None, None, &[]);
+                self.executed_args
+                    .push((path, String::from_utf8_lossy(body).into_owned()));
+                reply_with(Code::CHANGED, None, None, &[], &[], ev);
             }
-            _ => reply(Code::METHOD_NOT_ALLOWED, None, None, &[]),
+            Code::POST if path.instance.is_some() => {
+                let code = self.write(path, m.content_format(), body, false);
+                reply_with(code, None, None, &[], &[], ev);
+            }
+            Code::POST => {
+                // Create (TS 1.1 Core §5.4.6): the instance id from the
+                // payload, else the next free one.
+                let next = (0..u16::MAX)
+                    .find(|i| {
+                        !self.objects.contains(&format!("/{}/{i}", path.object))
+                            && !self
+                                .entries_under(ResourcePath {
+                                    instance: Some(*i),
+                                    ..path
+                                })
+                                .iter()
+                                .any(|_| true)
+                    })
+                    .unwrap_or(0);
+                let cf = m.content_format().unwrap_or(content::CF_TLV);
+                let vals = match content::decode(cf, path, body, 0) {
+                    Ok(v) => v,
+                    Err(_) => return reply_with(Code::BAD_REQUEST, None, None, &[], &[], ev),
+                };
+                let mut inst = None;
+                for v in vals.iter() {
+                    inst = inst.or(v.path.instance);
+                }
+                let i = inst.unwrap_or(next);
+                for v in vals.iter() {
+                    let mut vp = v.path;
+                    vp.instance = Some(i);
+                    self.put_value(vp, to_write_value(&vp, &v.value));
+                }
+                self.objects.push(format!("/{}/{i}", path.object));
+                let (o, i) = (path.object.to_string(), i.to_string());
+                let r = MessageBuilder::response_to(m.mtype, m.message_id, Code::CREATED)
+                    .token(m.token)
+                    .location_segment(o.as_bytes())
+                    .location_segment(i.as_bytes());
+                ev.replies.push(r.to_vec());
+            }
+            Code::DELETE => {
+                let link = path.to_string();
+                let before = self.objects.len();
+                self.objects.retain(|o| *o != link);
+                self.store.retain(|k, _| !encode::is_within(&path, k));
+                self.values.retain(|k, _| !encode::is_within(&path, k));
+                let code = if before != self.objects.len() {
+                    Code::DELETED
+                } else {
+                    Code::NOT_FOUND
+                };
+                reply_with(code, None, None, &[], &[], ev);
+            }
+            Code::FETCH => {
+                // Read-Composite (TS 1.1 Core §5.4.1): SenML path list.
+                let cf = m.content_format().unwrap_or(content::CF_SENML_CBOR);
+                let names = composite_names(cf, body);
+                let mut entries = Vec::new();
+                for n in names {
+                    entries.extend(self.entries_under(n));
+                }
+                let accept = m.accept().unwrap_or(cf);
+                let mut out = Vec::new();
+                if encode::encode_composite(accept, &entries, &mut out).is_err() {
+                    return reply_with(Code::NOT_ACCEPTABLE, None, None, &[], &[], ev);
+                }
+                let seq = (m.observe() == Some(0)).then_some(1);
+                reply_with(Code::CONTENT, seq, Some(accept), &out, &[], ev);
+            }
+            _ => reply_with(Code::METHOD_NOT_ALLOWED, None, None, &[], &[], ev),
         }
-        self.recent.push_back((m.message_id, ev.replies.clone()));
-        if self.recent.len() > 16 {
-            self.recent.pop_front();
+    }
+
+    /// The values under `path` in the format asked for (or the device's).
+    fn read(&self, path: ResourcePath, accept: Option<u16>) -> Result<(u16, Vec<u8>), Code> {
+        let entries = self.entries_under(path);
+        if entries.is_empty() {
+            return Err(Code::NOT_FOUND);
         }
-        ev
+        let cf = match accept {
+            Some(cf) => cf,
+            None if path.resource.is_some() && entries.len() == 1 => match entries[0].value {
+                WriteValue::Opaque(_) => content::CF_OPAQUE,
+                _ => content::CF_TEXT,
+            },
+            None => match self.format {
+                f @ (content::CF_SENML_JSON | content::CF_SENML_CBOR | content::CF_LWM2M_JSON) => f,
+                _ => content::CF_TLV,
+            },
+        };
+        let mut out = Vec::new();
+        encode::encode(cf, path, &entries, &mut out).map_err(|_| Code::NOT_ACCEPTABLE)?;
+        Ok((cf, out))
+    }
+
+    /// Write (replace or partial update) of `body` at `path`.
+    fn write(&mut self, path: ResourcePath, cf: Option<u16>, body: &[u8], replace: bool) -> Code {
+        let cf = cf.unwrap_or(if path.resource.is_some() {
+            content::CF_TEXT
+        } else {
+            content::CF_TLV
+        });
+        let vals = match content::decode(cf, path, body, 0) {
+            Ok(v) => v,
+            Err(_) => return Code::BAD_REQUEST,
+        };
+        if replace && path.resource.is_some() && path.resource_instance.is_none() {
+            // Replacing a resource drops its old instances (TS Core §5.4.3).
+            self.store.retain(|k, _| {
+                !(k.without_resource_instance() == path && k.resource_instance.is_some())
+            });
+        }
+        let _ = replace;
+        for v in vals.iter() {
+            let wv = match (&v.value, self.store.get(&v.path)) {
+                // Bytes for an opaque resource stay bytes.
+                (Value::Raw(b), Some(WriteValue::Opaque(_))) => WriteValue::Opaque(b.to_vec()),
+                _ => to_write_value(&v.path, &v.value),
+            };
+            self.put_value(v.path, wv);
+        }
+        Code::CHANGED
     }
 
     /// Builds a notification for the observation of `path` (CON or NON), with
@@ -360,6 +708,75 @@ impl SimDevice {
         let rp = p(path);
         self.observations.iter().any(|o| o.path == rp)
     }
+}
+
+/// A decoded value as the device stores it, typed by the built-in model.
+fn to_write_value(path: &ResourcePath, v: &Value<'_>) -> WriteValue {
+    use content::DataType as T;
+    let ty = crate::control::profiles::builtin_type(&path.without_resource_instance());
+    match v {
+        Value::Int(i) => WriteValue::Int(*i),
+        Value::Float(f) => WriteValue::Float(*f),
+        Value::Bool(b) => WriteValue::Bool(*b),
+        Value::Str(s) => match ty {
+            Some(T::Integer) | Some(T::Time) => s
+                .trim()
+                .parse()
+                .map(WriteValue::Int)
+                .unwrap_or_else(|_| WriteValue::Str(s.to_string())),
+            _ => WriteValue::Str(s.to_string()),
+        },
+        Value::Raw(b) => match ty {
+            Some(T::String) => WriteValue::Str(String::from_utf8_lossy(b).into_owned()),
+            Some(T::Integer) | Some(T::Time) => v
+                .to_number(ty)
+                .map(|n| WriteValue::Int(n.as_f64() as i64))
+                .unwrap_or(WriteValue::Opaque(b.to_vec())),
+            Some(T::Float) => v
+                .to_number(ty)
+                .map(|n| WriteValue::Float(n.as_f64()))
+                .unwrap_or(WriteValue::Opaque(b.to_vec())),
+            Some(T::Boolean) => WriteValue::Bool(b.first() == Some(&1)),
+            _ => match std::str::from_utf8(b) {
+                Ok(s) if !s.is_empty() && s.chars().all(|c| !c.is_control()) => {
+                    WriteValue::Str(s.to_string())
+                }
+                _ => WriteValue::Opaque(b.to_vec()),
+            },
+        },
+    }
+}
+
+/// The names of a composite request's SenML path list (records without
+/// values, which the value decoder skips).
+fn composite_names(cf: u16, body: &[u8]) -> Vec<ResourcePath> {
+    let mut out = Vec::new();
+    if cf == content::CF_SENML_JSON {
+        if let Ok(serde_json::Value::Array(a)) = serde_json::from_slice::<serde_json::Value>(body) {
+            for r in a {
+                if let Some(n) = r
+                    .get("n")
+                    .and_then(|n| n.as_str())
+                    .and_then(ResourcePath::parse)
+                {
+                    out.push(n);
+                }
+            }
+        }
+    } else if let Ok(crate::proto::cbor::Cbor::Array(a)) = crate::proto::cbor::decode(body) {
+        for r in a {
+            if let crate::proto::cbor::Cbor::Map(fields) = r {
+                for (k, v) in fields {
+                    if let (Some(0), crate::proto::cbor::Cbor::Text(t)) = (k.as_i64(), v) {
+                        if let Some(n) = ResourcePath::parse(&t) {
+                            out.push(n);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
 }
 
 fn fmt_num(v: f64) -> String {

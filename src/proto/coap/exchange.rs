@@ -391,7 +391,11 @@ impl Exchanges {
         protected: bool,
     ) {
         self.schedule_sweep(now);
-        let reply = match self.echo.iter().position(|(p, m, _)| *p == peer && *m == req_mid) {
+        let reply = match self
+            .echo
+            .iter()
+            .position(|(p, m, _)| *p == peer && *m == req_mid)
+        {
             Some(i) => {
                 let (_, _, b) = self.echo.swap_remove(i);
                 reply.block1(b)

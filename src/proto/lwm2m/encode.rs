@@ -805,7 +805,7 @@ mod tests {
                 (v.path, value_json(&v.value, ty).to_string())
             })
             .collect();
-        got.sort_by(|a, b| a.0.cmp(&b.0));
+        got.sort_by_key(|a| a.0);
         got
     }
 
@@ -819,7 +819,7 @@ mod tests {
                 (p("/3/0/6/1"), "5".into()),
                 (p("/3/0/13"), "1700000000".into()),
             ];
-            w.sort_by(|a, b| a.0.cmp(&b.0));
+            w.sort_by_key(|a| a.0);
             w
         };
         for cf in [CF_TLV, CF_SENML_JSON, CF_SENML_CBOR, CF_LWM2M_JSON] {

@@ -58,7 +58,7 @@ pub fn builtin_type(p: &ResourcePath) -> Option<DataType> {
         // IPSO sensor value, min/max measured, min/max range (Float).
         (_, 5700) | (_, 5601..=5604) => Some(DataType::Float),
         // Device: battery level, memory free, error code, battery status, memory total.
-        (3, 7..=11) | (3, 20) | (3, 21) => Some(DataType::Integer),
+        (3, 6..=11) | (3, 20) | (3, 21) => Some(DataType::Integer),
         (3, 13) => Some(DataType::Time),
         // Device: manufacturer, model, serial, firmware version, time zone,
         // device type, hardware / software version, binding modes.

@@ -369,7 +369,7 @@ fn entries_param(
         })
         .collect::<Result<Vec<_>, String>>()
         .map(|mut v| {
-            v.sort_by(|a, b| a.path.cmp(&b.path));
+            v.sort_by_key(|e| e.path);
             v
         })
 }

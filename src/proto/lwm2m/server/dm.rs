@@ -180,7 +180,9 @@ impl Server {
         // §3.6); without one there is nothing to cancel.
         let cancel_token = match &exec.op {
             Op::CancelObserve { path } => {
-                let t = self.observation_token(id, |t, o| o.path == *path && !self.composite.contains_key(&t));
+                let t = self.observation_token(id, |t, o| {
+                    o.path == *path && !self.composite.contains_key(&t)
+                });
                 if t.is_none() {
                     return self.rpc_done(
                         exec.rpc_id,
@@ -260,7 +262,11 @@ impl Server {
     }
 
     /// The token of the first observation of `id` that `pred` accepts.
-    fn observation_token(&self, id: RegId, pred: impl Fn(Token, &Observation) -> bool) -> Option<Token> {
+    fn observation_token(
+        &self,
+        id: RegId,
+        pred: impl Fn(Token, &Observation) -> bool,
+    ) -> Option<Token> {
         let r = self.regs.get(id)?;
         r.observations
             .iter()
@@ -349,6 +355,7 @@ impl Server {
     }
 
     /// A response to a request of the RPC of registration `id`.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn on_rpc_response(
         &mut self,
         now: Now,
@@ -379,13 +386,19 @@ impl Server {
                     Ok(false) => return self.next_block(now, id, f),
                     Ok(true) => {}
                     Err(e) => {
-                        return self.rpc_finished(now, id, f, RpcOutcome::failed(format!("block-wise write: {e}")));
+                        return self.rpc_finished(
+                            now,
+                            id,
+                            f,
+                            RpcOutcome::failed(format!("block-wise write: {e}")),
+                        );
                     }
                 }
-            } else if msg.code == Code::REQUEST_ENTITY_TOO_LARGE && u.restarts < MAX_BLOCK1_RESTARTS {
-                if u.on_too_large(msg.block1(), msg.size1()).is_ok() {
-                    return self.next_block(now, id, f);
-                }
+            } else if msg.code == Code::REQUEST_ENTITY_TOO_LARGE
+                && u.restarts < MAX_BLOCK1_RESTARTS
+                && u.on_too_large(msg.block1(), msg.size1()).is_ok()
+            {
+                return self.next_block(now, id, f);
             }
         }
         // Block2 response: collect and ask for the next block (§2.4, §2.7).
@@ -427,7 +440,9 @@ impl Server {
                         return;
                     }
                     Ok(None) => {
-                        if let Transfer::Block2(a) = std::mem::replace(&mut f.transfer, Transfer::Single) {
+                        if let Transfer::Block2(a) =
+                            std::mem::replace(&mut f.transfer, Transfer::Single)
+                        {
                             body = Some(a.into_body());
                         }
                     }
@@ -461,25 +476,26 @@ impl Server {
         let types = |p: &ResourcePath| type_of(profile.as_deref(), p);
         let location: SmallVec<[&[u8]; 4]> = msg.location_path().collect();
         let cf = msg.content_format();
-        let outcome = match ops::interpret(&f.op, msg.code, cf, payload, &location, now.wall_ms, &types) {
-            Ok(response) => RpcOutcome {
-                status: if msg.code.is_success() {
-                    RpcStatus::Succeeded
-                } else {
-                    RpcStatus::Failed
+        let outcome =
+            match ops::interpret(&f.op, msg.code, cf, payload, &location, now.wall_ms, &types) {
+                Ok(response) => RpcOutcome {
+                    status: if msg.code.is_success() {
+                        RpcStatus::Succeeded
+                    } else {
+                        RpcStatus::Failed
+                    },
+                    code: Some(code_text(msg.code)),
+                    response,
+                    reason: (!msg.code.is_success())
+                        .then(|| format!("the device answered {}", code_text(msg.code))),
                 },
-                code: Some(code_text(msg.code)),
-                response,
-                reason: (!msg.code.is_success())
-                    .then(|| format!("the device answered {}", code_text(msg.code))),
-            },
-            Err(e) => RpcOutcome {
-                status: RpcStatus::Failed,
-                code: Some(code_text(msg.code)),
-                response: None,
-                reason: Some(format!("undecodable response: {e}")),
-            },
-        };
+                Err(e) => RpcOutcome {
+                    status: RpcStatus::Failed,
+                    code: Some(code_text(msg.code)),
+                    response: None,
+                    reason: Some(format!("undecodable response: {e}")),
+                },
+            };
         self.rpc_finished(now, id, f, outcome);
     }
 
@@ -580,7 +596,7 @@ impl Server {
                 break;
             }
             self.rpc_timers.pop();
-            if !self.rpcs.get(&id).is_some_and(|f| f.deadline == at) {
+            if self.rpcs.get(&id).is_none_or(|f| f.deadline != at) {
                 continue;
             }
             if let Some(tok) = self.rpcs.get(&id).map(|f| f.token) {

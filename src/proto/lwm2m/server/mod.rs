@@ -55,10 +55,10 @@ use super::registration::{
     self, home_shard, make_id, parse_location, path_ids, root_segments, Epoch, RegId, Registration,
     RegistrationState, Registry, Version,
 };
+use super::rpc::{Presence, RpcEvent, RpcExec, RpcOutcome, RpcStatus};
 use super::send;
 use super::telemetry::build_points;
 use crate::metrics::ShardMetrics;
-use super::rpc::{Presence, RpcEvent, RpcExec, RpcOutcome, RpcStatus};
 use crate::proto::coap::block::{Block1Limits, Block1Step, Block1Table};
 use crate::proto::coap::exchange::{token_of, ExchangeConfig, Exchanges, Inbound, Token};
 use crate::proto::coap::{self, Code, Message, MessageBuilder, MsgType, PeerId};
@@ -609,7 +609,11 @@ impl Server {
         }
         self.tombstones.retain(|_, until| *until > now.instant);
         self.rpc_timeouts(now);
-        if self.blocks_in.poll_timeout().is_some_and(|t| t <= now.instant) {
+        if self
+            .blocks_in
+            .poll_timeout()
+            .is_some_and(|t| t <= now.instant)
+        {
             let n = self.blocks_in.sweep(now.instant);
             ShardMetrics::add(&self.metrics.block1_expired, n as u64);
         }

@@ -171,12 +171,7 @@ impl Server {
         let established: SmallVec<[(ResourcePath, Token); 8]> = reg
             .observations
             .iter()
-            .filter_map(|t| {
-                self.obs
-                    .get(t)
-                    .filter(|o| !o.rpc)
-                    .map(|o| (o.path, *t))
-            })
+            .filter_map(|t| self.obs.get(t).filter(|o| !o.rpc).map(|o| (o.path, *t)))
             .collect();
         let requested: SmallVec<[ResourcePath; 8]> = self
             .ex

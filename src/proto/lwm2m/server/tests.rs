@@ -73,7 +73,8 @@ impl H {
         mut inbound: Vec<Vec<u8>>,
     ) -> SimEvents {
         let mut all = SimEvents::default();
-        for _ in 0..50 {
+        // Block-wise transfers take a round per block.
+        for _ in 0..1000 {
             if inbound.is_empty() {
                 break;
             }
@@ -1256,5 +1257,602 @@ mod prop {
         ) {
             lossy_world(seed, loss, dup, jitter, port_change);
         }
+    }
+}
+
+// ---------------------------------------------------------------- device management
+
+mod dm {
+    use super::*;
+    use crate::proto::lwm2m::dm::Op;
+    use crate::proto::lwm2m::encode::{WriteEntry, WriteValue};
+    use crate::proto::lwm2m::rpc::{RpcEvent, RpcExec, RpcOutcome, RpcStatus};
+
+    /// Sends `op` to the device as RPC `id` through the shard holding it,
+    /// runs the exchange, returns the outcome (None: still in flight).
+    fn run(
+        h: &mut H,
+        peer: SocketAddr,
+        dev: &mut SimDevice,
+        id: &str,
+        op: Op,
+    ) -> Option<RpcOutcome> {
+        let shard = h.gw.shard_holding("dev-123").expect("device online");
+        let exec = RpcExec {
+            rpc_id: Arc::from(id),
+            endpoint: Arc::from("urn:imei:123"),
+            op,
+            deadline_ms: h.now().wall_ms + 600_000,
+        };
+        let out = h.gw.exec(h.now(), shard, exec);
+        let mine = h.split(peer, out);
+        h.pump(peer, dev, mine);
+        done(h, id)
+    }
+
+    fn done(h: &H, id: &str) -> Option<RpcOutcome> {
+        h.gw.rpc_events.iter().find_map(|(_, e)| match e {
+            RpcEvent::Done { rpc_id, outcome } if &**rpc_id == id => Some(outcome.clone()),
+            _ => None,
+        })
+    }
+
+    fn setup() -> (H, SocketAddr, SimDevice) {
+        let mut h = H::new();
+        let mut dev = SimDevice::new("urn:imei:123", 1);
+        let peer = addr(1000);
+        assert!(h.register(peer, &mut dev).registered);
+        (h, peer, dev)
+    }
+
+    #[test]
+    fn presence_reports_follow_the_registration() {
+        let (mut h, peer, mut dev) = setup();
+        let p =
+            h.gw.rpc_events
+                .iter()
+                .find_map(|(_, e)| match e {
+                    RpcEvent::Presence(p) => Some(p.clone()),
+                    _ => None,
+                })
+                .unwrap();
+        assert!(p.online && p.reachable);
+        assert_eq!(
+            (p.device_id.as_str(), p.endpoint.as_str()),
+            ("dev-123", "urn:imei:123")
+        );
+        let out = h.input(peer, &dev.deregister());
+        h.pump(peer, &mut dev, out);
+        match h.gw.rpc_events.last().unwrap() {
+            (_, RpcEvent::Presence(p)) => {
+                assert!(!p.online);
+                assert_eq!(p.reason, Some("deregistered"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(h.gw.shard_holding("dev-123"), None);
+    }
+
+    #[test]
+    fn execute_succeeds_fails_with_the_code_or_times_out() {
+        let (mut h, peer, mut dev) = setup();
+        let o = run(
+            &mut h,
+            peer,
+            &mut dev,
+            "r1",
+            Op::Execute {
+                path: rp("/3/0/4"),
+                args: None,
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            (o.status, o.code.as_deref()),
+            (RpcStatus::Succeeded, Some("2.04"))
+        );
+        dev.fail
+            .insert((Code::POST.0, rp("/3/0/4")), Code::METHOD_NOT_ALLOWED);
+        let o = run(
+            &mut h,
+            peer,
+            &mut dev,
+            "r2",
+            Op::Execute {
+                path: rp("/3/0/4"),
+                args: Some("0='now'".into()),
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            (o.status, o.code.as_deref()),
+            (RpcStatus::Failed, Some("4.05"))
+        );
+        dev.silent = true;
+        assert!(run(
+            &mut h,
+            peer,
+            &mut dev,
+            "r3",
+            Op::Execute {
+                path: rp("/3/0/5"),
+                args: None
+            }
+        )
+        .is_none());
+        let retransmits = h.metric("retransmissions");
+        for _ in 0..100 {
+            h.advance(Duration::from_secs(1));
+        }
+        let o = done(&h, "r3").expect("timed out after the retransmissions");
+        assert_eq!(o.status, RpcStatus::TimedOut);
+        assert_eq!(
+            h.metric("retransmissions") - retransmits,
+            4,
+            "MAX_RETRANSMIT"
+        );
+        // The device is ready for the next RPC again.
+        match h.gw.rpc_events.last().unwrap() {
+            (_, RpcEvent::Presence(p)) => assert!(p.reachable),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn read_and_write_in_tlv_and_senml() {
+        let (mut h, peer, mut dev) = setup();
+        for (i, cf) in [content::CF_TLV, content::CF_SENML_JSON]
+            .into_iter()
+            .enumerate()
+        {
+            let o = run(
+                &mut h,
+                peer,
+                &mut dev,
+                &format!("read{i}"),
+                Op::Read {
+                    path: rp("/3/0"),
+                    format: Some(cf),
+                },
+            )
+            .unwrap();
+            assert_eq!(o.status, RpcStatus::Succeeded, "{o:?}");
+            let r = o.response.unwrap();
+            assert_eq!(r["/3/0/0"], "CORE-M sim", "cf {cf}: {r}");
+            assert_eq!(r["/3/0/3"], "1.0.0");
+            assert_eq!(r["/3/0/9"], 87, "{r}");
+            // The multiple-instance resource, instance by instance.
+            assert_eq!(
+                (r["/3/0/6/0"].clone(), r["/3/0/6/1"].clone()),
+                (1.into(), 5.into())
+            );
+        }
+        // A single resource, the device's choice of format (text).
+        let o = run(
+            &mut h,
+            peer,
+            &mut dev,
+            "read-one",
+            Op::Read {
+                path: rp("/1/0/1"),
+                format: None,
+            },
+        )
+        .unwrap();
+        assert_eq!(o.response.unwrap()["/1/0/1"], 300);
+        // Write a resource (text) and an instance (partial update, TLV and
+        // SenML JSON); read them back from the device's store.
+        for (i, cf) in [content::CF_TLV, content::CF_SENML_JSON]
+            .into_iter()
+            .enumerate()
+        {
+            let o = run(
+                &mut h,
+                peer,
+                &mut dev,
+                &format!("write{i}"),
+                Op::Write {
+                    path: rp("/1/0"),
+                    entries: vec![
+                        WriteEntry {
+                            path: rp("/1/0/1"),
+                            value: WriteValue::Int(600 + i as i64),
+                        },
+                        WriteEntry {
+                            path: rp("/1/0/7"),
+                            value: WriteValue::Str("UQ".into()),
+                        },
+                    ],
+                    replace: false,
+                    format: Some(cf),
+                },
+            )
+            .unwrap();
+            assert_eq!(
+                (o.status, o.code.as_deref()),
+                (RpcStatus::Succeeded, Some("2.04"))
+            );
+            assert_eq!(dev.store[&rp("/1/0/1")], WriteValue::Int(600 + i as i64));
+            assert_eq!(dev.store[&rp("/1/0/7")], WriteValue::Str("UQ".into()));
+        }
+        let o = run(
+            &mut h,
+            peer,
+            &mut dev,
+            "write-res",
+            Op::Write {
+                path: rp("/3/0/13"),
+                entries: vec![WriteEntry {
+                    path: rp("/3/0/13"),
+                    value: WriteValue::Time(1_700_000_000),
+                }],
+                replace: true,
+                format: None,
+            },
+        )
+        .unwrap();
+        assert_eq!(o.status, RpcStatus::Succeeded);
+        assert_eq!(dev.store[&rp("/3/0/13")], WriteValue::Int(1_700_000_000));
+    }
+
+    #[test]
+    fn discover_create_delete_and_attributes() {
+        let (mut h, peer, mut dev) = setup();
+        let o = run(
+            &mut h,
+            peer,
+            &mut dev,
+            "d",
+            Op::Discover { path: rp("/3/0") },
+        )
+        .unwrap();
+        let links = o.response.unwrap();
+        assert!(
+            links.as_array().unwrap().iter().any(|l| l == "</3/0/0>"),
+            "{links}"
+        );
+        let o = run(
+            &mut h,
+            peer,
+            &mut dev,
+            "c",
+            Op::Create {
+                object: rp("/3303"),
+                entries: vec![WriteEntry {
+                    path: rp("/3303/1/5750"),
+                    value: WriteValue::Str("outdoor".into()),
+                }],
+                format: Some(content::CF_TLV),
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            (o.code.as_deref(), o.response.clone()),
+            (
+                Some("2.01"),
+                Some(serde_json::json!({"location": "/3303/1"}))
+            )
+        );
+        assert!(dev.objects.contains(&"/3303/1".to_string()));
+        let o = run(
+            &mut h,
+            peer,
+            &mut dev,
+            "del",
+            Op::Delete {
+                path: rp("/3303/1"),
+            },
+        )
+        .unwrap();
+        assert_eq!(o.code.as_deref(), Some("2.02"));
+        assert!(!dev.objects.contains(&"/3303/1".to_string()));
+        let o = run(
+            &mut h,
+            peer,
+            &mut dev,
+            "wa",
+            Op::WriteAttributes {
+                path: rp("/3303/0/5700"),
+                attributes: vec!["pmin=5".into(), "gt=30".into()],
+            },
+        )
+        .unwrap();
+        assert_eq!(o.status, RpcStatus::Succeeded);
+        assert_eq!(dev.attributes[&rp("/3303/0/5700")], vec!["pmin=5", "gt=30"]);
+    }
+
+    #[test]
+    fn observe_and_cancel_by_rpc_start_and_stop_points() {
+        let (mut h, peer, mut dev) = setup();
+        // /3/0/7 (voltage) is mapped by the profile but not observed by it.
+        let mut profiles = h.gw.profiles.clone();
+        let mut p = (*profiles["default"]).clone();
+        p.resources.insert(
+            rp("/3/0/7"),
+            crate::proto::lwm2m::profile::Mapping {
+                metric: Arc::from("voltage"),
+                kind: crate::proto::lwm2m::profile::MetricKind::Numeric,
+                data_type: None,
+            },
+        );
+        profiles.insert("default".into(), Arc::new(p));
+        h.gw.profiles = profiles;
+        dev.values.insert(rp("/3/0/7"), 3800.0);
+        let before = h.gw.observations();
+        let o = run(
+            &mut h,
+            peer,
+            &mut dev,
+            "obs",
+            Op::Observe {
+                path: rp("/3/0/7"),
+                format: None,
+            },
+        )
+        .unwrap();
+        assert_eq!(o.status, RpcStatus::Succeeded);
+        assert_eq!(o.response.unwrap()["/3/0/7"], 3800);
+        assert_eq!(h.gw.observations(), before + 1);
+        h.clear_telemetry();
+        let (_, n) = dev.notify("/3/0/7", false).unwrap();
+        let out = h.input(peer, &n);
+        h.pump(peer, &mut dev, out);
+        assert_eq!(h.telemetry().len(), 1);
+        assert_eq!(h.telemetry()[0]["numeric_values"]["voltage"], 3800);
+        // A profile reload does not cancel it.
+        let out = h.gw.control(h.now(), ControlMsg::ProfilesChanged);
+        let mine = h.split(peer, out);
+        h.pump(peer, &mut dev, mine);
+        assert_eq!(h.gw.observations(), before + 1);
+        let o = run(
+            &mut h,
+            peer,
+            &mut dev,
+            "cancel",
+            Op::CancelObserve { path: rp("/3/0/7") },
+        )
+        .unwrap();
+        assert_eq!(o.status, RpcStatus::Succeeded);
+        assert_eq!(h.gw.observations(), before);
+        assert!(
+            !dev.is_observed("/3/0/7"),
+            "the device dropped the observer (RFC 7641 §3.6)"
+        );
+        // Nothing to cancel any more: refused before sending.
+        let o = run(
+            &mut h,
+            peer,
+            &mut dev,
+            "cancel2",
+            Op::CancelObserve { path: rp("/3/0/7") },
+        )
+        .unwrap();
+        assert_eq!(o.status, RpcStatus::Failed);
+        assert!(o.code.is_none());
+    }
+
+    #[test]
+    fn block_wise_read_and_write() {
+        let (mut h, peer, mut dev) = setup();
+        let blob: Vec<u8> = (0..16 * 1024u32).map(|i| (i * 7 % 251) as u8).collect();
+        dev.store
+            .insert(rp("/33000/0/1"), WriteValue::Opaque(blob.clone()));
+        dev.block_szx = 4; // 256-byte blocks: the device's size wins.
+        let o = run(
+            &mut h,
+            peer,
+            &mut dev,
+            "big-read",
+            Op::Read {
+                path: rp("/33000/0/1"),
+                format: None,
+            },
+        );
+        let o = o.unwrap_or_else(|| panic!("{:?}", h.gw.rpc_events.last()));
+        assert_eq!(o.status, RpcStatus::Succeeded, "{o:?}");
+        let hex = o.response.unwrap()["/33000/0/1"]["hex"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert_eq!(crate::proto::lwm2m::encode::decode_hex(&hex).unwrap(), blob);
+        assert!(h.metric("block2_continuations") >= 63);
+        // A 16 KiB write goes out in Block1 blocks; the device asks for
+        // 256-byte blocks after the first 1024.
+        let data: Vec<u8> = blob.iter().rev().copied().collect();
+        let o = run(
+            &mut h,
+            peer,
+            &mut dev,
+            "big-write",
+            Op::Write {
+                path: rp("/33000/0/1"),
+                entries: vec![WriteEntry {
+                    path: rp("/33000/0/1"),
+                    value: WriteValue::Opaque(data.clone()),
+                }],
+                replace: true,
+                format: None,
+            },
+        )
+        .unwrap();
+        assert_eq!(o.status, RpcStatus::Succeeded, "{o:?}");
+        assert_eq!(dev.bytes_of("/33000/0/1").unwrap(), data);
+        // A device answering 4.13 to 1024-byte blocks gets smaller ones.
+        dev.block1_refuse_large = true;
+        let sent = h.metric("block1_sent");
+        let o = run(
+            &mut h,
+            peer,
+            &mut dev,
+            "big-write-2",
+            Op::Write {
+                path: rp("/33000/0/1"),
+                entries: vec![WriteEntry {
+                    path: rp("/33000/0/1"),
+                    value: WriteValue::Opaque(blob.clone()),
+                }],
+                replace: true,
+                format: None,
+            },
+        )
+        .unwrap();
+        assert_eq!(o.status, RpcStatus::Succeeded, "{o:?}");
+        assert_eq!(dev.bytes_of("/33000/0/1").unwrap(), blob);
+        assert_eq!(
+            h.metric("block1_sent") - sent,
+            1 + 64,
+            "one refused block, then 64 of 256 bytes"
+        );
+    }
+
+    #[test]
+    fn block1_register_and_the_maximum_body() {
+        let mut h = H::new();
+        let dev = SimDevice::new("urn:imei:123", 1);
+        let peer = addr(1000);
+        // A Register whose links come in 16-byte blocks is assembled.
+        let links = dev.links();
+        let q = format!("ep={}", dev.endpoint);
+        let chunks: Vec<&[u8]> = links.as_bytes().chunks(16).collect();
+        let mut last = Vec::new();
+        for (i, c) in chunks.iter().enumerate() {
+            let b = crate::proto::coap::Block {
+                num: i as u32,
+                more: i + 1 < chunks.len(),
+                szx: 0,
+            };
+            let m = MessageBuilder::request(Code::POST, true)
+                .mid(100 + i as u16)
+                .token(&[9])
+                .path("rd")
+                .query(&q)
+                .content_format(content::CF_LINK)
+                .block1(b)
+                .payload(c)
+                .to_vec();
+            last = h.input(peer, &m);
+            let want = if b.more {
+                Code::CONTINUE
+            } else {
+                Code::CREATED
+            };
+            assert_eq!(code_of(&last[0]), want, "block {i}");
+        }
+        assert_eq!(
+            msg(&last[0]).block1().map(|b| b.more),
+            Some(false),
+            "final Block1 echoed"
+        );
+        assert_eq!(h.gw.registrations(), 1);
+        // A body above the maximum: 4.13 with Size1, nothing kept.
+        let big = vec![b'x'; 1024];
+        let mut code = Code::CONTINUE;
+        for i in 0..80u32 {
+            let b = crate::proto::coap::Block {
+                num: i,
+                more: true,
+                szx: 6,
+            };
+            let m = MessageBuilder::request(Code::POST, true)
+                .mid(500 + i as u16)
+                .token(&[7])
+                .path("dp")
+                .content_format(content::CF_SENML_JSON)
+                .block1(b)
+                .payload(&big)
+                .to_vec();
+            let out = h.input(peer, &m);
+            code = code_of(&out[0]);
+            if code != Code::CONTINUE {
+                assert_eq!(msg(&out[0]).size1(), Some(64 * 1024));
+                break;
+            }
+        }
+        assert_eq!(code, Code::REQUEST_ENTITY_TOO_LARGE);
+        assert_eq!(h.gw.shards[0].blocks_in.len(), 0, "no state left behind");
+        // Announced too large up front (Size1): refused at once.
+        let m = MessageBuilder::request(Code::POST, true)
+            .mid(900)
+            .token(&[8])
+            .path("dp")
+            .block1(crate::proto::coap::Block {
+                num: 0,
+                more: true,
+                szx: 6,
+            })
+            .size1(1 << 20)
+            .payload(&big)
+            .to_vec();
+        assert_eq!(
+            code_of(&h.input(peer, &m)[0]),
+            Code::REQUEST_ENTITY_TOO_LARGE
+        );
+    }
+
+    #[test]
+    fn queue_mode_device_is_reachable_only_while_awake() {
+        let mut h = H::new();
+        let mut dev = SimDevice::new("urn:imei:123", 1);
+        let peer = addr(1000);
+        let q = [
+            "ep=urn:imei:123".to_string(),
+            "b=UQ".to_string(),
+            "lt=600".to_string(),
+        ];
+        let links = dev.links();
+        let r = MessageBuilder::request(Code::POST, true)
+            .mid(1)
+            .token(&[1])
+            .path("rd")
+            .query(&q[0])
+            .query(&q[1])
+            .query(&q[2])
+            .content_format(content::CF_LINK)
+            .payload(links.as_bytes())
+            .to_vec();
+        let out = h.input(peer, &r);
+        let loc = msg(&out[0]).location_path().nth(1).unwrap().to_vec();
+        dev.location = Some(String::from_utf8(loc).unwrap());
+        h.pump(peer, &mut dev, out);
+        let last_presence = |h: &H| {
+            h.gw.rpc_events
+                .iter()
+                .rev()
+                .find_map(|(_, e)| match e {
+                    RpcEvent::Presence(p) => Some(p.clone()),
+                    _ => None,
+                })
+                .unwrap()
+        };
+        assert!(last_presence(&h).reachable && last_presence(&h).queue_mode);
+        h.advance(Duration::from_secs(94));
+        assert!(!last_presence(&h).reachable, "asleep after 93 s");
+        assert!(last_presence(&h).online);
+        // An RPC now is handed back unsent.
+        let out = h.gw.exec(
+            h.now(),
+            0,
+            RpcExec {
+                rpc_id: Arc::from("q1"),
+                endpoint: Arc::from("urn:imei:123"),
+                op: Op::Execute {
+                    path: rp("/3/0/4"),
+                    args: None,
+                },
+                deadline_ms: h.now().wall_ms + 60_000,
+            },
+        );
+        assert!(
+            h.split(peer, out).is_empty(),
+            "nothing sent to a sleeping device"
+        );
+        assert!(
+            matches!(h.gw.rpc_events.last(), Some((_, RpcEvent::Returned { rpc_id })) if &**rpc_id == "q1")
+        );
+        // Its next Update wakes it.
+        let upd = dev.update(None, false);
+        let out = h.input(peer, &upd);
+        h.pump(peer, &mut dev, out);
+        assert!(last_presence(&h).reachable);
     }
 }
