@@ -1,5 +1,6 @@
 //! Control plane: the endpoint directory (with its write-ahead log and
-//! snapshots), device profiles, the per-shard registration snapshots, topic
+//! snapshots), device profiles, the RPC book (accepted RPCs, per-device
+//! queues, presence), the per-shard registration snapshots, topic
 //! creation and the admin HTTP server. Runs off the data-plane cores; shards
 //! only read its state lock-free and hear of changes by message.
 
@@ -7,6 +8,7 @@ pub mod admin;
 pub mod directory;
 pub mod profiles;
 pub mod registrations;
+pub mod rpc_book;
 pub mod sessions;
 pub mod snapshot;
 pub mod topics;

@@ -1,0 +1,780 @@
+//! The RPC book: every accepted RPC and where it is in its life, per-device
+//! queues, device presence, deadlines. Sans-IO (times are epoch ms passed
+//! in; no files, no Kafka): the RPC service (`control::rpc`) feeds it
+//! requests and shard reports, persists the log records it emits *before*
+//! acting on anything else it emits, publishes the status records and sends
+//! the executions to the shards.
+//!
+//! Invariants:
+//! * an `rpc_id` is executed at most once: a duplicate is answered with the
+//!   RPC's current status, never queued again;
+//! * per device, RPCs go to the device one at a time in acceptance order,
+//!   and only while the device is reported reachable;
+//! * `sent` is logged before the execution leaves the book; after a restart
+//!   an RPC logged `sent` without a final status ends `failed` (outcome
+//!   unknown) instead of running twice, a `queued` one resumes;
+//! * every accepted RPC ends in exactly one terminal status: `succeeded`,
+//!   `failed`, `timed_out`, or `expired` (its timeout passed before it
+//!   could be sent).
+
+use crate::proto::lwm2m::dm::Op;
+use crate::proto::lwm2m::rpc::{Presence, RpcEvent, RpcExec, RpcOutcome, RpcRequest, RpcStatus};
+use serde::{Deserialize, Serialize};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::sync::Arc;
+
+/// One RPC as the book keeps it (and as `GET /v1/rpc/{id}` shows it).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RpcRecord {
+    #[serde(serialize_with = "arc_str")]
+    pub rpc_id: Arc<str>,
+    pub tenant_id: String,
+    pub device_id: String,
+    pub endpoint: String,
+    pub method: String,
+    pub params: serde_json::Value,
+    pub status: RpcStatus,
+    pub accepted_at: i64,
+    pub deadline: i64,
+    pub updated_at: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub response: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(skip)]
+    op: Option<Op>,
+}
+
+/// A request resolved to (the device's endpoint, the operation), or why it
+/// cannot run.
+pub type Resolved = Result<(String, Op), String>;
+
+fn arc_str<S: serde::Serializer>(v: &Arc<str>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(v)
+}
+
+/// What the log must hold before the book's other outputs are acted on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "snake_case")]
+pub enum LogRecord {
+    /// Accepted, with everything needed to resolve it again after a restart.
+    Accepted {
+        request: RpcRequest,
+        endpoint: String,
+        accepted_at: i64,
+        deadline: i64,
+    },
+    Sent {
+        rpc_id: String,
+        at: i64,
+    },
+    /// Back in its queue, never transmitted (the shard handed it back).
+    Requeued {
+        rpc_id: String,
+    },
+    Finished {
+        rpc_id: String,
+        status: RpcStatus,
+        code: Option<String>,
+        response: Option<serde_json::Value>,
+        reason: Option<String>,
+        at: i64,
+    },
+}
+
+/// Why a request was not accepted.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Refusal {
+    /// Already known: its record as it is now (nothing is done again).
+    Duplicate(Box<RpcRecord>),
+    /// Malformed beyond a status (no usable rpc_id / tenant): only logged.
+    Invalid(String),
+}
+
+pub struct RpcBook {
+    records: HashMap<Arc<str>, RpcRecord>,
+    /// Queued RPCs per device, in acceptance order.
+    queues: HashMap<String, VecDeque<Arc<str>>>,
+    /// The RPC each device is executing.
+    inflight: HashMap<String, Arc<str>>,
+    presence: HashMap<String, Presence>,
+    deadlines: BinaryHeap<Reverse<(i64, Arc<str>)>>,
+    /// Terminal records kept this long for duplicates and the API.
+    retention_ms: i64,
+    finished: VecDeque<(i64, Arc<str>)>,
+    log: VecDeque<LogRecord>,
+    statuses: VecDeque<RpcRecord>,
+    execs: VecDeque<(u16, RpcExec)>,
+}
+
+impl RpcBook {
+    pub fn new(retention_ms: i64) -> RpcBook {
+        RpcBook {
+            records: HashMap::new(),
+            queues: HashMap::new(),
+            inflight: HashMap::new(),
+            presence: HashMap::new(),
+            deadlines: BinaryHeap::new(),
+            retention_ms,
+            finished: VecDeque::new(),
+            log: VecDeque::new(),
+            statuses: VecDeque::new(),
+            execs: VecDeque::new(),
+        }
+    }
+
+    // ------------------------------------------------------------ queries
+
+    pub fn get(&self, rpc_id: &str) -> Option<&RpcRecord> {
+        self.records.get(rpc_id)
+    }
+
+    /// The RPCs of a device known to the book, oldest first.
+    pub fn of_device(&self, device_id: &str) -> Vec<&RpcRecord> {
+        let mut v: Vec<&RpcRecord> = self
+            .records
+            .values()
+            .filter(|r| r.device_id == device_id)
+            .collect();
+        v.sort_by_key(|r| (r.accepted_at, r.rpc_id.clone()));
+        v
+    }
+
+    pub fn presence(&self, device_id: &str) -> Option<&Presence> {
+        self.presence.get(device_id)
+    }
+
+    /// RPCs not yet finished.
+    pub fn pending(&self) -> usize {
+        self.records
+            .values()
+            .filter(|r| !r.status.is_terminal())
+            .count()
+    }
+
+    // ------------------------------------------------------------ outputs
+
+    /// The next record to append to the log (before any other output).
+    pub fn poll_log(&mut self) -> Option<LogRecord> {
+        self.log.pop_front()
+    }
+
+    /// The next status to publish on `device.rpc.status.{tenant}`.
+    pub fn poll_status(&mut self) -> Option<RpcRecord> {
+        self.statuses.pop_front()
+    }
+
+    /// The next execution for shard `.0`.
+    pub fn poll_exec(&mut self) -> Option<(u16, RpcExec)> {
+        self.execs.pop_front()
+    }
+
+    /// The next deadline (epoch ms).
+    pub fn poll_timeout(&mut self) -> Option<i64> {
+        while let Some(Reverse((at, id))) = self.deadlines.peek().cloned() {
+            match self.records.get(&id) {
+                Some(r) if r.deadline == at && !r.status.is_terminal() => return Some(at),
+                _ => {
+                    self.deadlines.pop();
+                }
+            }
+        }
+        self.finished.front().map(|(at, _)| at + self.retention_ms)
+    }
+
+    // ------------------------------------------------------------ inputs
+
+    /// A request resolved by the caller to the device's endpoint and the
+    /// operation (`Err`: why it cannot run; it ends `failed` at once,
+    /// nothing is sent). `default_timeout_ms` applies when the request has
+    /// none.
+    pub fn handle_request(
+        &mut self,
+        now: i64,
+        req: RpcRequest,
+        resolved: Resolved,
+        default_timeout_ms: u64,
+    ) -> Result<&RpcRecord, Refusal> {
+        if let Some(r) = self.records.get(req.rpc_id.as_str()) {
+            return Err(Refusal::Duplicate(Box::new(r.clone())));
+        }
+        if req.rpc_id.is_empty() || req.tenant_id.is_empty() || req.device_id.is_empty() {
+            return Err(Refusal::Invalid(
+                "rpc_id, tenant_id and device_id are required".into(),
+            ));
+        }
+        let timeout = req.timeout_ms.unwrap_or(default_timeout_ms).max(1) as i64;
+        let deadline = now.saturating_add(timeout);
+        let (endpoint, op, reason) = match resolved {
+            Ok((ep, op)) => (ep, Some(op), None),
+            Err(e) => (String::new(), None, Some(e)),
+        };
+        let id: Arc<str> = Arc::from(req.rpc_id.as_str());
+        self.log.push_back(LogRecord::Accepted {
+            request: req.clone(),
+            endpoint: endpoint.clone(),
+            accepted_at: now,
+            deadline,
+        });
+        let rec = RpcRecord {
+            rpc_id: id.clone(),
+            tenant_id: req.tenant_id,
+            device_id: req.device_id.clone(),
+            endpoint,
+            method: req.method,
+            params: req.params,
+            status: RpcStatus::Queued,
+            accepted_at: now,
+            deadline,
+            updated_at: now,
+            code: None,
+            response: None,
+            reason: None,
+            op,
+        };
+        self.records.insert(id.clone(), rec);
+        match reason {
+            Some(r) => {
+                // Refused before anything is sent: a terminal status, so
+                // the caller sees why.
+                self.finish(now, &id, RpcOutcome::failed(r));
+            }
+            None => {
+                self.status(&id);
+                self.deadlines.push(Reverse((deadline, id.clone())));
+                self.queues
+                    .entry(req.device_id.clone())
+                    .or_default()
+                    .push_back(id.clone());
+                self.dispatch(now, &req.device_id);
+            }
+        }
+        self.records
+            .get(&id)
+            .ok_or_else(|| Refusal::Invalid("lost".into()))
+    }
+
+    /// A report from a shard.
+    pub fn handle_event(&mut self, now: i64, e: RpcEvent) {
+        match e {
+            RpcEvent::Presence(p) => {
+                let newer = self
+                    .presence
+                    .get(&p.device_id)
+                    .is_none_or(|old| p.order >= old.order);
+                if !newer {
+                    return;
+                }
+                let dev = p.device_id.clone();
+                self.presence.insert(dev.clone(), p);
+                self.dispatch(now, &dev);
+            }
+            RpcEvent::Returned { rpc_id } => {
+                let Some(r) = self.records.get_mut(&rpc_id) else {
+                    return;
+                };
+                if r.status != RpcStatus::Sent {
+                    return;
+                }
+                // Never transmitted: back to the head of its queue.
+                r.status = RpcStatus::Queued;
+                let dev = r.device_id.clone();
+                if self.inflight.get(&dev) == Some(&rpc_id) {
+                    self.inflight.remove(&dev);
+                }
+                self.log.push_back(LogRecord::Requeued {
+                    rpc_id: rpc_id.to_string(),
+                });
+                self.queues
+                    .entry(dev.clone())
+                    .or_default()
+                    .push_front(rpc_id);
+                // The shard thought otherwise: wait for its next report.
+                if let Some(p) = self.presence.get_mut(&dev) {
+                    p.reachable = false;
+                }
+            }
+            RpcEvent::Done { rpc_id, outcome } => {
+                let Some(dev) = self.records.get(&rpc_id).map(|r| r.device_id.clone()) else {
+                    return;
+                };
+                if self.inflight.get(&dev) == Some(&rpc_id) {
+                    self.inflight.remove(&dev);
+                }
+                self.finish(now, &rpc_id, outcome);
+                self.dispatch(now, &dev);
+            }
+        }
+    }
+
+    /// Deadlines: a queued RPC whose timeout passed ends `expired`; one in
+    /// flight is left to the shard (it times out there and reports).
+    pub fn handle_timeout(&mut self, now: i64) {
+        while let Some(Reverse((at, id))) = self.deadlines.peek().cloned() {
+            if at > now {
+                break;
+            }
+            self.deadlines.pop();
+            let Some(r) = self.records.get(&id) else {
+                continue;
+            };
+            if r.deadline != at || r.status != RpcStatus::Queued {
+                continue;
+            }
+            let dev = r.device_id.clone();
+            if let Some(q) = self.queues.get_mut(&dev) {
+                q.retain(|x| *x != id);
+            }
+            self.finish(
+                now,
+                &id,
+                RpcOutcome {
+                    status: RpcStatus::Expired,
+                    code: None,
+                    response: None,
+                    reason: Some(
+                        "not delivered within timeout_ms (device offline or asleep)".into(),
+                    ),
+                },
+            );
+        }
+        while let Some((at, id)) = self.finished.front().cloned() {
+            if at + self.retention_ms > now {
+                break;
+            }
+            self.finished.pop_front();
+            if self
+                .records
+                .get(&id)
+                .is_some_and(|r| r.status.is_terminal())
+            {
+                self.records.remove(&id);
+            }
+        }
+    }
+
+    // ------------------------------------------------------------ replay
+
+    /// Rebuilds the book from its log after a restart. `resolve` turns a
+    /// request into its operation again (profiles may have changed).
+    /// Returns how many RPCs resumed and how many ended as interrupted.
+    pub fn replay(
+        &mut self,
+        now: i64,
+        records: impl IntoIterator<Item = LogRecord>,
+        resolve: &dyn Fn(&RpcRequest) -> Resolved,
+    ) -> (usize, usize) {
+        let mut order: Vec<Arc<str>> = Vec::new();
+        for rec in records {
+            match rec {
+                LogRecord::Accepted {
+                    request,
+                    endpoint,
+                    accepted_at,
+                    deadline,
+                } => {
+                    let id: Arc<str> = Arc::from(request.rpc_id.as_str());
+                    let op = resolve(&request).ok().map(|(_, op)| op);
+                    order.push(id.clone());
+                    self.records.insert(
+                        id.clone(),
+                        RpcRecord {
+                            rpc_id: id,
+                            tenant_id: request.tenant_id,
+                            device_id: request.device_id,
+                            endpoint,
+                            method: request.method,
+                            params: request.params,
+                            status: RpcStatus::Queued,
+                            accepted_at,
+                            deadline,
+                            updated_at: accepted_at,
+                            code: None,
+                            response: None,
+                            reason: None,
+                            op,
+                        },
+                    );
+                }
+                LogRecord::Sent { rpc_id, at } => {
+                    if let Some(r) = self.records.get_mut(rpc_id.as_str()) {
+                        r.status = RpcStatus::Sent;
+                        r.updated_at = at;
+                    }
+                }
+                LogRecord::Requeued { rpc_id } => {
+                    if let Some(r) = self.records.get_mut(rpc_id.as_str()) {
+                        r.status = RpcStatus::Queued;
+                    }
+                }
+                LogRecord::Finished {
+                    rpc_id,
+                    status,
+                    code,
+                    response,
+                    reason,
+                    at,
+                } => {
+                    if let Some(r) = self.records.get_mut(rpc_id.as_str()) {
+                        r.status = status;
+                        r.code = code;
+                        r.response = response;
+                        r.reason = reason;
+                        r.updated_at = at;
+                        self.finished.push_back((at, r.rpc_id.clone()));
+                    }
+                }
+            }
+        }
+        let (mut resumed, mut interrupted) = (0, 0);
+        for id in order {
+            let Some(r) = self.records.get(&id) else {
+                continue;
+            };
+            match r.status {
+                RpcStatus::Queued if r.op.is_some() => {
+                    resumed += 1;
+                    let dev = r.device_id.clone();
+                    self.deadlines.push(Reverse((r.deadline, id.clone())));
+                    self.queues.entry(dev).or_default().push_back(id);
+                }
+                RpcStatus::Queued => {
+                    interrupted += 1;
+                    self.finish(
+                        now,
+                        &id,
+                        RpcOutcome::failed("after a restart its method no longer resolves"),
+                    );
+                }
+                RpcStatus::Sent => {
+                    interrupted += 1;
+                    self.finish(
+                        now,
+                        &id,
+                        RpcOutcome::failed(
+                            "the gateway restarted after sending it and before the device answered; the outcome is unknown",
+                        ),
+                    );
+                }
+                _ => {}
+            }
+        }
+        self.handle_timeout(now);
+        (resumed, interrupted)
+    }
+
+    /// The log as it must be after compaction: what replays to the current
+    /// state (unfinished RPCs and finished ones still retained).
+    pub fn compacted(&self) -> Vec<LogRecord> {
+        let mut recs: Vec<&RpcRecord> = self.records.values().collect();
+        recs.sort_by_key(|r| (r.accepted_at, r.rpc_id.clone()));
+        let mut out = Vec::with_capacity(recs.len() * 2);
+        for r in recs {
+            out.push(LogRecord::Accepted {
+                request: RpcRequest {
+                    rpc_id: r.rpc_id.to_string(),
+                    tenant_id: r.tenant_id.clone(),
+                    device_id: r.device_id.clone(),
+                    method: r.method.clone(),
+                    params: r.params.clone(),
+                    timeout_ms: Some((r.deadline - r.accepted_at).max(1) as u64),
+                },
+                endpoint: r.endpoint.clone(),
+                accepted_at: r.accepted_at,
+                deadline: r.deadline,
+            });
+            match r.status {
+                RpcStatus::Queued => {}
+                RpcStatus::Sent => out.push(LogRecord::Sent {
+                    rpc_id: r.rpc_id.to_string(),
+                    at: r.updated_at,
+                }),
+                s => out.push(LogRecord::Finished {
+                    rpc_id: r.rpc_id.to_string(),
+                    status: s,
+                    code: r.code.clone(),
+                    response: r.response.clone(),
+                    reason: r.reason.clone(),
+                    at: r.updated_at,
+                }),
+            }
+        }
+        out
+    }
+
+    // ------------------------------------------------------------ internals
+
+    fn status(&mut self, id: &Arc<str>) {
+        if let Some(r) = self.records.get(id) {
+            self.statuses.push_back(r.clone());
+        }
+    }
+
+    fn finish(&mut self, now: i64, id: &Arc<str>, o: RpcOutcome) {
+        let Some(r) = self.records.get_mut(id) else {
+            return;
+        };
+        if r.status.is_terminal() {
+            return;
+        }
+        r.status = o.status;
+        r.code = o.code;
+        r.response = o.response;
+        r.reason = o.reason;
+        r.updated_at = now;
+        r.op = None;
+        self.log.push_back(LogRecord::Finished {
+            rpc_id: id.to_string(),
+            status: r.status,
+            code: r.code.clone(),
+            response: r.response.clone(),
+            reason: r.reason.clone(),
+            at: now,
+        });
+        self.finished.push_back((now, id.clone()));
+        self.status(id);
+    }
+
+    /// Sends the device's next RPC when it is reachable and idle.
+    fn dispatch(&mut self, now: i64, device_id: &str) {
+        if self.inflight.contains_key(device_id) {
+            return;
+        }
+        let Some(p) = self.presence.get(device_id) else {
+            return;
+        };
+        if !(p.online && p.reachable) {
+            return;
+        }
+        let (shard, endpoint) = (p.shard, p.endpoint.clone());
+        let Some(q) = self.queues.get_mut(device_id) else {
+            return;
+        };
+        while let Some(id) = q.pop_front() {
+            let Some(r) = self.records.get_mut(&id) else {
+                continue;
+            };
+            if r.status != RpcStatus::Queued {
+                continue;
+            }
+            let Some(op) = r.op.clone() else { continue };
+            r.status = RpcStatus::Sent;
+            r.updated_at = now;
+            let deadline = r.deadline;
+            self.log.push_back(LogRecord::Sent {
+                rpc_id: id.to_string(),
+                at: now,
+            });
+            self.inflight.insert(device_id.to_string(), id.clone());
+            self.status(&id);
+            self.execs.push_back((
+                shard,
+                RpcExec {
+                    rpc_id: id,
+                    endpoint: Arc::from(endpoint.as_str()),
+                    op,
+                    deadline_ms: deadline,
+                },
+            ));
+            // The shard reports again when it is ready for the next one.
+            if let Some(p) = self.presence.get_mut(device_id) {
+                p.reachable = false;
+            }
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::lwm2m::content::ResourcePath;
+
+    fn req(id: &str, dev: &str) -> RpcRequest {
+        RpcRequest {
+            rpc_id: id.into(),
+            tenant_id: "acme".into(),
+            device_id: dev.into(),
+            method: "reboot".into(),
+            params: serde_json::Value::Null,
+            timeout_ms: Some(10_000),
+        }
+    }
+
+    fn reboot() -> Op {
+        Op::Execute {
+            path: ResourcePath::parse("/3/0/4").unwrap(),
+            args: None,
+        }
+    }
+
+    fn presence(dev: &str, shard: u16, order: u64, online: bool, reachable: bool) -> RpcEvent {
+        RpcEvent::Presence(Presence {
+            device_id: dev.into(),
+            tenant_id: "acme".into(),
+            endpoint: format!("ep-{dev}"),
+            shard,
+            order: (order, shard, 0),
+            online,
+            reachable,
+            registration_id: String::new(),
+            address: String::new(),
+            lwm2m_version: "1.1",
+            binding: "U".into(),
+            lifetime_s: 60,
+            queue_mode: false,
+            registered_at: 0,
+            last_seen: 0,
+            reason: None,
+        })
+    }
+
+    fn statuses(b: &mut RpcBook) -> Vec<(String, RpcStatus)> {
+        std::iter::from_fn(|| b.poll_status())
+            .map(|r| (r.rpc_id.to_string(), r.status))
+            .collect()
+    }
+
+    fn done(id: &str, status: RpcStatus) -> RpcEvent {
+        RpcEvent::Done {
+            rpc_id: Arc::from(id),
+            outcome: RpcOutcome {
+                status,
+                code: Some("2.04".into()),
+                response: None,
+                reason: None,
+            },
+        }
+    }
+
+    fn ok(dev: &str) -> Result<(String, Op), String> {
+        Ok((format!("ep-{dev}"), reboot()))
+    }
+
+    #[test]
+    fn offline_device_gets_its_rpcs_in_order_after_registering() {
+        let mut b = RpcBook::new(60_000);
+        b.handle_request(0, req("a", "d1"), ok("d1"), 60_000)
+            .unwrap();
+        b.handle_request(1, req("b", "d1"), ok("d1"), 60_000)
+            .unwrap();
+        assert!(b.poll_exec().is_none(), "offline: nothing sent");
+        assert_eq!(
+            statuses(&mut b),
+            vec![
+                ("a".into(), RpcStatus::Queued),
+                ("b".into(), RpcStatus::Queued)
+            ]
+        );
+        b.handle_event(5, presence("d1", 1, 10, true, true));
+        let (shard, e) = b.poll_exec().unwrap();
+        assert_eq!((shard, &*e.rpc_id, &*e.endpoint), (1, "a", "ep-d1"));
+        assert!(b.poll_exec().is_none(), "one at a time");
+        b.handle_event(6, done("a", RpcStatus::Succeeded));
+        assert!(
+            b.poll_exec().is_none(),
+            "waits for the shard to say it is ready"
+        );
+        b.handle_event(6, presence("d1", 1, 10, true, true));
+        assert_eq!(&*b.poll_exec().unwrap().1.rpc_id, "b");
+        // The log has Sent before anything left.
+        let log: Vec<LogRecord> = std::iter::from_fn(|| b.poll_log()).collect();
+        assert!(matches!(log[2], LogRecord::Sent { ref rpc_id, .. } if rpc_id == "a"));
+    }
+
+    #[test]
+    fn duplicates_expiry_and_refusals() {
+        let mut b = RpcBook::new(60_000);
+        b.handle_request(0, req("a", "d1"), ok("d1"), 60_000)
+            .unwrap();
+        assert!(matches!(
+            b.handle_request(1, req("a", "d1"), ok("d1"), 60_000),
+            Err(Refusal::Duplicate(r)) if r.status == RpcStatus::Queued
+        ));
+        let r = b
+            .handle_request(
+                2,
+                req("bad", "d1"),
+                Err("unknown method \"x\"".into()),
+                60_000,
+            )
+            .unwrap();
+        assert_eq!(r.status, RpcStatus::Failed);
+        b.handle_timeout(20_000);
+        assert_eq!(b.get("a").unwrap().status, RpcStatus::Expired);
+        let st = statuses(&mut b);
+        assert_eq!(
+            st.iter().filter(|(id, _)| id == "a").count(),
+            2,
+            "queued then expired"
+        );
+        // A late presence sends nothing for the expired one.
+        b.handle_event(30_000, presence("d1", 0, 1, true, true));
+        assert!(b.poll_exec().is_none());
+        // Retention: finished records go after 60 s.
+        b.handle_timeout(90_000);
+        assert!(b.get("a").is_none());
+    }
+
+    #[test]
+    fn returned_rpcs_go_back_to_the_head_and_newer_presence_wins() {
+        let mut b = RpcBook::new(60_000);
+        b.handle_event(0, presence("d1", 0, 5, true, true));
+        b.handle_request(0, req("a", "d1"), ok("d1"), 60_000)
+            .unwrap();
+        b.handle_request(0, req("b", "d1"), ok("d1"), 60_000)
+            .unwrap();
+        assert_eq!(b.poll_exec().unwrap().0, 0);
+        b.handle_event(
+            1,
+            RpcEvent::Returned {
+                rpc_id: Arc::from("a"),
+            },
+        );
+        // The device moved to shard 1 (a newer report); an older report
+        // from shard 0 arriving late is ignored.
+        b.handle_event(2, presence("d1", 1, 6, true, true));
+        b.handle_event(3, presence("d1", 0, 5, false, false));
+        let (shard, e) = b.poll_exec().unwrap();
+        assert_eq!((shard, &*e.rpc_id), (1, "a"));
+    }
+
+    #[test]
+    fn replay_resumes_queued_and_ends_sent_ones() {
+        let mut b = RpcBook::new(60_000);
+        b.handle_request(0, req("q", "d1"), ok("d1"), 60_000)
+            .unwrap();
+        b.handle_request(0, req("s", "d2"), ok("d2"), 60_000)
+            .unwrap();
+        b.handle_request(0, req("f", "d3"), ok("d3"), 60_000)
+            .unwrap();
+        b.handle_event(1, presence("d2", 0, 1, true, true));
+        b.handle_event(1, presence("d3", 0, 1, true, true));
+        b.handle_event(2, done("f", RpcStatus::Succeeded));
+        let log: Vec<LogRecord> = std::iter::from_fn(|| b.poll_log()).collect();
+        for compacted in [false, true] {
+            let records = if compacted {
+                b.compacted()
+            } else {
+                log.clone()
+            };
+            let mut b2 = RpcBook::new(60_000);
+            let (resumed, interrupted) = b2.replay(3, records, &|r| ok(&r.device_id));
+            assert_eq!((resumed, interrupted), (1, 1));
+            assert_eq!(b2.get("q").unwrap().status, RpcStatus::Queued);
+            assert_eq!(b2.get("s").unwrap().status, RpcStatus::Failed);
+            assert_eq!(b2.get("f").unwrap().status, RpcStatus::Succeeded);
+            // Only the interrupted one gets a (single) new terminal status.
+            assert_eq!(statuses(&mut b2), vec![("s".into(), RpcStatus::Failed)]);
+            assert!(matches!(
+                b2.handle_request(4, req("f", "d3"), ok("d3"), 60_000),
+                Err(Refusal::Duplicate(_))
+            ));
+            b2.handle_event(5, presence("d1", 0, 1, true, true));
+            assert_eq!(&*b2.poll_exec().unwrap().1.rpc_id, "q");
+        }
+    }
+}
