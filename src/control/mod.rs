@@ -9,6 +9,7 @@ pub mod directory;
 pub mod profiles;
 pub mod registrations;
 pub mod rpc_book;
+pub mod rpc_log;
 pub mod sessions;
 pub mod snapshot;
 pub mod topics;
