@@ -177,7 +177,14 @@ fn run(args: Args) -> anyhow::Result<()> {
         .persist_registrations
         .then(|| RegistrationStore::new(&cfg.directory.snapshot_dir));
     let sessions = session_store(&cfg);
-    let shards = runtime::start(&cfg, directory.clone(), profiles.clone(), store, sessions)?;
+    let shards = runtime::start(
+        &cfg,
+        directory.clone(),
+        profiles.clone(),
+        store,
+        sessions,
+        None,
+    )?;
     let control = shards.control();
     let on_endpoints: EndpointsHook = {
         let c = control.clone();

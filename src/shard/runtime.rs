@@ -35,6 +35,7 @@ use crate::proto::dtls::endpoint::credential_tag;
 use crate::proto::dtls::session::CloseReason;
 use crate::proto::dtls::DtlsEndpoint;
 use crate::proto::lwm2m::endpoint::Identity;
+use crate::proto::lwm2m::rpc::{RpcEvent, RpcExec};
 use crate::proto::lwm2m::server::{ControlMsg, Ctx, Dest, Now, Server, SessionCmd, ShardMsg};
 use crate::sink::kafka::KafkaSink;
 use glommio::channels::local_channel::{self, LocalSender};
@@ -61,6 +62,8 @@ pub fn now() -> Now {
 pub enum Inbox {
     Shard(ShardMsg),
     Control(ControlMsg),
+    /// An RPC for the device registered on this shard.
+    Rpc(Box<RpcExec>),
     /// Stop reading, flush, snapshot, exit.
     Shutdown,
 }
@@ -92,17 +95,22 @@ pub struct Shards {
     pub local_addr: Option<std::net::SocketAddr>,
     /// The DTLS address (when `dtls.enabled`).
     pub dtls_addr: Option<std::net::SocketAddr>,
-    control: crossbeam_channel::Sender<Inbox>,
+    control: crossbeam_channel::Sender<(Option<usize>, Inbox)>,
     joins: Vec<glommio::ExecutorJoinHandle<()>>,
 }
 
-/// Sends control-plane messages to every shard (cheap to clone).
+/// Sends control-plane messages to every shard, or to one (cheap to clone).
 #[derive(Clone)]
-pub struct ControlHandle(crossbeam_channel::Sender<Inbox>);
+pub struct ControlHandle(crossbeam_channel::Sender<(Option<usize>, Inbox)>);
 
 impl ControlHandle {
     pub fn send(&self, m: ControlMsg) {
-        let _ = self.0.send(Inbox::Control(m));
+        let _ = self.0.send((None, Inbox::Control(m)));
+    }
+
+    /// An RPC to the shard that reported holding the device.
+    pub fn send_rpc(&self, shard: usize, e: RpcExec) {
+        let _ = self.0.send((Some(shard), Inbox::Rpc(Box::new(e))));
     }
 }
 
@@ -113,7 +121,7 @@ impl Shards {
 
     /// Signals shutdown and waits for every shard to finish.
     pub fn shutdown(self) {
-        let _ = self.control.send(Inbox::Shutdown);
+        let _ = self.control.send((None, Inbox::Shutdown));
         for j in self.joins {
             if let Err(e) = j.join() {
                 tracing::error!(error = %e, "executor exited with an error");
@@ -139,6 +147,8 @@ struct State {
     stopping: bool,
     /// Kafka poll interval while records await the broker.
     poll: Duration,
+    /// Reports for the RPC control plane.
+    rpc_events: Option<crossbeam_channel::Sender<RpcEvent>>,
 }
 
 impl State {
@@ -255,10 +265,13 @@ impl State {
         while let Some(m) = self.server.poll_shard_msg() {
             let _ = self.outbox.try_send(m);
         }
-        // Presence and RPC reports: to the RPC control plane once it is
-        // wired (next step of issue 9); until then they are dropped here so
-        // nothing accumulates on the shard.
-        while self.server.poll_rpc_event().is_some() {}
+        // Presence and RPC reports to the RPC control plane (dropped when
+        // there is none, so nothing accumulates on the shard).
+        while let Some(e) = self.server.poll_rpc_event() {
+            if let Some(tx) = &self.rpc_events {
+                let _ = tx.send(e);
+            }
+        }
     }
 }
 
@@ -269,6 +282,7 @@ pub fn start(
     profiles: Arc<Profiles>,
     store: Option<Arc<RegistrationStore>>,
     sessions: Option<Arc<SessionStore>>,
+    rpc_events: Option<crossbeam_channel::Sender<RpcEvent>>,
 ) -> Result<Shards, StartError> {
     let n = cfg.shard_count();
     let mut allowed = io::allowed_cpus();
@@ -350,6 +364,7 @@ pub fn start(
         let metrics_i = metrics[i].clone();
         let (directory, profiles, store) = (directory.clone(), profiles.clone(), store.clone());
         let sessions = sessions.clone();
+        let rpc_events = rpc_events.clone();
         let gw = cfg.gateway.clone();
         let poll = Duration::from_micros(cfg.kafka.poll_interval_us.max(100));
         let snap_every = Duration::from_secs(cfg.directory.snapshot_interval_s.max(1));
@@ -396,6 +411,7 @@ pub fn start(
                     snap_every,
                     shards: n,
                     ready,
+                    rpc_events,
                 };
                 run_shard(args).await;
             })
@@ -403,7 +419,7 @@ pub fn start(
         tracing::info!(shard = i, cpu, coap = ?addr, coaps = ?dtls_addr, "shard started");
         joins.push(j);
     }
-    let (control_tx, control_rx) = crossbeam_channel::unbounded::<Inbox>();
+    let (control_tx, control_rx) = crossbeam_channel::unbounded::<(Option<usize>, Inbox)>();
     let relay = LocalExecutorBuilder::new(Placement::Unbound)
         .name("control-relay")
         .spawn(move || async move { relay(relay_senders, control_rx).await })
@@ -483,12 +499,24 @@ async fn connect_all(
 /// The control relay: control-plane messages (a plain thread's crossbeam
 /// channel) to every shard's inbox. Blocking on the crossbeam channel is
 /// fine here: this executor has nothing else to do.
-async fn relay(outs: Vec<Option<SharedSender<Inbox>>>, rx: crossbeam_channel::Receiver<Inbox>) {
+async fn relay(
+    outs: Vec<Option<SharedSender<Inbox>>>,
+    rx: crossbeam_channel::Receiver<(Option<usize>, Inbox)>,
+) {
     let (outs, _) = connect_all(outs, Vec::new()).await;
-    while let Ok(m) = rx.recv() {
+    while let Ok((to, m)) = rx.recv() {
         let stop = matches!(m, Inbox::Shutdown);
-        for s in outs.iter().flatten() {
-            let _ = s.send(m.clone()).await;
+        match to {
+            Some(i) => {
+                if let Some(Some(s)) = outs.get(i) {
+                    let _ = s.send(m).await;
+                }
+            }
+            None => {
+                for s in outs.iter().flatten() {
+                    let _ = s.send(m.clone()).await;
+                }
+            }
         }
         if stop {
             break;
@@ -514,6 +542,7 @@ struct ShardArgs {
     snap_every: Duration,
     shards: usize,
     ready: crossbeam_channel::Sender<usize>,
+    rpc_events: Option<crossbeam_channel::Sender<RpcEvent>>,
 }
 
 async fn run_shard(a: ShardArgs) {
@@ -535,6 +564,7 @@ async fn run_shard(a: ShardArgs) {
         snap_every,
         shards,
         ready,
+        rpc_events,
     } = a;
     // Registrations from the last run (this shard's snapshots).
     if let Some(store) = &store {
@@ -616,6 +646,7 @@ async fn run_shard(a: ShardArgs) {
         dtls_fd,
         stopping: false,
         poll,
+        rpc_events,
     }));
 
     // Outbox: the server's messages to other shards.
@@ -657,6 +688,7 @@ async fn run_shard(a: ShardArgs) {
                             s.revoke_stale_sessions();
                         }
                     }
+                    Inbox::Rpc(e) => s.with_ctx(|srv, ctx| srv.handle_rpc_exec(t, ctx, *e)),
                     Inbox::Shutdown => s.stopping = true,
                 }
                 s.flush();
