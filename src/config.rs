@@ -21,6 +21,29 @@ pub struct Config {
     pub directory: DirectoryConfig,
     pub profiles: ProfilesConfig,
     pub admin: AdminConfig,
+    pub rpc: RpcConfig,
+}
+
+/// `[rpc]`: platform RPCs (device management).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RpcConfig {
+    /// Timeout of an RPC that gives none (`timeout_ms`).
+    pub default_timeout_ms: u64,
+    /// Finished RPCs are kept this long (duplicate `rpc_id`s, the API).
+    pub retention_s: u64,
+    /// Compact the RPC log once it grew by this many bytes.
+    pub log_compact_bytes: u64,
+}
+
+impl Default for RpcConfig {
+    fn default() -> Self {
+        RpcConfig {
+            default_timeout_ms: 60_000,
+            retention_s: 3600,
+            log_compact_bytes: 16 << 20,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -215,6 +238,11 @@ pub struct KafkaConfig {
     pub brokers: String,
     pub telemetry_topic: String,
     pub status_topic: String,
+    /// RPC requests in (JSON `{rpc_id, tenant_id, device_id, method,
+    /// params, timeout_ms}`).
+    pub rpc_request_topic: String,
+    /// RPC status events out (key = device_id).
+    pub rpc_status_topic: String,
     pub client_id: String,
     pub linger_ms: u32,
     pub batch_num_messages: u32,
@@ -274,6 +302,8 @@ impl Default for KafkaConfig {
             brokers: "127.0.0.1:9092".into(),
             telemetry_topic: "telemetry.raw.{tenant_id}".into(),
             status_topic: "device.status.{tenant_id}".into(),
+            rpc_request_topic: "device.rpc.requests".into(),
+            rpc_status_topic: "device.rpc.status.{tenant_id}".into(),
             client_id: "corem-lwm2m".into(),
             linger_ms: 5,
             batch_num_messages: 10_000,

@@ -9,6 +9,7 @@ use corem_lwm2m::control::admin::{
 use corem_lwm2m::control::directory::{Directory, Origin};
 use corem_lwm2m::control::profiles::Profiles;
 use corem_lwm2m::control::registrations::RegistrationStore;
+use corem_lwm2m::control::rpc::RpcService;
 use corem_lwm2m::control::sessions::SessionStore;
 use corem_lwm2m::control::topics::TopicManager;
 use corem_lwm2m::proto::lwm2m::server::ControlMsg;
@@ -177,15 +178,23 @@ fn run(args: Args) -> anyhow::Result<()> {
         .persist_registrations
         .then(|| RegistrationStore::new(&cfg.directory.snapshot_dir));
     let sessions = session_store(&cfg);
+    let (rpc_tx, rpc_rx) = crossbeam_channel::unbounded();
     let shards = runtime::start(
         &cfg,
         directory.clone(),
         profiles.clone(),
         store,
         sessions,
-        None,
+        Some(rpc_tx),
     )?;
     let control = shards.control();
+    let rpc = RpcService::start(
+        &cfg,
+        directory.clone(),
+        profiles.clone(),
+        control.clone(),
+        rpc_rx,
+    )?;
     let on_endpoints: EndpointsHook = {
         let c = control.clone();
         Arc::new(move |names: Vec<String>| c.send(ControlMsg::Endpoints(names.into())))
@@ -210,6 +219,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             on_tenants,
             on_endpoints: Some(on_endpoints),
             on_profiles: Some(on_profiles),
+            rpc: Some(rpc.handle()),
         },
     )?;
     tracing::info!(
@@ -262,6 +272,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     tracing::info!("shutting down: stopping shards, flushing Kafka, writing snapshots");
     shards.shutdown();
     admin.stop();
+    rpc.stop();
     match directory.write_snapshot(&cfg.directory.snapshot_dir) {
         Ok(()) => {
             tracing::info!(dir = %cfg.directory.snapshot_dir.display(), "directory snapshot written")

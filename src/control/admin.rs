@@ -9,6 +9,13 @@
 //!   `{"endpoint":..,"device_id":..,"tenant_id":..,"profile":..}`.
 //! * `POST /v1/snapshot` — write the directory snapshot now.
 //! * `GET /v1/profiles`, `POST /v1/profiles/reload` — list / reload profiles.
+//! * `POST /v1/devices/{device_id}/rpc` — `{method, params, timeout_ms,
+//!   rpc_id?}` → 202 `{rpc_id, status}` once durable (a duplicate rpc_id:
+//!   200 with its record, not run again).
+//! * `GET /v1/rpc/{rpc_id}` — the RPC's record (status, code, response,
+//!   reason).
+//! * `GET /v1/devices/{device_id}/rpc` — the device's RPCs and its last
+//!   reported registration state.
 //!
 //! Errors are JSON `{"error": "..."}` with 400 / 404 / 500.
 //!
@@ -43,6 +50,8 @@ pub struct AdminState {
     pub on_tenants: Option<TenantHook>,
     pub on_endpoints: Option<EndpointsHook>,
     pub on_profiles: Option<ProfilesHook>,
+    /// The RPC service (RPC endpoints answer 503 without it).
+    pub rpc: Option<super::rpc::RpcHandle>,
 }
 
 impl AdminState {
@@ -249,6 +258,83 @@ fn handle(st: &AdminState, mut req: Request) {
             }
             Err(e) => error(req, 400, &e.to_string()),
         },
+        (_, u) if u.starts_with("/v1/rpc/") => {
+            let Some(rpc) = &st.rpc else {
+                return error(req, 503, "RPC service not running");
+            };
+            let id = pct_decode(&u["/v1/rpc/".len()..]);
+            match (method, rpc.get(&id)) {
+                (Method::Get, Some(r)) => reply(
+                    req,
+                    200,
+                    serde_json::to_string(&r).unwrap_or_default(),
+                    true,
+                ),
+                (Method::Get, None) => error(req, 404, "no such rpc"),
+                _ => error(req, 405, "method not allowed"),
+            }
+        }
+        (_, u) if u.starts_with("/v1/devices/") && u.ends_with("/rpc") => {
+            let Some(rpc) = st.rpc.clone() else {
+                return error(req, 503, "RPC service not running");
+            };
+            let device = pct_decode(&u["/v1/devices/".len()..u.len() - "/rpc".len()]);
+            if device.is_empty() || device.len() > crate::proto::lwm2m::rpc::MAX_DEVICE_ID {
+                return error(req, 400, "device_id must be 1..=256 bytes");
+            }
+            match method {
+                Method::Get => {
+                    let (list, presence) = rpc.of_device(&device);
+                    reply(
+                        req,
+                        200,
+                        serde_json::json!({ "device_id": device, "registration": presence, "rpcs": list })
+                            .to_string(),
+                        true,
+                    )
+                }
+                Method::Post => {
+                    let body = match read_body(&mut req) {
+                        Ok(b) => b,
+                        Err(e) => return error(req, 400, &e),
+                    };
+                    let mut r = match crate::proto::lwm2m::rpc::RpcRequest::parse(&body) {
+                        Ok(r) => r,
+                        Err(e) => return error(req, 400, &e.to_string()),
+                    };
+                    if !r.device_id.is_empty() && r.device_id != device {
+                        return error(req, 400, "device_id in the body differs from the path");
+                    }
+                    r.device_id = device.clone();
+                    if r.tenant_id.is_empty() {
+                        match st.directory.by_device(&device) {
+                            Some((_, e)) => r.tenant_id = e.tenant_id.clone(),
+                            None => return error(req, 404, "no such device"),
+                        }
+                    }
+                    if r.rpc_id.is_empty() {
+                        r.rpc_id = new_rpc_id();
+                    }
+                    match rpc.submit(r) {
+                        Ok(rec) => reply(
+                            req,
+                            202,
+                            serde_json::json!({ "rpc_id": &*rec.rpc_id, "status": rec.status })
+                                .to_string(),
+                            true,
+                        ),
+                        Err(super::rpc_book::Refusal::Duplicate(rec)) => reply(
+                            req,
+                            200,
+                            serde_json::to_string(&*rec).unwrap_or_default(),
+                            true,
+                        ),
+                        Err(super::rpc_book::Refusal::Invalid(e)) => error(req, 400, &e),
+                    }
+                }
+                _ => error(req, 405, "method not allowed"),
+            }
+        }
         (_, u) if u.starts_with("/v1/endpoints/") => {
             let ep = pct_decode(&u["/v1/endpoints/".len()..]);
             match method {
@@ -296,6 +382,15 @@ fn handle(st: &AdminState, mut req: Request) {
         }
         _ => error(req, 404, "not found"),
     }
+}
+
+/// A fresh RPC id: 128 random bits in hex.
+fn new_rpc_id() -> String {
+    let mut b = [0u8; 16];
+    if openssl::rand::rand_bytes(&mut b).is_err() {
+        b = rand::random();
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 #[cfg(test)]

@@ -117,6 +117,8 @@ pub struct CredentialIndex {
     pub psk: HashMap<Vec<u8>, (String, Arc<EndpointEntry>)>,
     /// Pinned certificate fingerprints → endpoint.
     pub fingerprints: HashMap<[u8; 32], String>,
+    /// Platform device_id → (endpoint, entry): RPCs address devices.
+    pub devices: HashMap<String, (String, Arc<EndpointEntry>)>,
 }
 
 impl CredentialIndex {
@@ -129,6 +131,8 @@ impl CredentialIndex {
             if let Some(f) = e.x509_fingerprint() {
                 ix.fingerprints.insert(f, ep.clone());
             }
+            ix.devices
+                .insert(e.device_id.clone(), (ep.clone(), e.clone()));
         }
         ix
     }
@@ -352,6 +356,11 @@ impl Directory {
             seen.insert(id, ep);
         }
         Ok(())
+    }
+
+    /// The endpoint provisioned for platform device `device_id`.
+    pub fn by_device(&self, device_id: &str) -> Option<(String, Arc<EndpointEntry>)> {
+        self.creds.load().devices.get(device_id).cloned()
     }
 
     /// Lock-free credential lookups for the DTLS handshake.

@@ -8,6 +8,7 @@ pub mod admin;
 pub mod directory;
 pub mod profiles;
 pub mod registrations;
+pub mod rpc;
 pub mod rpc_book;
 pub mod rpc_log;
 pub mod sessions;

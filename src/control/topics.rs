@@ -44,7 +44,11 @@ impl TopicManager {
         {
             let known = self.known.lock().unwrap_or_else(|p| p.into_inner());
             for t in tenants {
-                for tpl in [&self.cfg.telemetry_topic, &self.cfg.status_topic] {
+                for tpl in [
+                    &self.cfg.telemetry_topic,
+                    &self.cfg.status_topic,
+                    &self.cfg.rpc_status_topic,
+                ] {
                     let n = topic_for(tpl, t);
                     if !known.contains(&n) && !names.contains(&n) {
                         names.push(n);

@@ -1,0 +1,377 @@
+//! The RPC service: one control-plane thread that owns the
+//! [`RpcBook`], its write-ahead log ([`RpcLog`]) and the status producer.
+//!
+//! Inputs: requests from the admin API (and the Kafka intake), reports
+//! from the shards (presence, results). Per loop turn, in this order: the
+//! log records the book emitted are appended and fsynced; then requests are
+//! answered, statuses published on `device.rpc.status.{tenant_id}` (key =
+//! device_id) and executions sent to their shard (`ControlHandle::send_rpc`).
+//! So nothing is acknowledged, announced or sent before it is durable.
+//!
+//! At start the log is replayed: RPCs still queued resume, RPCs that were
+//! sent without a final answer end `failed` (the outcome is unknown, they
+//! are not sent twice).
+
+use super::directory::Directory;
+use super::profiles::Profiles;
+use super::rpc_book::{LogRecord, Refusal, Resolved, RpcBook, RpcRecord};
+use super::rpc_log::{RpcLog, WalLine};
+use crate::config::Config;
+use crate::proto::lwm2m::profile::Profile;
+use crate::proto::lwm2m::rpc::{self, Presence, RpcEvent, RpcRequest};
+use crate::shard::runtime::ControlHandle;
+use crate::sink::topic_for;
+use crossbeam_channel::{Receiver, Sender};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+fn wall_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+type Submitted = Result<RpcRecord, Refusal>;
+/// Submissions answered once their log records are durable.
+type Replies = Vec<(Sender<Submitted>, Submitted)>;
+
+enum Cmd {
+    Submit {
+        req: RpcRequest,
+        reply: Sender<Result<RpcRecord, Refusal>>,
+    },
+    Get {
+        rpc_id: String,
+        reply: Sender<Option<RpcRecord>>,
+    },
+    OfDevice {
+        device_id: String,
+        reply: Sender<(Vec<RpcRecord>, Option<Presence>)>,
+    },
+    Stop,
+}
+
+/// Talks to the RPC service from any thread (cheap to clone).
+#[derive(Clone)]
+pub struct RpcHandle(Sender<Cmd>);
+
+const ANSWER: Duration = Duration::from_secs(10);
+
+impl RpcHandle {
+    /// Submits a request; returns once it is durable (or refused).
+    pub fn submit(&self, req: RpcRequest) -> Result<RpcRecord, Refusal> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.0
+            .send(Cmd::Submit { req, reply: tx })
+            .map_err(|_| Refusal::Invalid("the RPC service is stopped".into()))?;
+        rx.recv_timeout(ANSWER)
+            .map_err(|_| Refusal::Invalid("the RPC service did not answer".into()))?
+    }
+
+    pub fn get(&self, rpc_id: &str) -> Option<RpcRecord> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.0
+            .send(Cmd::Get {
+                rpc_id: rpc_id.to_string(),
+                reply: tx,
+            })
+            .ok()?;
+        rx.recv_timeout(ANSWER).ok().flatten()
+    }
+
+    /// A device's RPCs (oldest first) and what the shards last reported of
+    /// its registration.
+    pub fn of_device(&self, device_id: &str) -> (Vec<RpcRecord>, Option<Presence>) {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        if self
+            .0
+            .send(Cmd::OfDevice {
+                device_id: device_id.to_string(),
+                reply: tx,
+            })
+            .is_err()
+        {
+            return (Vec::new(), None);
+        }
+        rx.recv_timeout(ANSWER).unwrap_or_default()
+    }
+}
+
+pub struct RpcService {
+    handle: RpcHandle,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RpcServiceError {
+    #[error("rpc log in {0}: {1}")]
+    Log(std::path::PathBuf, std::io::Error),
+    #[error("rpc status producer: {0}")]
+    Kafka(String),
+}
+
+/// The operation a request means, and the endpoint it goes to.
+pub fn resolve(directory: &Directory, profiles: &Profiles, req: &RpcRequest) -> Resolved {
+    let (endpoint, entry) = directory
+        .by_device(&req.device_id)
+        .ok_or_else(|| format!("unknown device_id {:?}", req.device_id))?;
+    if entry.tenant_id != req.tenant_id {
+        return Err("the device belongs to another tenant".into());
+    }
+    let set = profiles.snapshot();
+    let profile = Profile::lookup(&set, &entry.profile);
+    let op = rpc::resolve(&req.method, &req.params, profile.map(|p| &**p))?;
+    Ok((endpoint, op))
+}
+
+impl RpcService {
+    /// Opens the log, replays it, starts the thread. Shard reports arrive
+    /// on `events`; executions leave through `control`.
+    pub fn start(
+        cfg: &Config,
+        directory: Arc<Directory>,
+        profiles: Arc<Profiles>,
+        control: ControlHandle,
+        events: Receiver<RpcEvent>,
+    ) -> Result<RpcService, RpcServiceError> {
+        let dir = cfg.directory.snapshot_dir.clone();
+        let (log, lines) = RpcLog::open(&dir).map_err(|e| RpcServiceError::Log(dir.clone(), e))?;
+        let mut book = RpcBook::new(cfg.rpc.retention_s as i64 * 1000);
+        let records: Vec<LogRecord> = lines
+            .into_iter()
+            .filter_map(|l| match l {
+                WalLine::Rpc(r) => Some(r),
+                WalLine::Offset { .. } => None,
+            })
+            .collect();
+        let (resumed, interrupted) = {
+            let (d, p) = (directory.clone(), profiles.clone());
+            book.replay(wall_ms(), records, &move |r| resolve(&d, &p, r))
+        };
+        if resumed + interrupted > 0 {
+            tracing::info!(
+                resumed,
+                interrupted,
+                "RPCs from before the restart: queued ones resume, sent-but-unanswered ones end failed"
+            );
+        }
+        let mut kc = crate::sink::kafka::client_config(&cfg.kafka);
+        kc.set("client.id", format!("{}-rpc", cfg.kafka.client_id));
+        crate::sink::kafka::apply_security(&cfg.kafka, &mut kc)
+            .map_err(|e| RpcServiceError::Kafka(e.to_string()))?;
+        let producer: BaseProducer = kc
+            .create()
+            .map_err(|e| RpcServiceError::Kafka(e.to_string()))?;
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let st = Worker {
+            book,
+            log,
+            producer,
+            control,
+            directory,
+            profiles,
+            status_topic: cfg.kafka.rpc_status_topic.clone(),
+            default_timeout_ms: cfg.rpc.default_timeout_ms,
+            compact_bytes: cfg.rpc.log_compact_bytes.max(1 << 20),
+            unpublished: Vec::new(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("rpc".into())
+            .spawn(move || st.run(rx, events))
+            .map_err(|e| RpcServiceError::Log(dir, e))?;
+        Ok(RpcService {
+            handle: RpcHandle(tx),
+            thread: Some(thread),
+        })
+    }
+
+    pub fn handle(&self) -> RpcHandle {
+        self.handle.clone()
+    }
+
+    /// Stops the thread after it flushed the status producer.
+    pub fn stop(mut self) {
+        let _ = self.handle.0.send(Cmd::Stop);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+struct Worker {
+    book: RpcBook,
+    log: RpcLog,
+    producer: BaseProducer,
+    control: ControlHandle,
+    directory: Arc<Directory>,
+    profiles: Arc<Profiles>,
+    status_topic: String,
+    default_timeout_ms: u64,
+    compact_bytes: u64,
+    /// Statuses the producer could not queue yet (queue full).
+    unpublished: Vec<(String, String, Vec<u8>)>,
+}
+
+impl Worker {
+    fn run(mut self, cmds: Receiver<Cmd>, events: Receiver<RpcEvent>) {
+        let mut replies: Replies = Vec::new();
+        // Statuses from the replay (interrupted RPCs).
+        self.flush(&mut replies);
+        loop {
+            let now = wall_ms();
+            let wait = self
+                .book
+                .poll_timeout()
+                .map(|t| Duration::from_millis((t - now).clamp(0, 100) as u64))
+                .unwrap_or(Duration::from_millis(100));
+            let wait = if self.unpublished.is_empty() {
+                wait
+            } else {
+                wait.min(Duration::from_millis(10))
+            };
+            let mut stop = false;
+            crossbeam_channel::select! {
+                recv(cmds) -> c => match c {
+                    Ok(c) => stop |= self.command(c, &mut replies),
+                    Err(_) => stop = true,
+                },
+                recv(events) -> e => if let Ok(e) = e {
+                    self.book.handle_event(wall_ms(), e);
+                },
+                default(wait) => {}
+            }
+            // Take what else is waiting (bounded), so one fsync covers it.
+            let t0 = Instant::now();
+            while t0.elapsed() < Duration::from_millis(2) {
+                let mut any = false;
+                if let Ok(c) = cmds.try_recv() {
+                    stop |= self.command(c, &mut replies);
+                    any = true;
+                }
+                if let Ok(e) = events.try_recv() {
+                    self.book.handle_event(wall_ms(), e);
+                    any = true;
+                }
+                if !any {
+                    break;
+                }
+            }
+            self.book.handle_timeout(wall_ms());
+            self.flush(&mut replies);
+            if stop {
+                break;
+            }
+        }
+        if let Err(e) = self.producer.flush(Duration::from_secs(5)) {
+            tracing::warn!(error = %e, "rpc status producer did not flush");
+        }
+    }
+
+    /// Returns true on Stop.
+    fn command(&mut self, c: Cmd, replies: &mut Replies) -> bool {
+        match c {
+            Cmd::Submit { req, reply } => {
+                let r = self.submit(req);
+                replies.push((reply, r));
+            }
+            Cmd::Get { rpc_id, reply } => {
+                let _ = reply.send(self.book.get(&rpc_id).cloned());
+            }
+            Cmd::OfDevice { device_id, reply } => {
+                let list = self
+                    .book
+                    .of_device(&device_id)
+                    .into_iter()
+                    .cloned()
+                    .collect();
+                let _ = reply.send((list, self.book.presence(&device_id).cloned()));
+            }
+            Cmd::Stop => return true,
+        }
+        false
+    }
+
+    fn submit(&mut self, req: RpcRequest) -> Result<RpcRecord, Refusal> {
+        if let Err(e) = req.validate() {
+            use crate::proto::lwm2m::rpc::RpcError;
+            // Without a usable id or tenant there is no status to publish.
+            match e {
+                RpcError::Field {
+                    field: "rpc_id" | "tenant_id",
+                    ..
+                }
+                | RpcError::Json(_) => return Err(Refusal::Invalid(e.to_string())),
+                _ => {
+                    let now = wall_ms();
+                    return self
+                        .book
+                        .handle_request(now, req, Err(e.to_string()), self.default_timeout_ms)
+                        .cloned();
+                }
+            }
+        }
+        let resolved = resolve(&self.directory, &self.profiles, &req);
+        self.book
+            .handle_request(wall_ms(), req, resolved, self.default_timeout_ms)
+            .cloned()
+    }
+
+    /// Log first (fsync), then answers, statuses, executions.
+    fn flush(&mut self, replies: &mut Replies) {
+        let lines: Vec<WalLine> = std::iter::from_fn(|| self.book.poll_log())
+            .map(WalLine::Rpc)
+            .collect();
+        if let Err(e) = self.log.append(&lines) {
+            // Not durable: refuse what is being submitted; what the shards
+            // reported already happened and is still announced.
+            tracing::error!(error = %e, "rpc log append failed");
+            for (tx, r) in replies.drain(..) {
+                let _ = tx.send(match r {
+                    Ok(_) => Err(Refusal::Invalid(format!("rpc log: {e}"))),
+                    other => other,
+                });
+            }
+        }
+        for (tx, r) in replies.drain(..) {
+            let _ = tx.send(r);
+        }
+        while let Some(rec) = self.book.poll_status() {
+            let topic = topic_for(&self.status_topic, &rec.tenant_id);
+            let mut v = serde_json::to_value(&rec).unwrap_or_default();
+            if let Some(o) = v.as_object_mut() {
+                o.insert("ts".into(), rec.updated_at.into());
+            }
+            let payload = serde_json::to_vec(&v).unwrap_or_default();
+            self.unpublished
+                .push((topic, rec.device_id.clone(), payload));
+        }
+        let mut keep = Vec::new();
+        for (topic, key, payload) in self.unpublished.drain(..) {
+            let r = BaseRecord::<String, Vec<u8>>::to(&topic)
+                .key(&key)
+                .payload(&payload);
+            if let Err((e, _)) = self.producer.send(r) {
+                tracing::debug!(error = %e, "rpc status not queued yet; retrying");
+                keep.push((topic, key, payload));
+            }
+        }
+        self.unpublished = keep;
+        self.producer.poll(Duration::ZERO);
+        while let Some((shard, exec)) = self.book.poll_exec() {
+            self.control.send_rpc(shard as usize, exec);
+        }
+        if self.log.grown() > self.compact_bytes {
+            let lines: Vec<WalLine> = self
+                .book
+                .compacted()
+                .into_iter()
+                .map(WalLine::Rpc)
+                .collect();
+            if let Err(e) = self.log.compact(&lines) {
+                tracing::error!(error = %e, "rpc log compaction failed");
+            }
+        }
+    }
+}
