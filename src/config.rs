@@ -34,6 +34,8 @@ pub struct RpcConfig {
     pub retention_s: u64,
     /// Compact the RPC log once it grew by this many bytes.
     pub log_compact_bytes: u64,
+    /// Consume RPC requests from `kafka.rpc_request_topic`.
+    pub kafka_intake: bool,
 }
 
 impl Default for RpcConfig {
@@ -42,6 +44,7 @@ impl Default for RpcConfig {
             default_timeout_ms: 60_000,
             retention_s: 3600,
             log_compact_bytes: 16 << 20,
+            kafka_intake: true,
         }
     }
 }

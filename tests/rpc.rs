@@ -23,7 +23,7 @@ fn post_rpc(gw: &Gateway, device: &str, body: &str) -> (u16, serde_json::Value) 
 
 fn rpc_status(gw: &Gateway, id: &str) -> serde_json::Value {
     let (code, b) = http(gw.admin, "GET", &format!("/v1/rpc/{id}"), "").unwrap();
-    assert_eq!(code, 200, "{b}");
+    assert_eq!(code, 200, "{id}: {b}");
     serde_json::from_str(&b).unwrap()
 }
 
@@ -174,4 +174,115 @@ fn an_rpc_for_an_offline_device_waits_for_it_or_expires() {
     let v: serde_json::Value = serde_json::from_str(&b).unwrap();
     assert_eq!(v["registration"]["online"], true);
     assert_eq!(v["rpcs"].as_array().unwrap().len(), 2);
+}
+
+fn produce(broker: &Broker, topic: &str, payload: &str) {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let prod: BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", broker.addr())
+        .create()
+        .unwrap();
+    prod.send(BaseRecord::to(topic).key(DEV).payload(payload))
+        .map_err(|(e, _)| e)
+        .unwrap();
+    prod.flush(Duration::from_secs(10)).unwrap();
+    // tansu 0.6.0 makes the last batch readable only after the next write
+    // (the marker is not an RPC request: the gateway skips it with a log
+    // line).
+    broker.write_marker(topic);
+}
+
+#[test]
+fn kafka_requests_run_once_and_survive_sigkill() {
+    let broker = Broker::durable();
+    let mut gw = Gateway::start(&broker, 2, PROVISIONING, "");
+    let statuses = reader(&broker, &["device.rpc.status.acme"]);
+    let mut dev = Device::new("urn:imei:123", gw.coap, 3);
+    assert_eq!(dev.register(4), Code::CREATED);
+    // A reboot written to the request topic.
+    produce(
+        &broker,
+        "device.rpc.requests",
+        &format!(
+            r#"{{"rpc_id":"k-1","tenant_id":"acme","device_id":"{DEV}","method":"reboot","params":{{}},"timeout_ms":30000}}"#
+        ),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while dev.sim.executed_args.is_empty() && Instant::now() < deadline {
+        dev.pump(Duration::from_millis(50));
+    }
+    let s = until_final(&gw, &mut dev, "k-1", Duration::from_secs(10));
+    assert_eq!(
+        (s["status"].as_str(), s["code"].as_str()),
+        (Some("succeeded"), Some("2.04")),
+        "{s}"
+    );
+    let ev = events(&broker, &statuses, "k-1", 3);
+    let seq: Vec<&str> = ev.iter().map(|e| e["status"].as_str().unwrap()).collect();
+    assert_eq!(seq, ["queued", "sent", "succeeded"]);
+    // Garbage on the topic is skipped, the next request still runs.
+    produce(&broker, "device.rpc.requests", "{not json");
+    // The device goes quiet; one RPC is sent to it (no answer), one waits
+    // behind it; then the gateway is killed.
+    dev.sim.silent = true;
+    produce(
+        &broker,
+        "device.rpc.requests",
+        &format!(
+            r#"{{"rpc_id":"k-sent","tenant_id":"acme","device_id":"{DEV}","method":"read","params":{{"path":"/3/0/0"}},"timeout_ms":120000}}"#
+        ),
+    );
+    produce(
+        &broker,
+        "device.rpc.requests",
+        &format!(
+            r#"{{"rpc_id":"k-queued","tenant_id":"acme","device_id":"{DEV}","method":"read","params":{{"path":"/3/0/1"}},"timeout_ms":120000}}"#
+        ),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        dev.pump(Duration::from_millis(50));
+        let (_, a) = http(gw.admin, "GET", "/v1/rpc/k-sent", "").unwrap();
+        let b = http(gw.admin, "GET", "/v1/rpc/k-queued", "").unwrap().0;
+        if a.contains("\"status\":\"sent\"") && b == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{a}");
+    }
+    gw.kill();
+    gw.spawn();
+    // After the restart: the sent one ends failed (outcome unknown), the
+    // queued one runs once the device talks again; k-1 is not run again.
+    dev.sim.silent = false;
+    let executed = dev.sim.executed_args.len();
+    dev.new_port();
+    let upd = dev.sim.update(None, false);
+    assert!(dev.request(&upd, Duration::from_secs(10)).is_some());
+    let s = until_final(&gw, &mut dev, "k-queued", Duration::from_secs(30));
+    assert_eq!(s["status"], "succeeded", "{s}");
+    assert_eq!(s["response"]["/3/0/1"], "lwm2m-devsim");
+    let s = rpc_status(&gw, "k-sent");
+    assert_eq!(s["status"], "failed");
+    assert!(s["reason"].as_str().unwrap().contains("restarted"), "{s}");
+    assert_eq!(dev.sim.executed_args.len(), executed, "reboot not repeated");
+    // Exactly one terminal status per RPC on the topic (read from the
+    // start again).
+    let all = reader(&broker, &["device.rpc.status.acme"]);
+    broker.write_marker("device.rpc.status.acme");
+    let recs = read_matching(&all, 12, Duration::from_secs(20), |x| {
+        x.value["rpc_id"].is_string()
+    });
+    for (id, n) in [("k-1", 3), ("k-sent", 3), ("k-queued", 3)] {
+        let ev: Vec<&serde_json::Value> = recs
+            .iter()
+            .map(|r| &r.value)
+            .filter(|v| v["rpc_id"] == id)
+            .collect();
+        assert_eq!(ev.len(), n, "{id}: {ev:?}");
+        let terminal = ev
+            .iter()
+            .filter(|e| !["queued", "sent"].contains(&e["status"].as_str().unwrap()))
+            .count();
+        assert_eq!(terminal, 1, "{id}: {ev:?}");
+    }
 }

@@ -23,6 +23,7 @@ use crate::shard::runtime::ControlHandle;
 use crate::sink::topic_for;
 use crossbeam_channel::{Receiver, Sender};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -49,6 +50,13 @@ enum Cmd {
     OfDevice {
         device_id: String,
         reply: Sender<(Vec<RpcRecord>, Option<Presence>)>,
+    },
+    /// A record of the request topic: the request (or why it is unusable)
+    /// and the next offset of its partition, logged with its acceptance.
+    Consumed {
+        req: Result<RpcRequest, String>,
+        partition: i32,
+        next: i64,
     },
     Stop,
 }
@@ -102,6 +110,8 @@ impl RpcHandle {
 pub struct RpcService {
     handle: RpcHandle,
     thread: Option<std::thread::JoinHandle<()>>,
+    intake: Option<std::thread::JoinHandle<()>>,
+    stop: Arc<AtomicBool>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -139,11 +149,15 @@ impl RpcService {
         let dir = cfg.directory.snapshot_dir.clone();
         let (log, lines) = RpcLog::open(&dir).map_err(|e| RpcServiceError::Log(dir.clone(), e))?;
         let mut book = RpcBook::new(cfg.rpc.retention_s as i64 * 1000);
+        let mut offsets = std::collections::BTreeMap::new();
         let records: Vec<LogRecord> = lines
             .into_iter()
             .filter_map(|l| match l {
                 WalLine::Rpc(r) => Some(r),
-                WalLine::Offset { .. } => None,
+                WalLine::Offset { partition, next } => {
+                    offsets.insert(partition, next);
+                    None
+                }
             })
             .collect();
         let (resumed, interrupted) = {
@@ -176,7 +190,21 @@ impl RpcService {
             default_timeout_ms: cfg.rpc.default_timeout_ms,
             compact_bytes: cfg.rpc.log_compact_bytes.max(1 << 20),
             unpublished: Vec::new(),
+            offsets: offsets.clone(),
+            offset_lines: Vec::new(),
         };
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut intake_thread = None;
+        if cfg.rpc.kafka_intake {
+            let kcfg = cfg.kafka.clone();
+            let (tx2, stop2) = (tx.clone(), stop.clone());
+            intake_thread = Some(
+                std::thread::Builder::new()
+                    .name("rpc-intake".into())
+                    .spawn(move || intake(kcfg, offsets, tx2, stop2))
+                    .map_err(|e| RpcServiceError::Log(dir.clone(), e))?,
+            );
+        }
         let thread = std::thread::Builder::new()
             .name("rpc".into())
             .spawn(move || st.run(rx, events))
@@ -184,6 +212,8 @@ impl RpcService {
         Ok(RpcService {
             handle: RpcHandle(tx),
             thread: Some(thread),
+            intake: intake_thread,
+            stop,
         })
     }
 
@@ -193,6 +223,10 @@ impl RpcService {
 
     /// Stops the thread after it flushed the status producer.
     pub fn stop(mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.intake.take() {
+            let _ = t.join();
+        }
         let _ = self.handle.0.send(Cmd::Stop);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -212,6 +246,10 @@ struct Worker {
     compact_bytes: u64,
     /// Statuses the producer could not queue yet (queue full).
     unpublished: Vec<(String, String, Vec<u8>)>,
+    /// Next offset per partition of the request topic (durable with the
+    /// requests they follow).
+    offsets: std::collections::BTreeMap<i32, i64>,
+    offset_lines: Vec<WalLine>,
 }
 
 impl Worker {
@@ -288,6 +326,28 @@ impl Worker {
                     .collect();
                 let _ = reply.send((list, self.book.presence(&device_id).cloned()));
             }
+            Cmd::Consumed {
+                req,
+                partition,
+                next,
+            } => {
+                match req {
+                    Ok(req) => match self.submit(req) {
+                        Ok(_) => {}
+                        Err(Refusal::Duplicate(r)) => {
+                            tracing::debug!(rpc_id = %r.rpc_id, "duplicate rpc_id on the request topic: not run again")
+                        }
+                        Err(Refusal::Invalid(e)) => {
+                            tracing::warn!(partition, offset = next - 1, error = %e, "RPC request refused")
+                        }
+                    },
+                    Err(e) => {
+                        tracing::warn!(partition, offset = next - 1, error = %e, "RPC request record skipped")
+                    }
+                }
+                self.offsets.insert(partition, next);
+                self.offset_lines.push(WalLine::Offset { partition, next });
+            }
             Cmd::Stop => return true,
         }
         false
@@ -320,9 +380,11 @@ impl Worker {
 
     /// Log first (fsync), then answers, statuses, executions.
     fn flush(&mut self, replies: &mut Replies) {
-        let lines: Vec<WalLine> = std::iter::from_fn(|| self.book.poll_log())
+        let mut lines: Vec<WalLine> = std::iter::from_fn(|| self.book.poll_log())
             .map(WalLine::Rpc)
             .collect();
+        // The consumed offsets go with the acceptances they follow.
+        lines.append(&mut self.offset_lines);
         if let Err(e) = self.log.append(&lines) {
             // Not durable: refuse what is being submitted; what the shards
             // reported already happened and is still announced.
@@ -372,6 +434,98 @@ impl Worker {
             if let Err(e) = self.log.compact(&lines) {
                 tracing::error!(error = %e, "rpc log compaction failed");
             }
+        }
+    }
+}
+
+/// The Kafka intake: reads `kafka.rpc_request_topic` from the offsets the
+/// RPC log holds (manual assignment: a single gateway node consumes every
+/// partition; a restart resumes exactly after the last request whose
+/// acceptance is durable) and hands each record to the service.
+fn intake(
+    k: crate::config::KafkaConfig,
+    offsets: std::collections::BTreeMap<i32, i64>,
+    tx: Sender<Cmd>,
+    stop: Arc<AtomicBool>,
+) {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::{Message, Offset, TopicPartitionList};
+    let mut c = rdkafka::ClientConfig::new();
+    c.set("bootstrap.servers", &k.brokers)
+        .set("group.id", format!("{}-rpc-intake", k.client_id))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .set("auto.offset.reset", "earliest");
+    if let Err(e) = crate::sink::kafka::apply_security(&k, &mut c) {
+        tracing::error!(error = %e, "RPC intake not started");
+        return;
+    }
+    let consumer: BaseConsumer = match c.create() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "RPC intake consumer not created");
+            return;
+        }
+    };
+    let topic = k.rpc_request_topic.clone();
+    // Wait for the topic (created at start by the topic manager).
+    let parts = loop {
+        match consumer.fetch_metadata(Some(&topic), Duration::from_secs(5)) {
+            Ok(md) => {
+                let n = md
+                    .topics()
+                    .iter()
+                    .find(|t| t.name() == topic && t.error().is_none())
+                    .map(|t| t.partitions().len())
+                    .unwrap_or(0);
+                if n > 0 {
+                    break n as i32;
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "rpc intake metadata"),
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        if stop.load(Ordering::Acquire) {
+            return;
+        }
+    };
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..parts {
+        let off = match offsets.get(&p) {
+            Some(n) => Offset::Offset(*n),
+            None => Offset::Beginning,
+        };
+        if let Err(e) = tpl.add_partition_offset(&topic, p, off) {
+            tracing::error!(error = %e, "RPC intake assignment");
+            return;
+        }
+    }
+    if let Err(e) = consumer.assign(&tpl) {
+        tracing::error!(error = %e, "RPC intake assignment");
+        return;
+    }
+    tracing::info!(topic = %topic, partitions = parts, "RPC intake consuming");
+    loop {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                let req = match m.payload() {
+                    Some(p) => RpcRequest::parse(p).map_err(|e| e.to_string()),
+                    None => Err("empty record".into()),
+                };
+                let cmd = Cmd::Consumed {
+                    req,
+                    partition: m.partition(),
+                    next: m.offset() + 1,
+                };
+                if tx.send(cmd).is_err() {
+                    return;
+                }
+            }
+            Some(Err(e)) => tracing::debug!(error = %e, "rpc intake"),
+            None => {}
+        }
+        if stop.load(Ordering::Acquire) {
+            return;
         }
     }
 }

@@ -48,6 +48,8 @@ impl TopicManager {
                     &self.cfg.telemetry_topic,
                     &self.cfg.status_topic,
                     &self.cfg.rpc_status_topic,
+                    // Not a template: the same name for every tenant.
+                    &self.cfg.rpc_request_topic,
                 ] {
                     let n = topic_for(tpl, t);
                     if !known.contains(&n) && !names.contains(&n) {
