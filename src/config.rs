@@ -30,8 +30,10 @@ pub struct Config {
 pub struct RpcConfig {
     /// Timeout of an RPC that gives none (`timeout_ms`).
     pub default_timeout_ms: u64,
-    /// Finished RPCs are kept this long (duplicate `rpc_id`s, the API).
+    /// Finished RPCs are kept this long (duplicate `rpc_id`s, the API)...
     pub retention_s: u64,
+    /// ...and at most this many.
+    pub max_finished: usize,
     /// Compact the RPC log once it grew by this many bytes.
     pub log_compact_bytes: u64,
     /// Consume RPC requests from `kafka.rpc_request_topic`.
@@ -43,6 +45,7 @@ impl Default for RpcConfig {
         RpcConfig {
             default_timeout_ms: 60_000,
             retention_s: 3600,
+            max_finished: 200_000,
             log_compact_bytes: 16 << 20,
             kafka_intake: true,
         }

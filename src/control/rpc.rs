@@ -149,6 +149,7 @@ impl RpcService {
         let dir = cfg.directory.snapshot_dir.clone();
         let (log, lines) = RpcLog::open(&dir).map_err(|e| RpcServiceError::Log(dir.clone(), e))?;
         let mut book = RpcBook::new(cfg.rpc.retention_s as i64 * 1000);
+        book.set_max_finished(cfg.rpc.max_finished);
         let mut offsets = std::collections::BTreeMap::new();
         let records: Vec<LogRecord> = lines
             .into_iter()

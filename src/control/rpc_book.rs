@@ -102,8 +102,10 @@ pub struct RpcBook {
     inflight: HashMap<String, Arc<str>>,
     presence: HashMap<String, Presence>,
     deadlines: BinaryHeap<Reverse<(i64, Arc<str>)>>,
-    /// Terminal records kept this long for duplicates and the API.
+    /// Terminal records kept this long for duplicates and the API...
     retention_ms: i64,
+    /// ...and at most this many (at 10,000 RPC/s an hour would be 36M).
+    max_finished: usize,
     finished: VecDeque<(i64, Arc<str>)>,
     log: VecDeque<LogRecord>,
     statuses: VecDeque<RpcRecord>,
@@ -119,11 +121,17 @@ impl RpcBook {
             presence: HashMap::new(),
             deadlines: BinaryHeap::new(),
             retention_ms,
+            max_finished: 200_000,
             finished: VecDeque::new(),
             log: VecDeque::new(),
             statuses: VecDeque::new(),
             execs: VecDeque::new(),
         }
+    }
+
+    /// Keeps at most `n` finished records (oldest dropped first).
+    pub fn set_max_finished(&mut self, n: usize) {
+        self.max_finished = n.max(1);
     }
 
     // ------------------------------------------------------------ queries
@@ -342,7 +350,7 @@ impl RpcBook {
             );
         }
         while let Some((at, id)) = self.finished.front().cloned() {
-            if at + self.retention_ms > now {
+            if at + self.retention_ms > now && self.finished.len() <= self.max_finished {
                 break;
             }
             self.finished.pop_front();
@@ -714,9 +722,17 @@ mod tests {
         // A late presence sends nothing for the expired one.
         b.handle_event(30_000, presence("d1", 0, 1, true, true));
         assert!(b.poll_exec().is_none());
-        // Retention: finished records go after 60 s.
+        // Retention: finished records go after 60 s, or past the cap.
         b.handle_timeout(90_000);
         assert!(b.get("a").is_none());
+        b.set_max_finished(2);
+        for i in 0..5 {
+            let id = format!("x{i}");
+            b.handle_request(100_000, req(&id, "d9"), Err("no".into()), 60_000)
+                .unwrap();
+        }
+        b.handle_timeout(100_001);
+        assert!(b.get("x2").is_none() && b.get("x3").is_some() && b.get("x4").is_some());
     }
 
     #[test]
