@@ -757,27 +757,7 @@ fn json_number(v: &serde_json::Value) -> Option<Value<'static>> {
 }
 
 fn base64url_decode(s: &str) -> Result<Vec<u8>, ContentError> {
-    let mut out = Vec::with_capacity(s.len() * 3 / 4);
-    let mut acc = 0u32;
-    let mut bits = 0;
-    for c in s.bytes() {
-        let v = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'-' | b'+' => 62,
-            b'_' | b'/' => 63,
-            b'=' => continue,
-            _ => return Err(malformed("SenML JSON", "vd is not base64url")),
-        };
-        acc = (acc << 6) | v as u32;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-        }
-    }
-    Ok(out)
+    super::encode::decode_base64(s).ok_or_else(|| malformed("SenML JSON", "vd is not base64url"))
 }
 
 // ---------------------------------------------------------------- LwM2M JSON

@@ -423,32 +423,7 @@ fn encode_senml_json<'a>(
         out.extend_from_slice(b"{\"n\":");
         json_str(out, path.text().as_str());
         if let Some(v) = v {
-            match v {
-                WriteValue::Int(i) | WriteValue::Time(i) => {
-                    let _ = write!(Bytes(out), ",\"v\":{i}");
-                }
-                WriteValue::Unsigned(u) => {
-                    let _ = write!(Bytes(out), ",\"v\":{u}");
-                }
-                WriteValue::Float(f) => {
-                    out.extend_from_slice(b",\"v\":");
-                    json_f64(out, *f);
-                }
-                WriteValue::Bool(b) => {
-                    let _ = write!(Bytes(out), ",\"vb\":{b}");
-                }
-                WriteValue::Str(s) => {
-                    out.extend_from_slice(b",\"vs\":");
-                    json_str(out, s);
-                }
-                WriteValue::Opaque(b) => {
-                    out.extend_from_slice(b",\"vd\":");
-                    json_str(out, &base64(b));
-                }
-                WriteValue::ObjLink(o, i) => {
-                    let _ = write!(Bytes(out), ",\"vlo\":\"{o}:{i}\"");
-                }
-            }
+            json_value_field(out, v, SENML_LABELS);
         }
         out.push(b'}');
     }
@@ -513,35 +488,49 @@ fn encode_lwm2m_json(base: ResourcePath, entries: &[WriteEntry], out: &mut Vec<u
         let rel = full.as_str()[bn.len()..].trim_start_matches('/');
         out.extend_from_slice(b"{\"n\":");
         json_str(out, rel);
-        match &e.value {
-            WriteValue::Int(i) | WriteValue::Time(i) => {
-                let _ = write!(Bytes(out), ",\"v\":{i}");
-            }
-            WriteValue::Unsigned(u) => {
-                let _ = write!(Bytes(out), ",\"v\":{u}");
-            }
-            WriteValue::Float(f) => {
-                out.extend_from_slice(b",\"v\":");
-                json_f64(out, *f);
-            }
-            WriteValue::Bool(b) => {
-                let _ = write!(Bytes(out), ",\"bv\":{b}");
-            }
-            WriteValue::Str(s) => {
-                out.extend_from_slice(b",\"sv\":");
-                json_str(out, s);
-            }
-            WriteValue::Opaque(b) => {
-                out.extend_from_slice(b",\"sv\":");
-                json_str(out, &base64(b));
-            }
-            WriteValue::ObjLink(o, i) => {
-                let _ = write!(Bytes(out), ",\"ov\":\"{o}:{i}\"");
-            }
-        }
+        json_value_field(out, &e.value, LWM2M_JSON_LABELS);
         out.push(b'}');
     }
     out.extend_from_slice(b"]}");
+}
+
+/// JSON labels of a value by kind: number, string, boolean, bytes, object
+/// link; bytes are base64(url) in the bytes label.
+type Labels = [&'static str; 5];
+/// RFC 8428 §5 (`vlo`: TS 1.1 Core §7.4.7).
+const SENML_LABELS: Labels = ["v", "vs", "vb", "vd", "vlo"];
+/// TS 1.0 Core §6.4.4: opaque goes in `sv` as base64.
+const LWM2M_JSON_LABELS: Labels = ["v", "sv", "bv", "sv", "ov"];
+
+/// `,"label":value` for `v`.
+fn json_value_field(out: &mut Vec<u8>, v: &WriteValue, l: Labels) {
+    let [num, text, boolean, bytes, link] = l;
+    match v {
+        WriteValue::Int(i) | WriteValue::Time(i) => {
+            let _ = write!(Bytes(out), ",\"{num}\":{i}");
+        }
+        WriteValue::Unsigned(u) => {
+            let _ = write!(Bytes(out), ",\"{num}\":{u}");
+        }
+        WriteValue::Float(f) => {
+            let _ = write!(Bytes(out), ",\"{num}\":");
+            json_f64(out, *f);
+        }
+        WriteValue::Bool(b) => {
+            let _ = write!(Bytes(out), ",\"{boolean}\":{b}");
+        }
+        WriteValue::Str(s) => {
+            let _ = write!(Bytes(out), ",\"{text}\":");
+            json_str(out, s);
+        }
+        WriteValue::Opaque(b) => {
+            let _ = write!(Bytes(out), ",\"{bytes}\":");
+            json_str(out, &base64(b));
+        }
+        WriteValue::ObjLink(o, i) => {
+            let _ = write!(Bytes(out), ",\"{link}\":\"{o}:{i}\"");
+        }
+    }
 }
 
 /// `fmt::Write` into a byte buffer.
