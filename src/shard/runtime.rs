@@ -688,7 +688,7 @@ async fn run_shard(a: ShardArgs) {
                             s.revoke_stale_sessions();
                         }
                     }
-                    Inbox::Rpc(e) => s.with_ctx(|srv, ctx| srv.handle_rpc_exec(t, ctx, *e)),
+                    Inbox::Rpc(e) => s.server.handle_rpc_exec(t, *e),
                     Inbox::Shutdown => s.stopping = true,
                 }
                 s.flush();

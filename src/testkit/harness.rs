@@ -138,7 +138,7 @@ impl Gateway {
 
     /// An RPC handed to shard `i`.
     pub fn exec(&mut self, now: Now, i: usize, exec: RpcExec) -> Out {
-        self.with_ctx(i, |s, ctx| s.handle_rpc_exec(now, ctx, exec));
+        self.shards[i].handle_rpc_exec(now, exec);
         self.pump(now)
     }
 

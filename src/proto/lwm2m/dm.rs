@@ -290,10 +290,13 @@ impl Op {
             if version == Version::V1_0 {
                 return Err(OpError::Version("composite operations"));
             }
-            match f.or(ct) {
-                Some(cf @ (CF_SENML_JSON | CF_SENML_CBOR)) => Ok(cf),
-                None | Some(_) if f.is_none() => Ok(CF_SENML_CBOR),
-                _ => Err(OpError::CompositeFormat),
+            // Asked for: it must be SenML. Not asked for: the device's
+            // announced SenML format, else SenML CBOR.
+            match (f, ct) {
+                (Some(cf @ (CF_SENML_JSON | CF_SENML_CBOR)), _) => Ok(cf),
+                (Some(_), _) => Err(OpError::CompositeFormat),
+                (None, Some(cf @ (CF_SENML_JSON | CF_SENML_CBOR))) => Ok(cf),
+                (None, _) => Ok(CF_SENML_CBOR),
             }
         };
         match self {

@@ -104,24 +104,33 @@ impl Server {
             p.last_seen = reg.last_seen_ms.max(0);
             self.rpc_events.push_back(RpcEvent::Presence(p));
         }
-        let _ = now;
     }
 
     /// The device sent something: a queue-mode device is awake for
-    /// `queue_awake` from now (reported reachable if it was not).
-    pub(super) fn device_awake(&mut self, now: Now, id: RegId) {
+    /// `queue_awake` from now. Returns true when it was asleep (the caller
+    /// reports it reachable). One timer per wake window: a later message
+    /// only moves `awake_until`, and the timer re-arms itself when it fires
+    /// early.
+    pub(super) fn mark_awake(&mut self, now: Now, id: RegId) -> bool {
         let awake = self.cfg.queue_awake;
         let Some(r) = self.regs.get_mut(id) else {
-            return;
+            return false;
         };
         if !r.queue_mode {
-            return;
+            return false;
         }
         let was = r.reachable(now.instant);
         let until = now.instant + awake;
         r.awake_until = Some(until);
-        self.awake_timers.push(Reverse((until, id)));
         if !was {
+            self.awake_timers.push(Reverse((until, id)));
+        }
+        !was
+    }
+
+    /// [`Server::mark_awake`], reporting a device that woke up.
+    pub(super) fn device_awake(&mut self, now: Now, id: RegId) {
+        if self.mark_awake(now, id) {
             self.report_presence(now, id, true, None);
         }
     }
@@ -149,7 +158,7 @@ impl Server {
     // ------------------------------------------------------------ exec
 
     /// An RPC to send to the device registered as `exec.endpoint` here.
-    pub fn handle_rpc_exec(&mut self, now: Now, ctx: &mut Ctx<'_>, exec: RpcExec) {
+    pub fn handle_rpc_exec(&mut self, now: Now, exec: RpcExec) {
         ShardMetrics::inc(&self.metrics.rpc_exec_received);
         let id = self.regs.by_endpoint(&exec.endpoint);
         let usable = id
@@ -163,7 +172,6 @@ impl Server {
             return;
         };
         let (version, ct) = (reg.version, reg.preferred_cf);
-        let profile = Profile::lookup(ctx.profiles, &reg.entry.profile).cloned();
         let left_ms = exec.deadline_ms - now.wall_ms;
         if left_ms <= 0 {
             return self.rpc_done(
@@ -231,10 +239,14 @@ impl Server {
                 self.dirty = true;
             }
         }
-        let _ = profile;
         let szx = self.cfg.block_szx.min(block::MAX_SZX);
+        let mut req = req;
         let transfer = if !Block1Upload::fits(req.payload.len(), szx) {
-            Transfer::Block1(Block1Upload::new(req.payload.clone().into(), szx))
+            // The body lives in the upload from here on.
+            Transfer::Block1(Block1Upload::new(
+                std::mem::take(&mut req.payload).into(),
+                szx,
+            ))
         } else {
             Transfer::Single
         };
@@ -405,15 +417,11 @@ impl Server {
         let mut body: Option<Vec<u8>> = None;
         if msg.code.is_success() {
             if let Some(b2) = msg.block2() {
-                let asm = match &mut f.transfer {
-                    Transfer::Block2(a) => a,
-                    t => {
-                        *t = Transfer::Block2(Block2Assembly::new(self.cfg.max_body));
-                        match t {
-                            Transfer::Block2(a) => a,
-                            _ => unreachable!(),
-                        }
-                    }
+                if !matches!(f.transfer, Transfer::Block2(_)) {
+                    f.transfer = Transfer::Block2(Block2Assembly::new(self.cfg.max_body));
+                }
+                let Transfer::Block2(asm) = &mut f.transfer else {
+                    return;
                 };
                 let etag = msg.option(crate::proto::coap::opt::ETAG).map(|o| o.value);
                 match asm.feed(b2, etag, msg.payload) {
@@ -465,7 +473,13 @@ impl Server {
         // any notification (the profile's mappings apply).
         if f.op.observes() && msg.code.is_success() && msg.observe().is_some() && body.is_none() {
             if let Some(path) = f.op.path() {
-                let _ = self.publish(now, ctx, id, path, msg, Operation::Notify, None);
+                if let Published::Busy =
+                    self.publish(now, ctx, id, path, msg, Operation::Notify, None)
+                {
+                    // A piggybacked response cannot be withheld; the next
+                    // notification carries a fresh value.
+                    ShardMetrics::inc(&self.metrics.notifications_dropped_busy);
+                }
             }
         }
         let profile = self
@@ -574,8 +588,8 @@ impl Server {
             }
             self.rpc_timers.pop();
         }
-        while let Some(Reverse((at, id))) = self.awake_timers.peek().copied() {
-            if self.regs.get(id).is_some_and(|r| r.awake_until == Some(at)) {
+        while let Some(Reverse((_, id))) = self.awake_timers.peek().copied() {
+            if self.regs.get(id).is_some_and(|r| r.awake_until.is_some()) {
                 break;
             }
             self.awake_timers.pop();
@@ -619,11 +633,18 @@ impl Server {
                 break;
             }
             self.awake_timers.pop();
-            if self.regs.get(id).is_some_and(|r| r.awake_until == Some(at)) {
-                if let Some(r) = self.regs.get_mut(id) {
-                    r.awake_until = None;
+            match self.regs.get(id).and_then(|r| r.awake_until) {
+                // Extended since the timer was set: wait for the new end.
+                Some(until) if until > now.instant => {
+                    self.awake_timers.push(Reverse((until, id)));
                 }
-                self.report_presence(now, id, true, None);
+                Some(_) => {
+                    if let Some(r) = self.regs.get_mut(id) {
+                        r.awake_until = None;
+                    }
+                    self.report_presence(now, id, true, None);
+                }
+                None => {}
             }
         }
     }

@@ -264,7 +264,7 @@ impl Server {
         }
         ShardMetrics::inc(&self.metrics.updates);
         self.dirty = true;
-        self.device_awake(now, id);
+        self.mark_awake(now, id);
         self.report_presence(now, id, true, None);
         let b = MessageBuilder::new(MsgType::Ack, Code::CHANGED).token(msg.token);
         self.ex.respond(now.instant, peer, msg, b, true, true);
@@ -333,7 +333,9 @@ impl Server {
             self.composite.remove(t);
         }
         self.rpc_registration_ended(now, &reg, why);
-        self.blocks_in.forget_peer(&reg.peer);
+        if !self.blocks_in.is_empty() {
+            self.blocks_in.forget_peer(&reg.peer);
+        }
         for (tok, _) in self.ex.pending_for(&reg.peer) {
             self.requests.remove(&tok);
         }

@@ -465,7 +465,9 @@ impl Server {
             Freshness::Fresh => {}
         }
         reg.last_seen_ms = now.wall_ms;
-        self.device_awake(now, reg_id);
+        if reg.queue_mode {
+            self.device_awake(now, reg_id);
+        }
         let tag = self.tag_for(msg.mtype);
         let outcome = self.publish(now, ctx, reg_id, path, msg, Operation::Notify, tag);
         let record = |s: &mut Server| {
