@@ -5,6 +5,21 @@
 
 use super::*;
 
+/// `m` as one message: its options but Block1 and Size1, its payload.
+fn without_blocks(m: &Message<'_>) -> Vec<u8> {
+    use crate::proto::coap::opt;
+    let mut b = MessageBuilder::new(m.mtype, m.code)
+        .mid(m.message_id)
+        .token(m.token)
+        .payload(m.payload);
+    for o in m.options() {
+        if o.number != opt::BLOCK1 && o.number != opt::SIZE1 {
+            b = b.option(o.number, o.value);
+        }
+    }
+    b.to_vec()
+}
+
 impl Server {
     // ------------------------------------------------------------ requests
 
@@ -37,6 +52,8 @@ impl Server {
         // request runs once, with the whole body.
         let assembled;
         let whole;
+        let reencoded;
+        let mut raw = raw;
         let msg = match msg.block1() {
             Some(b1) if msg.code.is_request() => {
                 ShardMetrics::inc(&self.metrics.block1_rx);
@@ -81,6 +98,11 @@ impl Server {
                         let mut m = *msg;
                         m.payload = &assembled;
                         whole = m;
+                        // Should the registration live on another shard,
+                        // the request goes there whole: the same message
+                        // without Block1 / Size1 and with the full body.
+                        reencoded = without_blocks(&whole);
+                        raw = &reencoded;
                         &whole
                     }
                 }

@@ -1855,4 +1855,139 @@ mod dm {
         h.pump(peer, &mut dev, out);
         assert!(last_presence(&h).reachable);
     }
+
+    #[test]
+    fn lost_request_and_lost_answer_execute_once() {
+        // RFC 7252 §4.2: the CON request is retransmitted until the device
+        // answers; the device's duplicate detection answers the retransmission
+        // of a request it already ran, so the reboot happens once.
+        let (mut h, peer, mut dev) = setup();
+        let shard = h.gw.shard_holding("dev-123").unwrap();
+        let exec = RpcExec {
+            rpc_id: Arc::from("lossy"),
+            endpoint: Arc::from("urn:imei:123"),
+            op: Op::Execute {
+                path: rp("/3/0/4"),
+                args: None,
+            },
+            deadline_ms: h.now().wall_ms + 600_000,
+        };
+        let out = h.gw.exec(h.now(), shard, exec);
+        assert_eq!(h.split(peer, out).len(), 1, "the request (lost)");
+        let mut executed = 0;
+        let mut answers_lost = 0;
+        for _ in 0..200 {
+            h.advance(Duration::from_millis(500));
+            for d in h.take(peer) {
+                let ev = dev.handle(&d);
+                executed += ev.executed.len();
+                if answers_lost == 0 {
+                    answers_lost += 1; // the first answer is lost too
+                    continue;
+                }
+                for r in ev.replies {
+                    let out = h.input(peer, &r);
+                    h.pump(peer, &mut dev, out);
+                }
+            }
+            if done(&h, "lossy").is_some() {
+                break;
+            }
+        }
+        let o = done(&h, "lossy").expect("finished after retransmissions");
+        assert_eq!(o.status, RpcStatus::Succeeded, "{o:?}");
+        assert_eq!(executed, 1, "executed once");
+        assert!(h.metric("retransmissions") >= 2);
+    }
+
+    #[test]
+    fn block1_update_from_a_new_port_on_the_other_shard() {
+        // The Update's links come in Block1 blocks from a new source port
+        // the kernel hashes to the other shard: the body is assembled there
+        // and the whole request runs on the registration, which moves.
+        let mut h = H::shards(2);
+        let mut dev = SimDevice::new("urn:imei:123", 1);
+        let p0 = addr(port_on(&h, 0, 2000));
+        assert!(h.register(p0, &mut dev).registered);
+        assert_eq!(h.gw.where_is("urn:imei:123")[0].0, 0);
+        dev.objects.push("/3304/1".into());
+        let links = dev.links();
+        let p1 = addr(port_on(&h, 1, 3000));
+        let loc = dev.location.clone().unwrap();
+        let chunks: Vec<&[u8]> = links.as_bytes().chunks(32).collect();
+        let mut last = Vec::new();
+        for (i, c) in chunks.iter().enumerate() {
+            let b = crate::proto::coap::Block {
+                num: i as u32,
+                more: i + 1 < chunks.len(),
+                szx: 1,
+            };
+            let m = MessageBuilder::request(Code::POST, true)
+                .mid(700 + i as u16)
+                .token(&[5, i as u8])
+                .path_segment(b"rd")
+                .path_segment(loc.as_bytes())
+                .content_format(content::CF_LINK)
+                .block1(b)
+                .payload(c)
+                .to_vec();
+            last = h.input(p1, &m);
+            if b.more {
+                assert_eq!(code_of(&last[0]), Code::CONTINUE, "block {i}");
+            }
+        }
+        let fin = last
+            .iter()
+            .find(|d| msg(d).code == Code::CHANGED)
+            .expect("2.04 to the final block");
+        assert_eq!(
+            msg(fin).block1().map(|b| b.more),
+            Some(false),
+            "final Block1 echoed"
+        );
+        let w = h.gw.where_is("urn:imei:123");
+        assert_eq!((w.len(), w[0].0), (1, 1), "moved to shard 1");
+        let st = h.status();
+        assert_eq!(st.last().unwrap()["reason"], "updated");
+        let objs = st.last().unwrap()["registration"]["objects"].clone();
+        assert!(
+            objs.as_array().unwrap().iter().any(|o| o == "/3304/1"),
+            "{objs}"
+        );
+    }
+
+    #[test]
+    fn an_rpc_in_flight_when_the_device_moves_shard_fails_cleanly() {
+        let mut h = H::shards(2);
+        let mut dev = SimDevice::new("urn:imei:123", 1);
+        let p0 = addr(port_on(&h, 0, 2000));
+        assert!(h.register(p0, &mut dev).registered);
+        let out = h.gw.exec(
+            h.now(),
+            0,
+            RpcExec {
+                rpc_id: Arc::from("m1"),
+                endpoint: Arc::from("urn:imei:123"),
+                op: Op::Execute {
+                    path: rp("/3/0/4"),
+                    args: None,
+                },
+                deadline_ms: h.now().wall_ms + 600_000,
+            },
+        );
+        assert_eq!(h.split(p0, out).len(), 1, "sent (and lost)");
+        let p1 = addr(port_on(&h, 1, 3000));
+        let upd = dev.update(None, false);
+        let out = h.input(p1, &upd);
+        h.pump(p1, &mut dev, out);
+        let o = done(&h, "m1").expect("ended on the old shard");
+        assert_eq!(o.status, RpcStatus::Failed);
+        assert!(o.reason.unwrap().contains("moved"));
+        // The control plane hears where the device is now, ready.
+        assert_eq!(h.gw.shard_holding("dev-123"), Some(1));
+        match h.gw.rpc_events.last().unwrap() {
+            (1, RpcEvent::Presence(p)) => assert!(p.reachable && p.online),
+            other => panic!("{other:?}"),
+        }
+    }
 }
