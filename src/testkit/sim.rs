@@ -366,26 +366,16 @@ impl SimDevice {
             .map(|s| String::from_utf8_lossy(s).into_owned())
             .collect();
         let path = p(&segs.join("/"));
-        let mut reply = |code: Code, obs: Option<u32>, cf: Option<u16>, payload: &[u8]| {
-            let mut r = MessageBuilder::response_to(m.mtype, m.message_id, code)
-                .token(m.token)
-                .payload(payload);
-            if let Some(o) = obs {
-                r = r.observe(o);
-            }
-            if let Some(c) = cf {
-                r = r.content_format(c);
-            }
-            ev.replies.push(r.to_vec());
-        };
         if self.silent {
             return ev;
         }
         let seg_count = segs.iter().filter(|s| !s.is_empty()).count();
         if seg_count == 0 && m.code != Code::FETCH && m.code != Code::IPATCH {
-            reply(Code::BAD_REQUEST, None, None, &[]);
+            ev.replies
+                .push(reply_to(&m, Code::BAD_REQUEST, None, None, &[], &[]));
         } else if let Some(code) = self.fail.get(&(m.code.0, path)).copied() {
-            reply(code, None, None, b"refused");
+            ev.replies
+                .push(reply_to(&m, code, None, None, b"refused", &[]));
         } else {
             self.serve(&m, path, &mut ev);
         }
@@ -405,19 +395,7 @@ impl SimDevice {
                           payload: &[u8],
                           opts: &[(u16, u32)],
                           ev: &mut SimEvents| {
-            let mut r = MessageBuilder::response_to(m.mtype, m.message_id, code)
-                .token(m.token)
-                .payload(payload);
-            if let Some(o) = obs {
-                r = r.observe(o);
-            }
-            if let Some(c) = cf {
-                r = r.content_format(c);
-            }
-            for (n, v) in opts {
-                r = r.uint_option(*n, *v);
-            }
-            ev.replies.push(r.to_vec());
+            ev.replies.push(reply_to(m, code, obs, cf, payload, opts));
         };
         // Block1 (RFC 7959 §2.3): collect, then handle the whole body.
         let mut whole = None;
@@ -569,13 +547,12 @@ impl SimDevice {
                 let next = (0..u16::MAX)
                     .find(|i| {
                         !self.objects.contains(&format!("/{}/{i}", path.object))
-                            && !self
+                            && self
                                 .entries_under(ResourcePath {
                                     instance: Some(*i),
                                     ..path
                                 })
-                                .iter()
-                                .any(|_| true)
+                                .is_empty()
                     })
                     .unwrap_or(0);
                 let cf = m.content_format().unwrap_or(content::CF_TLV);
@@ -673,7 +650,6 @@ impl SimDevice {
                 !(k.without_resource_instance() == path && k.resource_instance.is_some())
             });
         }
-        let _ = replace;
         for v in vals.iter() {
             let wv = match (&v.value, self.store.get(&v.path)) {
                 // Bytes for an opaque resource stay bytes.
@@ -708,6 +684,30 @@ impl SimDevice {
         let rp = p(path);
         self.observations.iter().any(|o| o.path == rp)
     }
+}
+
+/// The device's response to request `m` (piggybacked for a CON).
+fn reply_to(
+    m: &Message<'_>,
+    code: Code,
+    obs: Option<u32>,
+    cf: Option<u16>,
+    payload: &[u8],
+    opts: &[(u16, u32)],
+) -> Vec<u8> {
+    let mut r = MessageBuilder::response_to(m.mtype, m.message_id, code)
+        .token(m.token)
+        .payload(payload);
+    if let Some(o) = obs {
+        r = r.observe(o);
+    }
+    if let Some(c) = cf {
+        r = r.content_format(c);
+    }
+    for (n, v) in opts {
+        r = r.uint_option(*n, *v);
+    }
+    r.to_vec()
 }
 
 /// A decoded value as the device stores it, typed by the built-in model.
