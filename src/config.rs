@@ -364,13 +364,62 @@ pub struct ProfilesConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
+    /// A file holding the bearer token every call but `/healthz` and
+    /// `/metrics` must carry (`Authorization: Bearer …`).
+    pub token_file: Option<PathBuf>,
+    /// ...or the environment variable holding it (read when `token_file`
+    /// is not set). No token: the API is open (keep it on loopback).
+    pub token_env: Option<String>,
+    /// A client must send a request's headers within this time.
+    pub header_timeout_ms: u64,
+    /// ...and its body within this time.
+    pub body_timeout_ms: u64,
+    /// A connection that moves no byte for this long is closed (a client
+    /// that stops reading its response, an idle keep-alive).
+    pub idle_timeout_ms: u64,
+    /// Open connections at most; more are closed at once.
+    pub max_connections: usize,
+    /// Requests being handled at once (the rest wait, up to the body
+    /// timeout, then 503).
+    pub max_concurrent: usize,
+    /// Largest body of `POST /v1/endpoints` (bulk provisioning); other
+    /// calls take at most 1 MiB.
+    pub max_body_bytes: usize,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig {
             listen: "127.0.0.1:8080".parse().unwrap_or_else(|_| unreachable!()),
+            token_file: None,
+            token_env: None,
+            header_timeout_ms: 5_000,
+            body_timeout_ms: 30_000,
+            idle_timeout_ms: 60_000,
+            max_connections: 256,
+            max_concurrent: 16,
+            max_body_bytes: 64 << 20,
         }
+    }
+}
+
+impl AdminConfig {
+    /// The bearer token, when one is configured. An unreadable file or a
+    /// missing variable is an error: starting open by mistake is worse.
+    pub fn token(&self) -> Result<Option<String>, String> {
+        let t = if let Some(f) = &self.token_file {
+            std::fs::read_to_string(f)
+                .map_err(|e| format!("admin.token_file {}: {e}", f.display()))?
+        } else if let Some(v) = &self.token_env {
+            std::env::var(v).map_err(|_| format!("admin.token_env: ${v} is not set"))?
+        } else {
+            return Ok(None);
+        };
+        let t = t.trim().to_string();
+        if t.len() < 16 {
+            return Err("the admin token must be at least 16 characters".into());
+        }
+        Ok(Some(t))
     }
 }
 

@@ -141,6 +141,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
         let mut kc = rdkafka::ClientConfig::new();
         corem_lwm2m::sink::kafka::apply_security(&cfg.kafka, &mut kc)?;
+        cfg.admin.token().map_err(anyhow::Error::msg)?;
         println!(
             "configuration ok: {} shards, {} endpoints, profiles {:?}",
             cfg.shard_count(),
@@ -210,7 +211,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         h
     });
     let admin = AdminServer::start(
-        cfg.admin.listen,
+        &cfg.admin,
         AdminState {
             directory: directory.clone(),
             profiles: profiles.clone(),
@@ -220,6 +221,8 @@ fn run(args: Args) -> anyhow::Result<()> {
             on_endpoints: Some(on_endpoints),
             on_profiles: Some(on_profiles),
             rpc: Some(rpc.handle()),
+            control: Some(control.clone()),
+            counters: None,
         },
     )?;
     tracing::info!(

@@ -142,6 +142,7 @@ metrics! {
         dtls_sessions: "established DTLS sessions held by the shard",
         dtls_handshakes: "DTLS handshakes in progress on the shard",
         rpc_in_flight: "RPCs sent to devices and awaiting their answer",
+        block1_assemblies: "Block1 request bodies being received (RFC 7959)",
     }
 }
 

@@ -629,3 +629,120 @@ fn new_session_takes_over_registration_and_old_session_goes() {
     }
     assert_eq!(gw.metric("registrations_active"), 1);
 }
+
+/// Posts an RPC and answers the gateway's requests (over the device's
+/// DTLS session) until it is finished.
+fn dtls_rpc(gw: &Gateway, dev: &mut Device, device: &str, body: &str) -> serde_json::Value {
+    let (code, b) = http(gw.admin, "POST", &format!("/v1/devices/{device}/rpc"), body).unwrap();
+    assert_eq!(code, 202, "{b}");
+    let id = serde_json::from_str::<serde_json::Value>(&b).unwrap()["rpc_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        dev.pump(Duration::from_millis(50));
+        let (_, b) = http(gw.admin, "GET", &format!("/v1/rpc/{id}"), "").unwrap();
+        let v: serde_json::Value = serde_json::from_str(&b).unwrap();
+        if !["queued", "sent"].contains(&v["status"].as_str().unwrap_or("")) {
+            return v;
+        }
+        assert!(std::time::Instant::now() < deadline, "{v}");
+    }
+}
+
+#[test]
+fn rpcs_reach_dtls_devices_through_their_sessions() {
+    let broker = Broker::memory();
+    let setup = Setup::new();
+    let gw = Gateway::start(&broker, 2, &provisioning(), &setup.config());
+    let statuses = reader(&broker, &["device.rpc.status.acme"]);
+    let mut dev = Device::new_dtls(
+        "urn:imei:psk",
+        gw.coaps,
+        41,
+        &psk("psk-1", PSK_KEY),
+        "PSK-AES128-CCM8",
+    )
+    .unwrap();
+    dev.sim.objects.push("/33000/0".into());
+    assert_eq!(dev.register(1), Code::CREATED);
+    let plain_before = gw.metric("dtls_tx_no_session");
+
+    // reboot → Execute /3/0/4 inside the session → succeeded.
+    let s = dtls_rpc(
+        &gw,
+        &mut dev,
+        "psk-device",
+        r#"{"rpc_id":"d-reboot","method":"reboot"}"#,
+    );
+    assert_eq!(
+        (s["status"].as_str(), s["code"].as_str()),
+        (Some("succeeded"), Some("2.04")),
+        "{s}"
+    );
+    assert!(dev
+        .sim
+        .executed_args
+        .iter()
+        .any(|(p, _)| *p == rp("/3/0/4")));
+    // A read, and a 16 KiB read and write in blocks, all through DTLS.
+    let s = dtls_rpc(
+        &gw,
+        &mut dev,
+        "psk-device",
+        r#"{"method":"read","params":{"path":"/3/0/0"}}"#,
+    );
+    assert_eq!(s["response"]["/3/0/0"], "CORE-M sim", "{s}");
+    let blob: Vec<u8> = (0..16 * 1024u32).map(|i| (i * 31 % 253) as u8).collect();
+    dev.sim.store.insert(
+        rp("/33000/0/1"),
+        corem_lwm2m::proto::lwm2m::encode::WriteValue::Opaque(blob.clone()),
+    );
+    let s = dtls_rpc(
+        &gw,
+        &mut dev,
+        "psk-device",
+        r#"{"method":"read","params":{"path":"/33000/0/1"}}"#,
+    );
+    let hex: String = blob.iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(
+        s["response"]["/33000/0/1"]["hex"].as_str(),
+        Some(hex.as_str()),
+        "{}",
+        s["status"]
+    );
+    let rev: String = blob.iter().rev().map(|b| format!("{b:02x}")).collect();
+    let s = dtls_rpc(
+        &gw,
+        &mut dev,
+        "psk-device",
+        &format!(
+            r#"{{"method":"write","params":{{"path":"/33000/0/1","value":{{"hex":"{rev}"}}}}}}"#
+        ),
+    );
+    assert_eq!(s["status"], "succeeded", "{s}");
+    assert_eq!(
+        dev.sim.bytes_of("/33000/0/1").unwrap(),
+        blob.iter().rev().copied().collect::<Vec<u8>>()
+    );
+    assert!(gw.metric("block2_continuations") >= 15);
+    assert!(gw.metric("block1_sent") >= 16);
+    assert_eq!(
+        gw.metric("dtls_tx_no_session"),
+        plain_before,
+        "nothing went out in clear"
+    );
+    // The reboot's statuses on the topic.
+    broker.write_marker("device.rpc.status.acme");
+    let ev = read_matching(&statuses, 3, Duration::from_secs(20), |r| {
+        r.value["rpc_id"] == "d-reboot"
+    });
+    let seq: Vec<&str> = ev
+        .iter()
+        .map(|e| e.value["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(seq, ["queued", "sent", "succeeded"]);
+    assert_eq!(ev[2].value["device_id"], "psk-device");
+    assert_eq!(ev[2].value["code"], "2.04");
+}

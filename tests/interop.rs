@@ -201,3 +201,174 @@ fn libcoap_dtls_clients_register_with_psk_and_certificates() {
         .starts_with("coaps://")));
     assert_eq!(gw.metric("dtls_handshakes_completed"), 4);
 }
+
+/// coap-node (npm, by PeterEB: a LwM2M 1.0 client on node-coap and
+/// smartobject) run by `tests/interop-node/coap-node-client.js`, installed
+/// by scripts/setup. Its stdout carries one JSON event per line.
+struct NodeClient {
+    child: std::process::Child,
+    events: std::sync::mpsc::Receiver<serde_json::Value>,
+}
+
+impl NodeClient {
+    fn spawn(gateway: std::net::SocketAddr, endpoint: &str) -> NodeClient {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop-node");
+        assert!(
+            dir.join("node_modules/coap-node").exists(),
+            "coap-node is not installed: run scripts/setup"
+        );
+        let mut child = Command::new("node")
+            .current_dir(&dir)
+            .args([
+                "coap-node-client.js",
+                &gateway.ip().to_string(),
+                &gateway.port().to_string(),
+                endpoint,
+            ])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("node (Node.js) is needed for the interop tests");
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                eprintln!("[coap-node] {line}");
+                if let Ok(v) = serde_json::from_str(&line) {
+                    let _ = tx.send(v);
+                }
+            }
+        });
+        NodeClient { child, events: rx }
+    }
+
+    /// Waits for an event with `event` = `name` (and `path`, when given).
+    fn wait(&self, name: &str, path: Option<&str>, within: Duration) -> serde_json::Value {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.events.recv_timeout(left) {
+                Ok(v) if v["event"] == name && path.is_none_or(|p| v["path"] == p) => return v,
+                Ok(v) => assert_ne!(v["event"], "register_failed", "{v}"),
+                Err(_) => panic!("coap-node: no {name} event within {within:?}"),
+            }
+        }
+    }
+}
+
+impl Drop for NodeClient {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn rpc(gw: &Gateway, device: &str, body: &str, within: Duration) -> serde_json::Value {
+    let (code, b) = http(gw.admin, "POST", &format!("/v1/devices/{device}/rpc"), body).unwrap();
+    assert_eq!(code, 202, "{b}");
+    let id = serde_json::from_str::<serde_json::Value>(&b).unwrap()["rpc_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let (_, b) = http(gw.admin, "GET", &format!("/v1/rpc/{id}"), "").unwrap();
+        let v: serde_json::Value = serde_json::from_str(&b).unwrap();
+        if !["queued", "sent"].contains(&v["status"].as_str().unwrap_or("")) {
+            return v;
+        }
+        assert!(std::time::Instant::now() < deadline, "{v}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A profile for the coap-node device: its temperature observed with a
+/// short pmax (coap-node reports on pmax).
+const NODE_PROFILE: &str = r#"
+name = "coap-node"
+[[resource]]
+path = "/3303/0/5700"
+metric = "temperature"
+[[observe]]
+path = "/3303/0/5700"
+pmin = 0
+pmax = 1
+"#;
+
+#[test]
+fn coap_node_lwm2m_client_reboots_reads_and_reports() {
+    let broker = Broker::memory();
+    let prov = format!(
+        "{PROVISIONING}\n[[endpoint]]\nendpoint = \"coap-node-1\"\ndevice_id = \"node-device\"\n\
+         tenant_id = \"acme\"\nprofile = \"coap-node\"\n"
+    );
+    let gw = Gateway::start(&broker, 2, &prov, "");
+    std::fs::write(gw.dir.join("profiles/coap-node.toml"), NODE_PROFILE).unwrap();
+    assert_eq!(
+        http(gw.admin, "POST", "/v1/profiles/reload", "").unwrap().0,
+        200
+    );
+    let telemetry = reader(&broker, &["telemetry.raw.acme"]);
+    let statuses = reader(&broker, &["device.rpc.status.acme"]);
+    let node = NodeClient::spawn(gw.coap, "coap-node-1");
+    node.wait("registered", None, Duration::from_secs(20));
+
+    // reboot → Execute /3/0/4 on coap-node → 2.04 → succeeded.
+    let s = rpc(
+        &gw,
+        "node-device",
+        r#"{"rpc_id":"node-reboot","method":"reboot","timeout_ms":30000}"#,
+        Duration::from_secs(30),
+    );
+    assert_eq!(
+        (s["status"].as_str(), s["code"].as_str()),
+        (Some("succeeded"), Some("2.04")),
+        "{s}"
+    );
+    node.wait("exec", Some("/3/0/4"), Duration::from_secs(5));
+
+    // read of one resource and of the whole instance (coap-node answers
+    // TLV): values decoded per path.
+    let s = rpc(
+        &gw,
+        "node-device",
+        r#"{"method":"read","params":{"path":"/3/0/0"}}"#,
+        Duration::from_secs(30),
+    );
+    assert_eq!(s["status"], "succeeded", "{s}");
+    assert_eq!(s["code"], "2.05");
+    assert_eq!(s["response"]["/3/0/0"], "coap-node", "{s}");
+    let s = rpc(
+        &gw,
+        "node-device",
+        r#"{"method":"read","params":{"path":"/3/0"}}"#,
+        Duration::from_secs(30),
+    );
+    assert_eq!(s["status"], "succeeded", "{s}");
+    assert_eq!(s["response"]["/3/0/1"], "interop-model", "{s}");
+    assert_eq!(s["response"]["/3/0/3"], "0.2.5", "{s}");
+
+    // The profile's observation: coap-node's notifications become
+    // TelemetryPoints.
+    let points = read_matching(&telemetry, 2, Duration::from_secs(30), |r| {
+        r.value["device_id"] == "node-device"
+    });
+    for p in &points {
+        assert_eq!(p.key.as_deref(), Some("node-device"));
+        assert_eq!(p.value["tenant_id"], "acme");
+        assert_eq!(p.value["endpoint"], "coap-node-1");
+        let t = p.value["numeric_values"]["temperature"].as_f64().unwrap();
+        assert!((21.0..100.0).contains(&t), "{t}");
+    }
+
+    // The reboot's statuses on the topic, in order.
+    broker.write_marker("device.rpc.status.acme");
+    let ev = read_matching(&statuses, 3, Duration::from_secs(20), |r| {
+        r.value["rpc_id"] == "node-reboot"
+    });
+    let seq: Vec<&str> = ev
+        .iter()
+        .map(|e| e.value["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(seq, ["queued", "sent", "succeeded"]);
+}

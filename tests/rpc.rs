@@ -121,6 +121,14 @@ fn reboot_succeeds_a_refusal_fails_with_its_code_silence_times_out() {
     dev.pump(Duration::from_millis(300));
     assert_eq!(dev.requests_seen.len(), seen, "nothing reached the device");
 
+    // The API refuses what would publish elsewhere or nowhere.
+    let (code, _) = post_rpc(&gw, "no-such-device", r#"{"method":"reboot"}"#);
+    assert_eq!(code, 404);
+    let (code, _) = post_rpc(&gw, DEV, r#"{"method":"reboot","tenant_id":"other"}"#);
+    assert_eq!(code, 400);
+    let big = format!(r#"{{"method":"reboot","rpc_id":"{}"}}"#, "x".repeat(300));
+    assert_eq!(post_rpc(&gw, DEV, &big).0, 400, "rpc_id too long");
+
     // A silent device: timed_out after the CoAP retransmissions.
     dev.sim.silent = true;
     let (code, _) = post_rpc(
@@ -285,4 +293,335 @@ fn kafka_requests_run_once_and_survive_sigkill() {
             .count();
         assert_eq!(terminal, 1, "{id}: {ev:?}");
     }
+}
+
+/// Posts an RPC for `device` and answers the gateway's requests until the
+/// RPC is finished; returns its record.
+fn call(gw: &Gateway, dev: &mut Device, device: &str, body: &str) -> serde_json::Value {
+    let (code, r) = post_rpc(gw, device, body);
+    assert_eq!(code, 202, "{body}: {r}");
+    let id = r["rpc_id"].as_str().unwrap().to_string();
+    until_final(gw, dev, &id, Duration::from_secs(20))
+}
+
+const ENV_DEV: &str = "env-device";
+
+#[test]
+fn every_operation_round_trips_through_the_http_api() {
+    let broker = Broker::memory();
+    let gw = Gateway::start(
+        &broker,
+        2,
+        PROVISIONING,
+        "[coap]\nmax_body = 32768\nack_timeout_ms = 500\n",
+    );
+    let telemetry = reader(&broker, &["telemetry.raw.acme"]);
+    let mut dev = Device::new("urn:imei:env", gw.coap, 21);
+    dev.sim.objects.push("/33000/0".into());
+    assert_eq!(dev.register(1), Code::CREATED);
+    let ok = |s: &serde_json::Value, code: &str| {
+        assert_eq!(
+            (s["status"].as_str(), s["code"].as_str()),
+            (Some("succeeded"), Some(code)),
+            "{s}"
+        );
+    };
+
+    // Read: a single resource in TLV, an object instance in SenML JSON, a
+    // multiple-instance resource.
+    let s = call(
+        &gw,
+        &mut dev,
+        ENV_DEV,
+        r#"{"method":"read","params":{"path":"/3/0/0","format":"tlv"}}"#,
+    );
+    ok(&s, "2.05");
+    assert_eq!(s["response"]["/3/0/0"], "CORE-M sim");
+    let s = call(
+        &gw,
+        &mut dev,
+        ENV_DEV,
+        r#"{"method":"read","params":{"path":"/3/0","format":"senml_json"}}"#,
+    );
+    ok(&s, "2.05");
+    assert_eq!(s["response"]["/3/0/1"], "lwm2m-devsim");
+    assert_eq!(s["response"]["/3/0/9"], 87);
+    let s = call(
+        &gw,
+        &mut dev,
+        ENV_DEV,
+        r#"{"method":"read","params":{"path":"/3/0/6","format":"tlv"}}"#,
+    );
+    ok(&s, "2.05");
+    assert_eq!(
+        (
+            s["response"]["/3/0/6/0"].as_i64(),
+            s["response"]["/3/0/6/1"].as_i64()
+        ),
+        (Some(1), Some(5)),
+        "{s}"
+    );
+
+    // Write: a resource in TLV, read back in SenML JSON; an instance
+    // (partial update) in SenML JSON; a multiple-instance resource.
+    let s = call(
+        &gw,
+        &mut dev,
+        ENV_DEV,
+        r#"{"method":"write","params":{"path":"/3/0/14","value":"+02:00","format":"tlv"}}"#,
+    );
+    ok(&s, "2.04");
+    let s = call(
+        &gw,
+        &mut dev,
+        ENV_DEV,
+        r#"{"method":"read","params":{"path":"/3/0/14","format":"senml_json"}}"#,
+    );
+    assert_eq!(s["response"]["/3/0/14"], "+02:00", "{s}");
+    let s = call(
+        &gw,
+        &mut dev,
+        ENV_DEV,
+        r#"{"method":"write","params":{"path":"/3303/0","mode":"update","values":{"5701":"Cel","5750":"attic"},"format":"senml_json"}}"#,
+    );
+    ok(&s, "2.04");
+    assert_eq!(dev.sim.bytes_of("/3303/0/5701").unwrap(), b"Cel");
+    assert_eq!(dev.sim.bytes_of("/3303/0/5750").unwrap(), b"attic");
+    let s = call(
+        &gw,
+        &mut dev,
+        ENV_DEV,
+        r#"{"method":"write","params":{"path":"/3/0/6","mode":"replace","values":{"/3/0/6/0":2,"/3/0/6/1":7},"format":"tlv"}}"#,
+    );
+    ok(&s, "2.04");
+    let s = call(
+        &gw,
+        &mut dev,
+        ENV_DEV,
+        r#"{"method":"read","params":{"path":"/3/0/6","format":"senml_json"}}"#,
+    );
+    assert_eq!(
+        (
+            s["response"]["/3/0/6/0"].as_i64(),
+            s["response"]["/3/0/6/1"].as_i64()
+        ),
+        (Some(2), Some(7)),
+        "{s}"
+    );
+
+    // Discover: the links of an instance.
+    let s = call(
+        &gw,
+        &mut dev,
+        ENV_DEV,
+        r#"{"method":"discover","params":{"path":"/3303/0"}}"#,
+    );
+    ok(&s, "2.05");
+    let links = s["response"].as_array().unwrap_or_else(|| panic!("{s}"));
+    assert!(links.iter().any(|l| l == "</3303/0/5700>"), "{s}");
+    assert_eq!(links[0], "</3303/0>");
+
+    // Create an instance, read it, delete it; a read after is 4.04.
+    let s = call(
+        &gw,
+        &mut dev,
+        ENV_DEV,
+        r#"{"method":"create","params":{"path":"/3303","instance":1,"values":{"5700":12.5}}}"#,
+    );
+    ok(&s, "2.01");
+    let s = call(
+        &gw,
+        &mut dev,
+        ENV_DEV,
+        r#"{"method":"read","params":{"path":"/3303/1/5700"}}"#,
+    );
+    assert_eq!(s["response"]["/3303/1/5700"], 12.5, "{s}");
+    let s = call(
+        &gw,
+        &mut dev,
+        ENV_DEV,
+        r#"{"method":"delete","params":{"path":"/3303/1"}}"#,
+    );
+    ok(&s, "2.02");
+    let s = call(
+        &gw,
+        &mut dev,
+        ENV_DEV,
+        r#"{"method":"read","params":{"path":"/3303/1/5700"}}"#,
+    );
+    assert_eq!(
+        (s["status"].as_str(), s["code"].as_str()),
+        (Some("failed"), Some("4.04")),
+        "{s}"
+    );
+
+    // Write-Attributes, Observe: the device's notifications become
+    // TelemetryPoints; Cancel Observation: they stop (RST).
+    let s = call(
+        &gw,
+        &mut dev,
+        ENV_DEV,
+        r#"{"method":"write_attributes","params":{"path":"/3304/0/5700","attributes":{"pmin":1,"pmax":5}}}"#,
+    );
+    ok(&s, "2.04");
+    let mut attrs = dev.sim.attributes[&rp("/3304/0/5700")].clone();
+    attrs.sort();
+    assert_eq!(attrs, ["pmax=5", "pmin=1"]);
+    let s = call(
+        &gw,
+        &mut dev,
+        ENV_DEV,
+        r#"{"method":"observe","params":{"path":"/3304/0/5700"}}"#,
+    );
+    ok(&s, "2.05");
+    assert_eq!(s["response"]["/3304/0/5700"], 40.0);
+    dev.sim.values.insert(rp("/3304/0/5700"), 41.5);
+    assert_eq!(
+        dev.notify_con("/3304/0/5700", Duration::from_secs(10)),
+        Some(corem_lwm2m::proto::coap::MsgType::Ack)
+    );
+    let pts = read_matching(&telemetry, 1, Duration::from_secs(20), |r| {
+        r.value["device_id"] == ENV_DEV && r.value["numeric_values"]["humidity"] == 41.5
+    });
+    assert_eq!(pts[0].value["endpoint"], "urn:imei:env");
+    let s = call(
+        &gw,
+        &mut dev,
+        ENV_DEV,
+        r#"{"method":"cancel_observe","params":{"path":"/3304/0/5700"}}"#,
+    );
+    ok(&s, "2.05");
+    if dev.sim.is_observed("/3304/0/5700") {
+        // The cancel went out as a GET with Observe=1; a notification the
+        // device still sends is answered with RST (RFC 7641 §3.6).
+        assert_eq!(
+            dev.notify_con("/3304/0/5700", Duration::from_secs(10)),
+            Some(corem_lwm2m::proto::coap::MsgType::Rst)
+        );
+    }
+
+    // Execute with arguments (TS 1.1 Core §5.4.5).
+    let s = call(
+        &gw,
+        &mut dev,
+        ENV_DEV,
+        r#"{"method":"execute","params":{"path":"/3/0/4","args":{"0":"soft","1":null}}}"#,
+    );
+    ok(&s, "2.04");
+    assert_eq!(
+        dev.sim.executed_args.last().unwrap(),
+        &(rp("/3/0/4"), "0='soft',1".to_string())
+    );
+
+    // 16 KiB read answered in Block2 blocks (the device's 256-byte size
+    // wins), reassembled; 16 KiB written in Block1 blocks.
+    let blob: Vec<u8> = (0..16 * 1024u32).map(|i| (i * 13 % 251) as u8).collect();
+    let hex: String = blob.iter().map(|b| format!("{b:02x}")).collect();
+    dev.sim.store.insert(
+        rp("/33000/0/1"),
+        corem_lwm2m::proto::lwm2m::encode::WriteValue::Opaque(blob.clone()),
+    );
+    dev.sim.block_szx = 4;
+    let s = call(
+        &gw,
+        &mut dev,
+        ENV_DEV,
+        r#"{"method":"read","params":{"path":"/33000/0/1"}}"#,
+    );
+    ok(&s, "2.05");
+    assert_eq!(
+        s["response"]["/33000/0/1"]["hex"].as_str(),
+        Some(hex.as_str())
+    );
+    let rev: String = blob.iter().rev().map(|b| format!("{b:02x}")).collect();
+    let s = call(
+        &gw,
+        &mut dev,
+        ENV_DEV,
+        &format!(
+            r#"{{"method":"write","params":{{"path":"/33000/0/1","value":{{"hex":"{rev}"}}}}}}"#
+        ),
+    );
+    ok(&s, "2.04");
+    assert_eq!(
+        dev.sim.bytes_of("/33000/0/1").unwrap(),
+        blob.iter().rev().copied().collect::<Vec<u8>>()
+    );
+
+    // An incoming body above coap.max_body (32 KiB): 4.13 with Size1, and
+    // nothing kept (a fresh Send afterwards works).
+    let big = vec![b'x'; 1024];
+    let mut last = None;
+    for i in 0..40u32 {
+        let m = corem_lwm2m::proto::coap::MessageBuilder::request(Code::POST, true)
+            .mid(40_000 + i as u16)
+            .token(&[0x5e, 0x4d])
+            .path("dp")
+            .content_format(corem_lwm2m::proto::lwm2m::content::CF_SENML_JSON)
+            .block1(corem_lwm2m::proto::coap::Block {
+                num: i,
+                more: true,
+                szx: 6,
+            })
+            .payload(&big)
+            .to_vec();
+        dev.sim.outstanding = Some(40_000 + i as u16);
+        let code = dev.request(&m, Duration::from_secs(5));
+        last = code;
+        if code != Some(Code::CONTINUE) {
+            break;
+        }
+    }
+    assert_eq!(last, Some(Code::REQUEST_ENTITY_TOO_LARGE));
+    assert_eq!(
+        gw.metric("block1_assemblies"),
+        0,
+        "no reassembly state left"
+    );
+    let send = dev.sim.send(&["/3303/0/5700"], None, false);
+    assert_eq!(
+        dev.request(&send, Duration::from_secs(5)),
+        Some(Code::CHANGED)
+    );
+}
+
+#[test]
+fn a_queue_mode_device_gets_its_rpc_after_its_next_update() {
+    let broker = Broker::memory();
+    let gw = Gateway::start(&broker, 2, PROVISIONING, "[coap]\nqueue_awake_s = 1\n");
+    let mut dev = Device::new("urn:imei:123", gw.coap, 31);
+    dev.sim.binding = "UQ";
+    assert_eq!(dev.register(4), Code::CREATED);
+    // Asleep once its wake window passed: the RPC waits.
+    std::thread::sleep(Duration::from_millis(1500));
+    let (code, _) = post_rpc(
+        &gw,
+        DEV,
+        r#"{"rpc_id":"q-1","method":"reboot","timeout_ms":60000}"#,
+    );
+    assert_eq!(code, 202);
+    let seen = dev.requests_seen.len();
+    dev.pump(Duration::from_millis(800));
+    assert_eq!(rpc_status(&gw, "q-1")["status"], "queued");
+    assert_eq!(
+        dev.requests_seen.len(),
+        seen,
+        "nothing sent to a sleeping device"
+    );
+    // It wakes (an Update from a new port): the RPC goes out at once.
+    dev.new_port();
+    let upd = dev.sim.update(None, false);
+    assert_eq!(
+        dev.request(&upd, Duration::from_secs(10)),
+        Some(Code::CHANGED)
+    );
+    let s = until_final(&gw, &mut dev, "q-1", Duration::from_secs(20));
+    assert_eq!(
+        (s["status"].as_str(), s["code"].as_str()),
+        (Some("succeeded"), Some("2.04")),
+        "{s}"
+    );
+    let (_, v) = http(gw.admin, "GET", &format!("/v1/devices/{DEV}"), "").unwrap();
+    let v: serde_json::Value = serde_json::from_str(&v).unwrap();
+    assert_eq!(v["registration"]["queue_mode"], true, "{v}");
 }

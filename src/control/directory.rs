@@ -21,7 +21,7 @@
 use super::snapshot::{self, SnapshotError};
 use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -117,9 +117,13 @@ pub struct CredentialIndex {
     pub psk: HashMap<Vec<u8>, (String, Arc<EndpointEntry>)>,
     /// Pinned certificate fingerprints → endpoint.
     pub fingerprints: HashMap<[u8; 32], String>,
-    /// Platform device_id → (endpoint, entry): RPCs address devices.
-    pub devices: HashMap<String, (String, Arc<EndpointEntry>)>,
+    /// Platform device_id → (endpoint, entry): RPCs address devices; in
+    /// order, so the admin API pages through it by device_id.
+    pub devices: BTreeMap<String, (String, Arc<EndpointEntry>)>,
 }
+
+/// A provisioned device: (device_id, endpoint, entry).
+pub type DeviceRow = (String, String, Arc<EndpointEntry>);
 
 impl CredentialIndex {
     pub fn build(map: &EndpointMap) -> CredentialIndex {
@@ -317,16 +321,24 @@ impl Directory {
         {
             return bad("endpoint name must be 1..=256 bytes");
         }
-        if e.device_id.is_empty() {
-            return bad("device_id is empty");
+        use crate::proto::lwm2m::rpc::{MAX_DEVICE_ID, MAX_TENANT};
+        if e.device_id.is_empty()
+            || e.device_id.len() > MAX_DEVICE_ID
+            || e.device_id.chars().any(char::is_control)
+        {
+            return bad("device_id must be 1..=256 bytes without control characters");
+        }
+        if e.profile.len() > 128 {
+            return bad("profile name longer than 128 bytes");
         }
         if e.tenant_id.is_empty()
+            || e.tenant_id.len() > MAX_TENANT
             || !e
                 .tenant_id
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
         {
-            return bad("tenant_id must be non-empty [A-Za-z0-9._-] (it names Kafka topics)");
+            return bad("tenant_id must be 1..=64 of [A-Za-z0-9._-] (it names Kafka topics)");
         }
         e.validate_credentials().or_else(bad)
     }
@@ -361,6 +373,55 @@ impl Directory {
     /// The endpoint provisioned for platform device `device_id`.
     pub fn by_device(&self, device_id: &str) -> Option<(String, Arc<EndpointEntry>)> {
         self.creds.load().devices.get(device_id).cloned()
+    }
+
+    /// Up to `limit` provisioned devices after `cursor` (exclusive) in
+    /// device_id order, of `tenant` when given, that `keep` accepts; looks
+    /// at no more than `scan` entries. Returns them and the cursor of the
+    /// next page (`None`: the end was reached).
+    pub fn devices_page(
+        &self,
+        cursor: Option<&str>,
+        tenant: Option<&str>,
+        limit: usize,
+        scan: usize,
+        mut keep: impl FnMut(&[DeviceRow]) -> Vec<bool>,
+    ) -> (Vec<DeviceRow>, Option<String>) {
+        use std::ops::Bound;
+        let creds = self.creds.load();
+        let lower = match cursor {
+            Some(c) => Bound::Excluded(c.to_string()),
+            None => Bound::Unbounded,
+        };
+        let mut it = creds
+            .devices
+            .range::<String, _>((lower, Bound::Unbounded))
+            .filter(|(_, (_, e))| tenant.is_none_or(|t| e.tenant_id == t));
+        let (mut out, mut scanned) = (Vec::new(), 0);
+        let mut last: Option<String> = None;
+        // In chunks, so `keep` can look many up at once.
+        loop {
+            let want = (limit - out.len()).clamp(1, 512);
+            let chunk: Vec<DeviceRow> = it
+                .by_ref()
+                .take(want.min(scan - scanned))
+                .map(|(d, (ep, e))| (d.clone(), ep.clone(), e.clone()))
+                .collect();
+            if chunk.is_empty() {
+                return (out, None);
+            }
+            scanned += chunk.len();
+            let verdicts = keep(&chunk);
+            for (item, k) in chunk.into_iter().zip(verdicts) {
+                last = Some(item.0.clone());
+                if k {
+                    out.push(item);
+                }
+            }
+            if out.len() >= limit || scanned >= scan {
+                return (out, last);
+            }
+        }
     }
 
     /// Lock-free credential lookups for the DTLS handshake.

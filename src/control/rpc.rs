@@ -51,6 +51,10 @@ enum Cmd {
         device_id: String,
         reply: Sender<(Vec<RpcRecord>, Option<Presence>)>,
     },
+    Presences {
+        device_ids: Vec<String>,
+        reply: Sender<Vec<Option<Presence>>>,
+    },
     /// A record of the request topic: the request (or why it is unusable)
     /// and the next offset of its partition, logged with its acceptance.
     Consumed {
@@ -104,6 +108,24 @@ impl RpcHandle {
             return (Vec::new(), None);
         }
         rx.recv_timeout(ANSWER).unwrap_or_default()
+    }
+
+    /// What the shards last reported of each device (None: never seen
+    /// since the book started, or the service did not answer).
+    pub fn presences(&self, device_ids: Vec<String>) -> Vec<Option<Presence>> {
+        let n = device_ids.len();
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        if self
+            .0
+            .send(Cmd::Presences {
+                device_ids,
+                reply: tx,
+            })
+            .is_err()
+        {
+            return vec![None; n];
+        }
+        rx.recv_timeout(ANSWER).unwrap_or_else(|_| vec![None; n])
     }
 }
 
@@ -327,6 +349,13 @@ impl Worker {
                     .collect();
                 let _ = reply.send((list, self.book.presence(&device_id).cloned()));
             }
+            Cmd::Presences { device_ids, reply } => {
+                let v = device_ids
+                    .iter()
+                    .map(|d| self.book.presence(d).cloned())
+                    .collect();
+                let _ = reply.send(v);
+            }
             Cmd::Consumed {
                 req,
                 partition,
@@ -357,10 +386,10 @@ impl Worker {
     fn submit(&mut self, req: RpcRequest) -> Result<RpcRecord, Refusal> {
         if let Err(e) = req.validate() {
             use crate::proto::lwm2m::rpc::RpcError;
-            // Without a usable id or tenant there is no status to publish.
+            // Without usable ids there is no status to publish (nor a key).
             match e {
                 RpcError::Field {
-                    field: "rpc_id" | "tenant_id",
+                    field: "rpc_id" | "tenant_id" | "device_id",
                     ..
                 }
                 | RpcError::Json(_) => return Err(Refusal::Invalid(e.to_string())),

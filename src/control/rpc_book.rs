@@ -18,10 +18,12 @@
 //!   could be sent).
 
 use crate::proto::lwm2m::dm::Op;
-use crate::proto::lwm2m::rpc::{Presence, RpcEvent, RpcExec, RpcOutcome, RpcRequest, RpcStatus};
+use crate::proto::lwm2m::rpc::{
+    Presence, PresenceOrder, RpcEvent, RpcExec, RpcOutcome, RpcRequest, RpcStatus,
+};
 use serde::{Deserialize, Serialize};
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BTreeSet, BinaryHeap, HashMap, VecDeque};
 use std::sync::Arc;
 
 /// One RPC as the book keeps it (and as `GET /v1/rpc/{id}` shows it).
@@ -46,6 +48,10 @@ pub struct RpcRecord {
     pub reason: Option<String>,
     #[serde(skip)]
     op: Option<Op>,
+    /// The status last published (a handed-back RPC sent again is not
+    /// announced `sent` twice).
+    #[serde(skip)]
+    published: Option<RpcStatus>,
 }
 
 /// A request resolved to (the device's endpoint, the operation), or why it
@@ -96,10 +102,13 @@ pub enum Refusal {
 
 pub struct RpcBook {
     records: HashMap<Arc<str>, RpcRecord>,
+    /// The records of each device, by (accepted_at, rpc_id).
+    by_device: HashMap<String, BTreeSet<(i64, Arc<str>)>>,
     /// Queued RPCs per device, in acceptance order.
     queues: HashMap<String, VecDeque<Arc<str>>>,
-    /// The RPC each device is executing.
-    inflight: HashMap<String, Arc<str>>,
+    /// The RPC each device is executing, and the presence report it was
+    /// dispatched on.
+    inflight: HashMap<String, (Arc<str>, PresenceOrder)>,
     presence: HashMap<String, Presence>,
     deadlines: BinaryHeap<Reverse<(i64, Arc<str>)>>,
     /// Terminal records kept this long for duplicates and the API...
@@ -116,6 +125,7 @@ impl RpcBook {
     pub fn new(retention_ms: i64) -> RpcBook {
         RpcBook {
             records: HashMap::new(),
+            by_device: HashMap::new(),
             queues: HashMap::new(),
             inflight: HashMap::new(),
             presence: HashMap::new(),
@@ -142,13 +152,33 @@ impl RpcBook {
 
     /// The RPCs of a device known to the book, oldest first.
     pub fn of_device(&self, device_id: &str) -> Vec<&RpcRecord> {
-        let mut v: Vec<&RpcRecord> = self
-            .records
-            .values()
-            .filter(|r| r.device_id == device_id)
-            .collect();
-        v.sort_by_key(|r| (r.accepted_at, r.rpc_id.clone()));
-        v
+        self.by_device
+            .get(device_id)
+            .into_iter()
+            .flatten()
+            .filter_map(|(_, id)| self.records.get(id))
+            .collect()
+    }
+
+    fn insert(&mut self, rec: RpcRecord) {
+        self.remove(&rec.rpc_id);
+        self.by_device
+            .entry(rec.device_id.clone())
+            .or_default()
+            .insert((rec.accepted_at, rec.rpc_id.clone()));
+        self.records.insert(rec.rpc_id.clone(), rec);
+    }
+
+    fn remove(&mut self, id: &Arc<str>) {
+        let Some(r) = self.records.remove(id) else {
+            return;
+        };
+        if let Some(set) = self.by_device.get_mut(&r.device_id) {
+            set.remove(&(r.accepted_at, r.rpc_id));
+            if set.is_empty() {
+                self.by_device.remove(&r.device_id);
+            }
+        }
     }
 
     pub fn presence(&self, device_id: &str) -> Option<&Presence> {
@@ -242,8 +272,9 @@ impl RpcBook {
             response: None,
             reason: None,
             op,
+            published: None,
         };
-        self.records.insert(id.clone(), rec);
+        self.insert(rec);
         match reason {
             Some(r) => {
                 // Refused before anything is sent: a terminal status, so
@@ -290,9 +321,14 @@ impl RpcBook {
                 // Never transmitted: back to the head of its queue.
                 r.status = RpcStatus::Queued;
                 let dev = r.device_id.clone();
-                if self.inflight.get(&dev) == Some(&rpc_id) {
-                    self.inflight.remove(&dev);
-                }
+                let sent_on = match self.inflight.get(&dev) {
+                    Some((id, order)) if *id == rpc_id => {
+                        let o = *order;
+                        self.inflight.remove(&dev);
+                        Some(o)
+                    }
+                    _ => None,
+                };
                 self.log.push_back(LogRecord::Requeued {
                     rpc_id: rpc_id.to_string(),
                 });
@@ -300,16 +336,22 @@ impl RpcBook {
                     .entry(dev.clone())
                     .or_default()
                     .push_front(rpc_id);
-                // The shard thought otherwise: wait for its next report.
-                if let Some(p) = self.presence.get_mut(&dev) {
-                    p.reachable = false;
+                // A report newer than the one it went out on (the device
+                // moved shard, re-registered) still stands: send it there.
+                // Otherwise the shard knows better: wait for its next report.
+                match self.presence.get_mut(&dev) {
+                    Some(p) if sent_on.is_some_and(|o| p.order > o) => {
+                        self.dispatch(now, &dev);
+                    }
+                    Some(p) => p.reachable = false,
+                    None => {}
                 }
             }
             RpcEvent::Done { rpc_id, outcome } => {
                 let Some(dev) = self.records.get(&rpc_id).map(|r| r.device_id.clone()) else {
                     return;
                 };
-                if self.inflight.get(&dev) == Some(&rpc_id) {
+                if self.inflight.get(&dev).is_some_and(|(id, _)| *id == rpc_id) {
                     self.inflight.remove(&dev);
                 }
                 self.finish(now, &rpc_id, outcome);
@@ -359,7 +401,7 @@ impl RpcBook {
                 .get(&id)
                 .is_some_and(|r| r.status.is_terminal())
             {
-                self.records.remove(&id);
+                self.remove(&id);
             }
         }
     }
@@ -387,25 +429,23 @@ impl RpcBook {
                     let id: Arc<str> = Arc::from(request.rpc_id.as_str());
                     let op = resolve(&request).ok().map(|(_, op)| op);
                     order.push(id.clone());
-                    self.records.insert(
-                        id.clone(),
-                        RpcRecord {
-                            rpc_id: id,
-                            tenant_id: request.tenant_id,
-                            device_id: request.device_id,
-                            endpoint,
-                            method: request.method,
-                            params: request.params,
-                            status: RpcStatus::Queued,
-                            accepted_at,
-                            deadline,
-                            updated_at: accepted_at,
-                            code: None,
-                            response: None,
-                            reason: None,
-                            op,
-                        },
-                    );
+                    self.insert(RpcRecord {
+                        rpc_id: id,
+                        tenant_id: request.tenant_id,
+                        device_id: request.device_id,
+                        endpoint,
+                        method: request.method,
+                        params: request.params,
+                        status: RpcStatus::Queued,
+                        accepted_at,
+                        deadline,
+                        updated_at: accepted_at,
+                        code: None,
+                        response: None,
+                        reason: None,
+                        op,
+                        published: None,
+                    });
                 }
                 LogRecord::Sent { rpc_id, at } => {
                     if let Some(r) = self.records.get_mut(rpc_id.as_str()) {
@@ -516,7 +556,11 @@ impl RpcBook {
     // ------------------------------------------------------------ internals
 
     fn status(&mut self, id: &Arc<str>) {
-        if let Some(r) = self.records.get(id) {
+        if let Some(r) = self.records.get_mut(id) {
+            if r.published == Some(r.status) {
+                return;
+            }
+            r.published = Some(r.status);
             self.statuses.push_back(r.clone());
         }
     }
@@ -557,7 +601,7 @@ impl RpcBook {
         if !(p.online && p.reachable) {
             return;
         }
-        let (shard, endpoint) = (p.shard, p.endpoint.clone());
+        let (shard, endpoint, order) = (p.shard, p.endpoint.clone(), p.order);
         let Some(q) = self.queues.get_mut(device_id) else {
             return;
         };
@@ -576,7 +620,8 @@ impl RpcBook {
                 rpc_id: id.to_string(),
                 at: now,
             });
-            self.inflight.insert(device_id.to_string(), id.clone());
+            self.inflight
+                .insert(device_id.to_string(), (id.clone(), order));
             self.status(&id);
             self.execs.push_back((
                 shard,
@@ -756,6 +801,49 @@ mod tests {
         b.handle_event(3, presence("d1", 0, 5, false, false));
         let (shard, e) = b.poll_exec().unwrap();
         assert_eq!((shard, &*e.rpc_id), (1, "a"));
+    }
+
+    /// The race seen in CI after a restart: the book dispatches on the
+    /// restored registration's report from shard 1 while the device's
+    /// Update from a new port moves it to shard 0; shard 0's newer report
+    /// arrives while the RPC is in flight, then shard 1 hands it back. The
+    /// newer report still stands, so the RPC goes to shard 0 at once (it
+    /// used to wait for a report that never came).
+    #[test]
+    fn returned_after_a_newer_report_goes_to_the_new_shard_at_once() {
+        let mut b = RpcBook::new(60_000);
+        b.handle_request(0, req("a", "d1"), ok("d1"), 60_000)
+            .unwrap();
+        b.handle_event(1, presence("d1", 1, 5, true, true));
+        assert_eq!(b.poll_exec().unwrap().0, 1);
+        b.handle_event(2, presence("d1", 0, 6, true, true));
+        assert!(b.poll_exec().is_none(), "one in flight");
+        b.handle_event(
+            3,
+            RpcEvent::Returned {
+                rpc_id: Arc::from("a"),
+            },
+        );
+        let (shard, e) = b.poll_exec().expect("re-sent to the newer shard");
+        assert_eq!((shard, &*e.rpc_id), (0, "a"));
+        assert_eq!(b.get("a").unwrap().status, RpcStatus::Sent);
+        assert_eq!(
+            statuses(&mut b),
+            vec![
+                ("a".into(), RpcStatus::Queued),
+                ("a".into(), RpcStatus::Sent)
+            ],
+            "`sent` announced once"
+        );
+        // Handed back again with no newer report: it waits.
+        b.handle_event(
+            4,
+            RpcEvent::Returned {
+                rpc_id: Arc::from("a"),
+            },
+        );
+        assert!(b.poll_exec().is_none());
+        assert_eq!(b.get("a").unwrap().status, RpcStatus::Queued);
     }
 
     #[test]

@@ -36,7 +36,9 @@ use crate::proto::dtls::session::CloseReason;
 use crate::proto::dtls::DtlsEndpoint;
 use crate::proto::lwm2m::endpoint::Identity;
 use crate::proto::lwm2m::rpc::{RpcEvent, RpcExec};
-use crate::proto::lwm2m::server::{ControlMsg, Ctx, Dest, Now, Server, SessionCmd, ShardMsg};
+use crate::proto::lwm2m::server::{
+    ControlMsg, Ctx, Dest, DeviceView, Now, Server, SessionCmd, ShardMsg,
+};
 use crate::sink::kafka::KafkaSink;
 use glommio::channels::local_channel::{self, LocalSender};
 use glommio::channels::shared_channel::{self, ConnectedReceiver, SharedReceiver, SharedSender};
@@ -64,6 +66,8 @@ pub enum Inbox {
     Control(ControlMsg),
     /// An RPC for the device registered on this shard.
     Rpc(Box<RpcExec>),
+    /// What this shard holds of an endpoint's registration (admin API).
+    Describe(Arc<str>, crossbeam_channel::Sender<Option<Box<DeviceView>>>),
     /// Stop reading, flush, snapshot, exit.
     Shutdown,
 }
@@ -111,6 +115,17 @@ impl ControlHandle {
     /// An RPC to the shard that reported holding the device.
     pub fn send_rpc(&self, shard: usize, e: RpcExec) {
         let _ = self.0.send((Some(shard), Inbox::Rpc(Box::new(e))));
+    }
+
+    /// Asks shard `shard` what it holds of `endpoint`'s registration;
+    /// blocks the caller (a control-plane thread) up to `wait`. `None`: not
+    /// there, or no answer in time.
+    pub fn describe(&self, shard: usize, endpoint: &str, wait: Duration) -> Option<DeviceView> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.0
+            .send((Some(shard), Inbox::Describe(Arc::from(endpoint), tx)))
+            .ok()?;
+        rx.recv_timeout(wait).ok().flatten().map(|b| *b)
     }
 }
 
@@ -689,6 +704,9 @@ async fn run_shard(a: ShardArgs) {
                         }
                     }
                     Inbox::Rpc(e) => s.server.handle_rpc_exec(t, *e),
+                    Inbox::Describe(ep, reply) => {
+                        let _ = reply.try_send(s.server.describe(t, &ep).map(Box::new));
+                    }
                     Inbox::Shutdown => s.stopping = true,
                 }
                 s.flush();

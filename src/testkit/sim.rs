@@ -38,6 +38,9 @@ pub struct SimDevice {
     pub endpoint: String,
     pub lifetime_s: u32,
     pub lwm2m_version: &'static str,
+    /// The binding announced at Register (`UQ`: queue mode, TS 1.1
+    /// Transport §6.5).
+    pub binding: &'static str,
     /// Object instance links, e.g. "/3/0", "/3303/0".
     pub objects: Vec<String>,
     pub values: BTreeMap<ResourcePath, f64>,
@@ -91,6 +94,7 @@ impl SimDevice {
             endpoint: endpoint.to_string(),
             lifetime_s: 300,
             lwm2m_version: "1.1",
+            binding: "U",
             objects: ["/1/0", "/3/0", "/3303/0", "/3304/0", "/3323/0"]
                 .iter()
                 .map(|s| s.to_string())
@@ -229,7 +233,7 @@ impl SimDevice {
             format!("ep={}", self.endpoint),
             format!("lt={}", self.lifetime_s),
             format!("lwm2m={}", self.lwm2m_version),
-            "b=U".to_string(),
+            format!("b={}", self.binding),
         ];
         let links = self.links();
         self.request(
@@ -465,7 +469,9 @@ impl SimDevice {
                 let custom = m.accept().is_some()
                     || self.store.keys().any(|k| encode::is_within(&path, k))
                     || m.block2().is_some();
-                let (cf, body) = if custom {
+                let (cf, body) = if self.entries_under(path).is_empty() {
+                    return reply_with(Code::NOT_FOUND, None, None, &[], &[], ev);
+                } else if custom {
                     match self.read(path, m.accept()) {
                         Ok(x) => x,
                         Err(code) => return reply_with(code, None, None, &[], &[], ev),

@@ -486,8 +486,11 @@ fn tlv_level<'a>(
         let (tlv, rest) = tlv_next(buf)?;
         buf = rest;
         // The TLV identifier names the child of `base` unless `base` already
-        // names this very entry (single resource or resource instance read).
+        // names this very entry (single resource or resource instance read,
+        // or an instance read answered inside its Object Instance TLV, as
+        // npm coap-node / lwm2m-codec do).
         let path = match (tlv.kind, base.resource, base.resource_instance) {
+            (TLV_OBJECT_INSTANCE, None, _) if base.instance == Some(tlv.id) => base,
             (TLV_RESOURCE | TLV_MULTIPLE_RESOURCE, Some(r), _) if r == tlv.id => base,
             (TLV_RESOURCE_INSTANCE, Some(_), Some(ri)) if ri == tlv.id => base,
             _ => base
@@ -898,6 +901,21 @@ mod tests {
             v[2].value.to_number(Some(DataType::Float)),
             Some(Num::Float(-4.0))
         );
+
+        // An instance read answered inside its own Object Instance TLV
+        // (npm coap-node does this): the same paths.
+        let mut wrapped = Vec::new();
+        encode_tlv_resource(&mut wrapped, tlv_kind::OBJECT_INSTANCE, 0, &t);
+        let v = decode(CF_TLV, p("/3303/0"), &wrapped, NOW).unwrap();
+        assert_eq!(v.len(), 2);
+        assert_eq!(v[0].path, p("/3303/0/5700"));
+        assert_eq!(v[1].path, p("/3303/0/5701"));
+        // ...but another instance's TLV under it is a child, as before.
+        let mut other = Vec::new();
+        encode_tlv_resource(&mut other, tlv_kind::OBJECT_INSTANCE, 1, &t);
+        assert!(decode(CF_TLV, p("/3303/0"), &other, NOW)
+            .map(|v| v.iter().all(|x| x.path != p("/3303/0/5700")))
+            .unwrap_or(true));
 
         // Single resource read: the TLV id repeats the resource id.
         let mut one = Vec::new();

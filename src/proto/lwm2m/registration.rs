@@ -123,10 +123,21 @@ pub fn parse_register<'a>(
             "lt" => p.lifetime_s = lifetime(v)?,
             "lwm2m" => {
                 let v = v.ok_or(ParamError::Invalid("lwm2m"))?;
-                if !matches!(v, "1.0" | "1.1" | "1.2") {
+                // The enabler version is major.minor (TS 1.1 Core §6.2.1);
+                // some clients (npm coap-node) send a patch level too,
+                // "1.0.0": taken as its major.minor.
+                let mm = match v.match_indices('.').nth(1) {
+                    Some((i, _))
+                        if v[i + 1..].bytes().all(|b| b.is_ascii_digit()) && i + 1 < v.len() =>
+                    {
+                        &v[..i]
+                    }
+                    _ => v,
+                };
+                if !matches!(mm, "1.0" | "1.1" | "1.2") {
                     return Err(ParamError::UnsupportedVersion(v.chars().take(16).collect()));
                 }
-                p.version = v.to_string();
+                p.version = mm.to_string();
             }
             "b" => {
                 let b = binding(v)?;
@@ -652,6 +663,10 @@ mod tests {
         let p = parse_register(v.iter().map(|x| x.as_slice())).unwrap();
         assert_eq!(p.lifetime_s, DEFAULT_LIFETIME_S);
         assert!(p.queue_mode);
+        // A patch level (npm coap-node sends "1.0.0") counts as major.minor.
+        let v = q(&["ep=a", "lwm2m=1.0.0", "mac=unknown"]);
+        let p = parse_register(v.iter().map(|x| x.as_slice())).unwrap();
+        assert_eq!(p.version, "1.0");
     }
 
     #[test]
@@ -663,6 +678,9 @@ mod tests {
             vec!["ep=a", "lt=0"],
             vec!["ep=a", "b=XYZ"],
             vec!["ep=a", "lwm2m=9.9"],
+            vec!["ep=a", "lwm2m=1.0."],
+            vec!["ep=a", "lwm2m=1.0.x"],
+            vec!["ep=a", "lwm2m=1.3.0"],
         ] {
             let v = q(&bad);
             assert!(

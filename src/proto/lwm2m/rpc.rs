@@ -499,6 +499,18 @@ pub fn resolve(method: &str, params: &J, profile: Option<&Profile>) -> Result<Op
         return Ok(op);
     }
     let op = match method {
+        // The Device object's own actions (TS 1.1 Core Appendix E.4:
+        // /3/0/4 Reboot, /3/0/5 Factory Reset) for every device; a profile
+        // may map these names to something else.
+        "reboot" | "factory_reset" => Op::Execute {
+            path: ResourcePath {
+                object: 3,
+                instance: Some(0),
+                resource: Some(if method == "reboot" { 4 } else { 5 }),
+                resource_instance: None,
+            },
+            args: args_param(params)?,
+        },
         "read" => Op::Read {
             path: path_param(params, "path")?,
             format: format_param(params)?,
@@ -645,6 +657,22 @@ mod tests {
             Op::Execute {
                 path: p("/3/0/5"),
                 args: None
+            }
+        );
+        // Without a profile mapping, reboot and factory_reset are the
+        // Device object's Executes all the same.
+        assert_eq!(
+            resolve("reboot", &J::Null, None).unwrap(),
+            Op::Execute {
+                path: p("/3/0/4"),
+                args: None
+            }
+        );
+        assert_eq!(
+            resolve("factory_reset", &json!({"args": "0"}), None).unwrap(),
+            Op::Execute {
+                path: p("/3/0/5"),
+                args: Some("0".into())
             }
         );
         let op = resolve(

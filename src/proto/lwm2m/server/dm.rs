@@ -38,6 +38,12 @@ pub(crate) struct InFlight {
     transfer: Transfer,
 }
 
+impl InFlight {
+    pub(crate) fn rpc_id(&self) -> &str {
+        &self.rpc_id
+    }
+}
+
 enum Transfer {
     Single,
     /// A response arriving in Block2 blocks.

@@ -662,6 +662,7 @@ impl Server {
         ShardMetrics::set(&self.metrics.observations_active, self.obs.len() as i64);
         ShardMetrics::set(&self.metrics.acks_awaiting_delivery, self.acks.len() as i64);
         ShardMetrics::store(&self.metrics.dedup_evicted, self.ex.dedup_evicted());
+        ShardMetrics::set(&self.metrics.block1_assemblies, self.blocks_in.len() as i64);
     }
 }
 
@@ -671,9 +672,11 @@ fn loc_string(id: RegId) -> String {
 
 mod control;
 mod dm;
+mod query;
 mod register;
 mod report;
 mod requests;
 mod shards;
+pub use query::{DeviceView, ObservationView};
 #[cfg(test)]
 mod tests;

@@ -61,10 +61,11 @@ impl Server {
                     msg.code.0,
                     msg.uri_path().chain(msg.uri_query()),
                 );
-                match self
-                    .blocks_in
-                    .handle(now.instant, peer, key, b1, msg.size1(), msg.payload)
-                {
+                let step =
+                    self.blocks_in
+                        .handle(now.instant, peer, key, b1, msg.size1(), msg.payload);
+                ShardMetrics::set(&self.metrics.block1_assemblies, self.blocks_in.len() as i64);
+                match step {
                     Block1Step::Continue(b) => {
                         let r = MessageBuilder::new(MsgType::Ack, Code::CONTINUE)
                             .token(msg.token)

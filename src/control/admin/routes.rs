@@ -1,0 +1,595 @@
+//! The admin API's routes: plain functions from a request (method, path,
+//! query, whole body) to a reply, run on a blocking thread by the server in
+//! [`super`]. Every error is JSON `{"code": "...", "message": "..."}`.
+//!
+//! * `GET /healthz` — 200 `ok` while the gateway runs (no token).
+//! * `GET /metrics` — Prometheus text: per-shard counters and gauges, the
+//!   admin server's own counters (no token).
+//! * `GET /v1/endpoints` — the whole directory (JSON object, keys redacted).
+//! * `GET|PUT|DELETE /v1/endpoints/{endpoint}` — one endpoint; PUT takes
+//!   `{"device_id":..,"tenant_id":..,"profile":..}` plus credentials.
+//! * `POST /v1/endpoints` — bulk upsert, a JSON array of
+//!   `{"endpoint":..,"device_id":..,"tenant_id":..,"profile":..}`.
+//! * `POST /v1/snapshot` — write the directory snapshot now.
+//! * `GET /v1/profiles`, `POST /v1/profiles/reload` — list / reload profiles.
+//! * `GET /v1/devices?tenant=&online=&cursor=&limit=` — provisioned devices
+//!   in device_id order with their online state, `next_cursor` to page on.
+//! * `GET /v1/devices/{device_id}` — one device: its entry, online state,
+//!   its registration as the owning shard holds it (address, lifetime,
+//!   binding, version, object links, observations, the RPC in flight) and
+//!   its pending RPCs.
+//! * `POST /v1/devices/{device_id}/rpc` — `{method, params, timeout_ms,
+//!   rpc_id?}` → 202 `{rpc_id, status}` once durable (a duplicate rpc_id:
+//!   200 with its record, not run again).
+//! * `GET /v1/rpc/{rpc_id}` — the RPC's record (status, code, response,
+//!   reason).
+//! * `GET /v1/devices/{device_id}/rpc` — the device's RPCs and its last
+//!   reported registration state.
+//!
+//! Directory writes are durable (logged and fsynced) before they are
+//! answered, and reach the shards at once: a removed endpoint's registration
+//! ends immediately (`deprovisioned`), a changed one is refreshed.
+
+use super::AdminCounters;
+use crate::control::directory::{Directory, DirectoryError, EndpointEntry, ProvisionedEndpoint};
+use crate::control::profiles::Profiles;
+use crate::control::rpc::RpcHandle;
+use crate::control::rpc_book::Refusal;
+use crate::metrics::{render_prometheus, ShardMetrics};
+use crate::proto::lwm2m::rpc::{RpcRequest, MAX_DEVICE_ID, MAX_RPC_ID, MAX_TENANT};
+use crate::shard::runtime::ControlHandle;
+use bytes::Bytes;
+use serde_json::{json, Value};
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Called with the tenant ids of newly provisioned endpoints (topic creation).
+pub type TenantHook = Arc<dyn Fn(&[String]) + Send + Sync>;
+/// Called with the endpoints that were added, changed or removed, after the
+/// change is durable (the shards apply it to live registrations at once).
+pub type EndpointsHook = Arc<dyn Fn(Vec<String>) + Send + Sync>;
+/// Called after profiles were reloaded.
+pub type ProfilesHook = Arc<dyn Fn() + Send + Sync>;
+
+pub struct AdminState {
+    pub directory: Arc<Directory>,
+    pub profiles: Arc<Profiles>,
+    pub metrics: Vec<Arc<ShardMetrics>>,
+    pub snapshot_dir: PathBuf,
+    pub on_tenants: Option<TenantHook>,
+    pub on_endpoints: Option<EndpointsHook>,
+    pub on_profiles: Option<ProfilesHook>,
+    /// The RPC service (RPC and device endpoints answer 503 without it).
+    pub rpc: Option<RpcHandle>,
+    /// The shards (a device's registration details come from its shard).
+    pub control: Option<ControlHandle>,
+    /// Set by the server.
+    pub counters: Option<Arc<AdminCounters>>,
+}
+
+impl AdminState {
+    fn endpoints_changed(&self, names: Vec<String>) {
+        if let Some(h) = &self.on_endpoints {
+            h(names);
+        }
+    }
+}
+
+/// A request as the routes see it: the body read whole already.
+pub struct ApiRequest {
+    pub method: String,
+    pub path: String,
+    pub query: String,
+    pub body: Bytes,
+}
+
+pub struct Reply {
+    pub status: u16,
+    pub content_type: &'static str,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn json(status: u16, v: &impl serde::Serialize) -> Reply {
+        Reply {
+            status,
+            content_type: "application/json",
+            body: serde_json::to_vec(v).unwrap_or_default().into(),
+        }
+    }
+
+    pub fn text(status: u16, s: &str) -> Reply {
+        Reply {
+            status,
+            content_type: "text/plain; charset=utf-8",
+            body: Bytes::copy_from_slice(s.as_bytes()),
+        }
+    }
+
+    pub fn empty(status: u16) -> Reply {
+        Reply {
+            status,
+            content_type: "application/json",
+            body: Bytes::new(),
+        }
+    }
+
+    /// `{"code": code, "message": message}`.
+    pub fn error(status: u16, code: &str, message: &str) -> Reply {
+        Reply::json(status, &json!({ "code": code, "message": message }))
+    }
+
+    fn bad(message: &str) -> Reply {
+        Reply::error(400, "bad_request", message)
+    }
+
+    fn not_found(message: &str) -> Reply {
+        Reply::error(404, "not_found", message)
+    }
+
+    fn method_not_allowed() -> Reply {
+        Reply::error(405, "method_not_allowed", "method not allowed on this path")
+    }
+
+    fn unavailable(message: &str) -> Reply {
+        Reply::error(503, "unavailable", message)
+    }
+}
+
+/// 400 for an invalid entry, 500 when it could not be made durable.
+fn dir_error(e: DirectoryError) -> Reply {
+    match e {
+        DirectoryError::Invalid(..) => Reply::error(400, "invalid_entry", &e.to_string()),
+        _ => Reply::error(500, "storage", &e.to_string()),
+    }
+}
+
+/// Percent-decodes a path segment or query value (endpoint names such as
+/// `urn:imei:123` may arrive encoded); `+` is a space in a query.
+pub fn pct_decode(s: &str, plus_is_space: bool) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            let hex = |c: u8| (c as char).to_digit(16);
+            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(if plus_is_space && b[i] == b'+' {
+            b' '
+        } else {
+            b[i]
+        });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The value of `key` in a query string (last one wins).
+fn query_param(query: &str, key: &str) -> Option<String> {
+    query
+        .split('&')
+        .filter_map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (pct_decode(k, true) == key).then(|| pct_decode(v, true))
+        })
+        .next_back()
+}
+
+pub fn metrics(st: &AdminState) -> Reply {
+    let extra = [("directory_endpoints", st.directory.len() as i64)];
+    let mut out = render_prometheus(&st.metrics, &extra);
+    if let Some(c) = &st.counters {
+        for (name, help, v) in [
+            ("requests", "admin API requests", &c.requests),
+            (
+                "unauthorized",
+                "admin API requests without a valid token",
+                &c.unauthorized,
+            ),
+            (
+                "connections_refused",
+                "admin connections closed at admin.max_connections",
+                &c.connections_refused,
+            ),
+            (
+                "body_timeouts",
+                "admin requests whose body did not arrive in time",
+                &c.body_timeouts,
+            ),
+            ("too_large", "admin requests refused with 413", &c.too_large),
+            (
+                "busy",
+                "admin requests refused with 503 at admin.max_concurrent",
+                &c.busy,
+            ),
+            (
+                "idle_closed",
+                "admin connections closed idle",
+                &c.idle_closed,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP corem_lwm2m_admin_{name}_total {help}");
+            let _ = writeln!(out, "# TYPE corem_lwm2m_admin_{name}_total counter");
+            let _ = writeln!(
+                out,
+                "corem_lwm2m_admin_{name}_total {}",
+                v.load(Ordering::Relaxed)
+            );
+        }
+    }
+    Reply {
+        status: 200,
+        content_type: "text/plain; version=0.0.4",
+        body: out.into(),
+    }
+}
+
+pub fn route(st: &AdminState, req: &ApiRequest) -> Reply {
+    let m = req.method.as_str();
+    let path = req.path.as_str();
+    match (m, path) {
+        ("GET", "/healthz") => Reply::text(200, "ok\n"),
+        ("GET", "/metrics") => metrics(st),
+        ("GET", "/v1/endpoints") => {
+            let all = st.directory.all();
+            // Keys are never returned (redacted_json).
+            let m: std::collections::BTreeMap<&String, Value> =
+                all.iter().map(|(k, v)| (k, v.redacted_json())).collect();
+            Reply::json(200, &m)
+        }
+        ("POST", "/v1/endpoints") => bulk_upsert(st, &req.body),
+        ("POST", "/v1/snapshot") => match st.directory.write_snapshot(&st.snapshot_dir) {
+            Ok(()) => Reply::json(200, &json!({ "written": true })),
+            Err(e) => Reply::error(500, "storage", &e.to_string()),
+        },
+        ("GET", "/v1/profiles") => Reply::json(200, &st.profiles.names()),
+        ("POST", "/v1/profiles/reload") => match st.profiles.reload() {
+            Ok(n) => {
+                tracing::info!(profiles = n, "profiles reloaded (admin API)");
+                if let Some(h) = &st.on_profiles {
+                    h();
+                }
+                Reply::json(200, &json!({ "profiles": n }))
+            }
+            Err(e) => Reply::error(400, "invalid_profile", &e.to_string()),
+        },
+        ("GET", "/v1/devices") => list_devices(st, &req.query),
+        (
+            _,
+            "/v1/endpoints"
+            | "/v1/snapshot"
+            | "/v1/profiles"
+            | "/v1/profiles/reload"
+            | "/v1/devices",
+        ) => Reply::method_not_allowed(),
+        (_, p) if p.starts_with("/v1/rpc/") => {
+            let Some(rpc) = &st.rpc else {
+                return Reply::unavailable("the RPC service is not running");
+            };
+            let id = pct_decode(&p["/v1/rpc/".len()..], false);
+            if m != "GET" {
+                return Reply::method_not_allowed();
+            }
+            if id.is_empty() || id.len() > MAX_RPC_ID {
+                return Reply::bad("rpc_id must be 1..=128 bytes");
+            }
+            match rpc.get(&id) {
+                Some(r) => Reply::json(200, &r),
+                None => Reply::not_found("no such rpc"),
+            }
+        }
+        (_, p) if p.starts_with("/v1/devices/") && p.ends_with("/rpc") => {
+            let device = pct_decode(&p["/v1/devices/".len()..p.len() - "/rpc".len()], false);
+            device_rpc(st, m, &device, &req.body)
+        }
+        (_, p) if p.starts_with("/v1/devices/") => {
+            let device = pct_decode(&p["/v1/devices/".len()..], false);
+            if m != "GET" {
+                return Reply::method_not_allowed();
+            }
+            show_device(st, &device)
+        }
+        (_, p) if p.starts_with("/v1/endpoints/") => {
+            let ep = pct_decode(&p["/v1/endpoints/".len()..], false);
+            endpoint(st, m, &ep, &req.body)
+        }
+        _ => Reply::not_found("no such path"),
+    }
+}
+
+fn bulk_upsert(st: &AdminState, body: &[u8]) -> Reply {
+    let items: Vec<ProvisionedEndpoint> = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(e) => return Reply::bad(&format!("body: {e}")),
+    };
+    let tenants: Vec<String> = items.iter().map(|i| i.entry.tenant_id.clone()).collect();
+    let names: Vec<String> = items.iter().map(|i| i.endpoint.clone()).collect();
+    match st.directory.upsert_many(items) {
+        Ok(n) => {
+            if let Some(h) = &st.on_tenants {
+                h(&tenants);
+            }
+            st.endpoints_changed(names);
+            Reply::json(200, &json!({ "upserted": n }))
+        }
+        Err(e) => dir_error(e),
+    }
+}
+
+fn endpoint(st: &AdminState, m: &str, ep: &str, body: &[u8]) -> Reply {
+    if ep.is_empty() || ep.len() > crate::proto::lwm2m::registration::MAX_ENDPOINT_LEN {
+        return Reply::bad("endpoint name must be 1..=256 bytes");
+    }
+    match m {
+        "GET" => match st.directory.get(ep) {
+            Some(e) => Reply::json(200, &e.redacted_json()),
+            None => Reply::not_found("no such endpoint"),
+        },
+        "PUT" => {
+            let entry: EndpointEntry = match serde_json::from_slice(body) {
+                Ok(v) => v,
+                Err(e) => return Reply::bad(&format!("body: {e}")),
+            };
+            let tenant = entry.tenant_id.clone();
+            match st.directory.upsert(ep, entry) {
+                Ok(existed) => {
+                    if let Some(h) = &st.on_tenants {
+                        h(&[tenant]);
+                    }
+                    st.endpoints_changed(vec![ep.to_string()]);
+                    Reply::json(if existed { 200 } else { 201 }, &json!({ "endpoint": ep }))
+                }
+                Err(e) => dir_error(e),
+            }
+        }
+        "DELETE" => match st.directory.remove(ep) {
+            Ok(true) => {
+                st.endpoints_changed(vec![ep.to_string()]);
+                Reply::empty(204)
+            }
+            Ok(false) => Reply::not_found("no such endpoint"),
+            Err(e) => Reply::error(500, "storage", &e.to_string()),
+        },
+        _ => Reply::method_not_allowed(),
+    }
+}
+
+fn check_device_id(device: &str) -> Result<(), Reply> {
+    if device.is_empty() || device.len() > MAX_DEVICE_ID {
+        return Err(Reply::bad("device_id must be 1..=256 bytes"));
+    }
+    Ok(())
+}
+
+fn device_rpc(st: &AdminState, m: &str, device: &str, body: &[u8]) -> Reply {
+    let Some(rpc) = st.rpc.clone() else {
+        return Reply::unavailable("the RPC service is not running");
+    };
+    if let Err(r) = check_device_id(device) {
+        return r;
+    }
+    match m {
+        "GET" => {
+            let (list, presence) = rpc.of_device(device);
+            Reply::json(
+                200,
+                &json!({ "device_id": device, "registration": presence, "rpcs": list }),
+            )
+        }
+        "POST" => {
+            let mut r = match RpcRequest::parse(body) {
+                Ok(r) => r,
+                Err(e) => return Reply::bad(&e.to_string()),
+            };
+            if !r.device_id.is_empty() && r.device_id != device {
+                return Reply::bad("device_id in the body differs from the path");
+            }
+            r.device_id = device.to_string();
+            // The tenant is the device's: a body naming another is refused
+            // (its status would go to that tenant's topic).
+            match st.directory.by_device(device) {
+                Some((_, e)) if r.tenant_id.is_empty() || r.tenant_id == e.tenant_id => {
+                    r.tenant_id = e.tenant_id.clone()
+                }
+                Some(_) => return Reply::bad("tenant_id is not the device's tenant"),
+                None => return Reply::not_found("no such device"),
+            }
+            if r.rpc_id.is_empty() {
+                r.rpc_id = new_rpc_id();
+            }
+            if let Err(e) = r.validate() {
+                return Reply::bad(&e.to_string());
+            }
+            match rpc.submit(r) {
+                Ok(rec) => Reply::json(
+                    202,
+                    &json!({ "rpc_id": &*rec.rpc_id, "status": rec.status }),
+                ),
+                Err(Refusal::Duplicate(rec)) => Reply::json(200, &*rec),
+                Err(Refusal::Invalid(e)) => Reply::bad(&e),
+            }
+        }
+        _ => Reply::method_not_allowed(),
+    }
+}
+
+/// Largest page of `GET /v1/devices`.
+const MAX_PAGE: usize = 1000;
+/// Devices looked at per page when filtering by online state (a page may
+/// come back short with a cursor to go on).
+const MAX_SCAN: usize = 100_000;
+
+fn list_devices(st: &AdminState, query: &str) -> Reply {
+    let Some(rpc) = &st.rpc else {
+        return Reply::unavailable("the RPC service is not running");
+    };
+    let tenant = query_param(query, "tenant").filter(|t| !t.is_empty());
+    if tenant.as_ref().is_some_and(|t| t.len() > MAX_TENANT) {
+        return Reply::bad("tenant must be at most 64 bytes");
+    }
+    let online = match query_param(query, "online").as_deref() {
+        None | Some("") => None,
+        Some("true") => Some(true),
+        Some("false") => Some(false),
+        Some(_) => return Reply::bad("online must be true or false"),
+    };
+    let limit = match query_param(query, "limit").as_deref() {
+        None | Some("") => 100,
+        Some(v) => match v.parse::<usize>() {
+            Ok(n) if (1..=MAX_PAGE).contains(&n) => n,
+            _ => return Reply::bad("limit must be 1..=1000"),
+        },
+    };
+    let cursor = query_param(query, "cursor").filter(|c| !c.is_empty());
+    if cursor.as_ref().is_some_and(|c| c.len() > MAX_DEVICE_ID) {
+        return Reply::bad("cursor must be at most 256 bytes");
+    }
+    let mut rows: Vec<Value> = Vec::new();
+    let (page, next) = st.directory.devices_page(
+        cursor.as_deref(),
+        tenant.as_deref(),
+        limit,
+        MAX_SCAN,
+        |chunk| {
+            let ids: Vec<String> = chunk.iter().map(|(d, _, _)| d.clone()).collect();
+            let pres = rpc.presences(ids);
+            let mut keep = Vec::with_capacity(chunk.len());
+            for ((device_id, ep, e), p) in chunk.iter().zip(pres) {
+                let is_online = p.as_ref().is_some_and(|p| p.online);
+                let k = online.is_none_or(|want| want == is_online);
+                keep.push(k);
+                if k {
+                    rows.push(json!({
+                        "device_id": device_id,
+                        "tenant_id": e.tenant_id,
+                        "endpoint": ep,
+                        "profile": e.profile,
+                        "online": is_online,
+                        "last_seen": p.as_ref().map(|p| p.last_seen).filter(|t| *t > 0),
+                        "shard": p.as_ref().filter(|p| p.online).map(|p| p.shard),
+                    }));
+                }
+            }
+            keep
+        },
+    );
+    debug_assert_eq!(page.len(), rows.len());
+    Reply::json(200, &json!({ "devices": rows, "next_cursor": next }))
+}
+
+/// How long a shard may take to describe a registration.
+const DESCRIBE_WAIT: Duration = Duration::from_secs(2);
+
+fn show_device(st: &AdminState, device: &str) -> Reply {
+    if let Err(r) = check_device_id(device) {
+        return r;
+    }
+    let Some((endpoint, entry)) = st.directory.by_device(device) else {
+        return Reply::not_found("no such device");
+    };
+    let Some(rpc) = &st.rpc else {
+        return Reply::unavailable("the RPC service is not running");
+    };
+    let (rpcs, mut presence) = rpc.of_device(device);
+    // The shard the book last saw holding it describes the registration;
+    // if it moved meanwhile, once more with the newer report.
+    let mut view = None;
+    for _ in 0..2 {
+        let Some(p) = presence.as_ref().filter(|p| p.online) else {
+            break;
+        };
+        if let Some(c) = &st.control {
+            view = c.describe(p.shard as usize, &endpoint, DESCRIBE_WAIT);
+        }
+        if view.is_some() {
+            break;
+        }
+        presence = rpc.of_device(device).1;
+    }
+    let online = presence.as_ref().is_some_and(|p| p.online);
+    let pending: Vec<_> = rpcs.iter().filter(|r| !r.status.is_terminal()).collect();
+    let recent: Vec<_> = rpcs
+        .iter()
+        .rev()
+        .filter(|r| r.status.is_terminal())
+        .take(10)
+        .collect();
+    let last_seen = view
+        .as_ref()
+        .map(|v| v.last_seen)
+        .or(presence.as_ref().map(|p| p.last_seen))
+        .filter(|t| *t > 0);
+    let mut v = entry.redacted_json();
+    if let Some(o) = v.as_object_mut() {
+        o.insert("endpoint".into(), json!(endpoint));
+        o.insert("online".into(), json!(online));
+        o.insert("last_seen".into(), json!(last_seen));
+        if !online {
+            o.insert(
+                "offline_reason".into(),
+                json!(presence.as_ref().and_then(|p| p.reason)),
+            );
+        }
+        // The shard's own view when it answered; what the book last heard
+        // otherwise (a shard busy past DESCRIBE_WAIT).
+        let reg = match (&view, &presence) {
+            (Some(view), _) => serde_json::to_value(view).unwrap_or_default(),
+            (None, Some(p)) if p.online => {
+                let mut r = serde_json::to_value(p).unwrap_or_default();
+                if let Some(r) = r.as_object_mut() {
+                    r.insert("partial".into(), json!(true));
+                }
+                r
+            }
+            _ => Value::Null,
+        };
+        o.insert("registration".into(), reg);
+        o.insert("pending_rpcs".into(), json!(pending));
+        o.insert("recent_rpcs".into(), json!(recent));
+    }
+    Reply::json(200, &v)
+}
+
+/// A fresh RPC id: 128 random bits in hex.
+fn new_rpc_id() -> String {
+    let mut b = [0u8; 16];
+    if openssl::rand::rand_bytes(&mut b).is_err() {
+        b = rand::random();
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{pct_decode, query_param};
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(pct_decode("urn%3Aimei%3A123", false), "urn:imei:123");
+        assert_eq!(pct_decode("urn:imei:1", false), "urn:imei:1");
+        assert_eq!(pct_decode("a%", false), "a%");
+        assert_eq!(pct_decode("a%4", false), "a%4");
+        assert_eq!(pct_decode("%zz", false), "%zz");
+        assert_eq!(pct_decode("a+b", false), "a+b");
+        assert_eq!(pct_decode("a+b%2B", true), "a b+");
+    }
+
+    #[test]
+    fn query_parameters() {
+        let q = "tenant=acme&online=true&cursor=urn%3Aimei%3A1&empty&tenant=beta";
+        assert_eq!(query_param(q, "tenant").as_deref(), Some("beta"));
+        assert_eq!(query_param(q, "online").as_deref(), Some("true"));
+        assert_eq!(query_param(q, "cursor").as_deref(), Some("urn:imei:1"));
+        assert_eq!(query_param(q, "empty").as_deref(), Some(""));
+        assert_eq!(query_param(q, "limit"), None);
+        assert_eq!(query_param("", "x"), None);
+    }
+}
