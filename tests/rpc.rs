@@ -583,6 +583,42 @@ fn every_operation_round_trips_through_the_http_api() {
         dev.request(&send, Duration::from_secs(5)),
         Some(Code::CHANGED)
     );
+
+    // An RPC observation of a path the profile does not map: counted
+    // only; with the profile's publish_unmapped, published under its path.
+    let s = call(
+        &gw,
+        &mut dev,
+        ENV_DEV,
+        r#"{"method":"observe","params":{"path":"/3/0/9"}}"#,
+    );
+    ok(&s, "2.05");
+    let unmapped = gw.metric("unmapped_values");
+    dev.sim.values.insert(rp("/3/0/9"), 64.0);
+    assert_eq!(
+        dev.notify_con("/3/0/9", Duration::from_secs(10)),
+        Some(corem_lwm2m::proto::coap::MsgType::Ack)
+    );
+    assert!(gw.metric("unmapped_values") > unmapped);
+    std::fs::write(
+        gw.dir.join("profiles/environment.toml"),
+        format!("publish_unmapped = true\n{ENV_PROFILE}"),
+    )
+    .unwrap();
+    assert_eq!(
+        http(gw.admin, "POST", "/v1/profiles/reload", "").unwrap().0,
+        200
+    );
+    dev.sim.values.insert(rp("/3/0/9"), 63.0);
+    assert_eq!(
+        dev.notify_con("/3/0/9", Duration::from_secs(10)),
+        Some(corem_lwm2m::proto::coap::MsgType::Ack)
+    );
+    let pts = read_matching(&telemetry, 1, Duration::from_secs(20), |r| {
+        r.value["device_id"] == ENV_DEV && !r.value["numeric_values"]["/3/0/9"].is_null()
+    });
+    assert_eq!(pts[0].value["numeric_values"]["/3/0/9"], 63);
+    assert_eq!(pts[0].value["source"]["path"], "/3/0/9");
 }
 
 #[test]

@@ -27,6 +27,13 @@
 //! `--dtls psk` writes them); certificates are issued per device by the CA
 //! in `--pki DIR` (`--write-pki DIR` creates it and the gateway's
 //! certificate).
+//!
+//! `--rpc-rate N` (with `--brokers`): once the fleet registered, platform
+//! RPCs (`--rpc-method`, default a Read of /3/0/0) go to the gateway's
+//! request topic at N/s, round robin over the devices, for the steady
+//! state; their statuses are consumed back from
+//! `device.rpc.status.{tenant}` (see `corem_lwm2m::tools::rpc_load`):
+//! request→status latency and the count of each terminal status.
 
 use clap::Parser;
 use corem_lwm2m::proto::coap::{Code, Message, MsgType};
@@ -35,6 +42,7 @@ use corem_lwm2m::proto::lwm2m::content::ResourcePath;
 use corem_lwm2m::testkit::certs::Pki;
 use corem_lwm2m::testkit::dtls_client::{client_context, ClientAuth, Datagrams, DtlsClient};
 use corem_lwm2m::testkit::sim::{SimDevice, SimObservation};
+use corem_lwm2m::tools::rpc_load::{RpcLoad, RpcLoadConfig};
 use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
 use hdrhistogram::Histogram;
 use mio::net::UdpSocket;
@@ -126,6 +134,23 @@ struct Args {
     /// gateway.key) into DIR and exit.
     #[arg(long)]
     write_pki: Option<std::path::PathBuf>,
+    /// RPC phase: platform RPCs per second (over the fleet) written to the
+    /// request topic once every device registered, for the steady state;
+    /// their statuses are consumed back (needs --brokers).
+    #[arg(long, default_value_t = 0)]
+    rpc_rate: u64,
+    /// The RPC method (`read` of --rpc-path, `reboot`, `execute` of
+    /// --rpc-path, `discover`).
+    #[arg(long, default_value = "read")]
+    rpc_method: String,
+    #[arg(long, default_value = "/3/0/0")]
+    rpc_path: String,
+    /// Timeout of each RPC (timeout_ms).
+    #[arg(long, default_value_t = 30_000)]
+    rpc_timeout_ms: u64,
+    /// The gateway's RPC request topic.
+    #[arg(long, default_value = "device.rpc.requests")]
+    rpc_topic: String,
     /// Internal: run as worker I of the fleet.
     #[arg(long, hide = true)]
     worker_index: Option<usize>,
@@ -1076,6 +1101,29 @@ fn ms(h: &Histogram<u64>, q: f64) -> String {
     }
 }
 
+fn device_id(i: usize) -> String {
+    format!("lg-{i:08}")
+}
+
+fn start_rpc_phase(a: &Args, brokers: &str) -> anyhow::Result<RpcLoad> {
+    let params = match a.rpc_method.as_str() {
+        "reboot" | "factory_reset" => serde_json::json!({}),
+        _ => serde_json::json!({ "path": a.rpc_path }),
+    };
+    RpcLoad::start(RpcLoadConfig {
+        brokers: brokers.to_string(),
+        request_topic: a.rpc_topic.clone(),
+        status_topic: format!("device.rpc.status.{}", a.tenant),
+        tenant: a.tenant.clone(),
+        device_ids: (0..a.devices).map(device_id).collect(),
+        rate: a.rpc_rate,
+        method: a.rpc_method.clone(),
+        params,
+        timeout_ms: a.rpc_timeout_ms,
+        run_id: format!("lg{:x}", now_us()),
+    })
+}
+
 fn write_provisioning(a: &Args, path: &std::path::Path) -> anyhow::Result<()> {
     let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
     writeln!(
@@ -1087,8 +1135,9 @@ fn write_provisioning(a: &Args, path: &std::path::Path) -> anyhow::Result<()> {
         let ep = format!("{}{}", a.prefix, i);
         writeln!(
             f,
-            "[[endpoint]]\nendpoint = \"{ep}\"\ndevice_id = \"lg-{:08}\"\ntenant_id = \"{}\"",
-            i, a.tenant
+            "[[endpoint]]\nendpoint = \"{ep}\"\ndevice_id = \"{}\"\ntenant_id = \"{}\"",
+            device_id(i),
+            a.tenant
         )?;
         match a.dtls.as_deref() {
             Some("psk") => {
@@ -1181,8 +1230,13 @@ fn main() -> anyhow::Result<()> {
         }));
         children.push(child);
     }
-    // Live progress line.
+    // Live progress line; the RPC phase starts once the fleet registered
+    // (or registration stalled for 10 s) and stops 3 s before the steady
+    // state ends (the devices de-register after it).
     let mut last = (0u64, Instant::now());
+    let mut rpc: Option<RpcLoad> = None;
+    let mut rpc_until: Option<Instant> = None;
+    let mut reg_moved = (0u64, Instant::now());
     loop {
         std::thread::sleep(Duration::from_secs(1));
         let done = children
@@ -1194,10 +1248,34 @@ fn main() -> anyhow::Result<()> {
                 (a.0 + x.registered, a.1 + x.sent, a.2 + x.acked)
             })
         };
+        if reg != reg_moved.0 {
+            reg_moved = (reg, Instant::now());
+        }
+        if let (Some(b), true, None) = (&a.brokers, a.rpc_rate > 0, &rpc_until) {
+            let settled = reg as usize >= a.devices
+                || (reg > 0 && reg_moved.1.elapsed() > Duration::from_secs(10));
+            if settled {
+                let window = Duration::from_secs(a.duration.saturating_sub(3).max(1));
+                rpc_until = Some(Instant::now() + window);
+                match start_rpc_phase(&a, b) {
+                    Ok(r) => rpc = Some(r),
+                    Err(e) => eprintln!("\nRPC phase not started: {e}"),
+                }
+            }
+        }
+        if let (Some(r), Some(until)) = (rpc.as_mut(), rpc_until) {
+            if Instant::now() >= until {
+                r.stop_producing();
+            }
+        }
         let rate = (sent - last.0) as f64 / last.1.elapsed().as_secs_f64();
         last = (sent, Instant::now());
+        let rpcs = rpc
+            .as_ref()
+            .map(|r| format!("  rpc {}/{}", r.finished(), r.produced()))
+            .unwrap_or_default();
         eprint!(
-            "\r[{:>5.0}s] registered {reg:>7}/{}  sent {sent:>9}  acked {acked:>9}  {rate:>9.0}/s  kafka {:>9}   ",
+            "\r[{:>5.0}s] registered {reg:>7}/{}  sent {sent:>9}  acked {acked:>9}  {rate:>9.0}/s  kafka {:>9}{rpcs}   ",
             t0.elapsed().as_secs_f64(),
             a.devices,
             e2e.records.load(Ordering::Relaxed)
@@ -1207,6 +1285,11 @@ fn main() -> anyhow::Result<()> {
         }
     }
     eprintln!();
+    let rpc_report = rpc.map(|r| {
+        r.finish(Duration::from_secs(
+            a.drain.max(a.rpc_timeout_ms / 1000 + 5),
+        ))
+    });
     for r in readers {
         let _ = r.join();
     }
@@ -1313,6 +1396,11 @@ fn main() -> anyhow::Result<()> {
         }) } else { serde_json::json!(null) },
         "updates": total.updates, "deregistered": total.deregistered,
         "server_requests": total.server_requests,
+        "rpc": rpc_report.as_ref().map(|r| serde_json::json!({
+            "method": a.rpc_method, "rate": a.rpc_rate, "report": r,
+            "request_to_final_status": pct(&r.latency),
+            "request_to_sent_status": pct(&r.to_sent),
+        })),
     });
     println!("== lwm2m-loadgen summary ==");
     println!(
@@ -1355,6 +1443,21 @@ fn main() -> anyhow::Result<()> {
             ms(&e2e_h, 0.5),
             ms(&e2e_h, 0.99),
             ms(&e2e_h, 1.0)
+        );
+    }
+    if let Some(r) = &rpc_report {
+        println!(
+            "RPCs               {} requested ({:.0}/s over {:.1} s), {} finished ({:.0}/s) {:?}, {} unfinished; request→status p50 {} p99 {} max {}",
+            r.requested,
+            r.requested_per_second,
+            r.seconds,
+            r.finished,
+            r.finished_per_second,
+            r.by_status,
+            r.unfinished,
+            ms(&r.latency, 0.5),
+            ms(&r.latency, 0.99),
+            ms(&r.latency, 1.0)
         );
     }
     println!(

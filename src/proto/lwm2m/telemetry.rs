@@ -8,9 +8,14 @@
 //! each metric once (the last value for it wins). Integers stay integers
 //! ([`Num`]). The common case, one value, allocates nothing but the point's
 //! own small vectors inline.
+//!
+//! A profile with `publish_unmapped` publishes values no mapping covers
+//! (observations set up by RPC on any path) under their path as the metric
+//! name (`"/3/0/9"`), numeric, boolean or string by the value and the
+//! resource's built-in type; otherwise they are only counted.
 
-use super::content::{Num, ResourceValue};
-use super::profile::{MetricKind, Profile};
+use super::content::{DataType, Num, ResourcePath, ResourceValue, Value};
+use super::profile::{builtin_type, MetricKind, Profile};
 use smallvec::SmallVec;
 
 /// The values of one point, by kind.
@@ -49,19 +54,64 @@ pub struct Points<'p> {
     pub bad: usize,
 }
 
-/// Maps `values` through `profile`; `now_ms` is the timestamp of values
-/// without their own time.
+/// The metric names of the values `profile` does not map, when it
+/// publishes them (their paths; empty otherwise, without allocating).
+/// Built before [`build_points`], which borrows them.
+pub fn unmapped_names(
+    profile: &Profile,
+    values: &[ResourceValue<'_>],
+) -> Vec<(ResourcePath, String)> {
+    if !profile.publish_unmapped {
+        return Vec::new();
+    }
+    let mut names: Vec<(ResourcePath, String)> = values
+        .iter()
+        .filter(|v| profile.mapping(&v.path).is_none())
+        .map(|v| (v.path, v.path.to_string()))
+        .collect();
+    names.sort_by_key(|(p, _)| *p);
+    names.dedup_by_key(|(p, _)| *p);
+    names
+}
+
+/// How an unmapped value is published: by what it is, else by the
+/// resource's built-in type (TLV and opaque carry no type of their own).
+fn unmapped_kind(v: &Value<'_>, ty: Option<DataType>) -> MetricKind {
+    match (v, ty) {
+        (Value::Int(_) | Value::Float(_), _) => MetricKind::Numeric,
+        (Value::Bool(_), _) | (_, Some(DataType::Boolean)) => MetricKind::Bool,
+        (_, Some(DataType::Integer | DataType::Unsigned | DataType::Float | DataType::Time)) => {
+            MetricKind::Numeric
+        }
+        _ => MetricKind::String,
+    }
+}
+
+/// Maps `values` through `profile` (and `unmapped`, from
+/// [`unmapped_names`]); `now_ms` is the timestamp of values without their
+/// own time.
 pub fn build_points<'p>(
     profile: &'p Profile,
+    unmapped: &'p [(ResourcePath, String)],
     values: &[ResourceValue<'_>],
     now_ms: i64,
 ) -> Points<'p> {
     let mut out = Points::default();
     for v in values {
-        let Some(m) = profile.mapping(&v.path) else {
-            out.unmapped += 1;
-            continue;
-        };
+        let (metric, kind, data_type): (&'p str, MetricKind, Option<DataType>) =
+            match profile.mapping(&v.path) {
+                Some(m) => (&m.metric, m.kind, m.data_type),
+                None => match unmapped.binary_search_by_key(&v.path, |(p, _)| *p) {
+                    Ok(i) => {
+                        let ty = builtin_type(&v.path.without_resource_instance());
+                        (&unmapped[i].1, unmapped_kind(&v.value, ty), ty)
+                    }
+                    Err(_) => {
+                        out.unmapped += 1;
+                        continue;
+                    }
+                },
+            };
         let ts = v.time_ms.unwrap_or(now_ms);
         let idx = match out.points.iter().position(|(t, _)| *t == ts) {
             Some(i) => i,
@@ -71,9 +121,8 @@ pub fn build_points<'p>(
             }
         };
         let pv = &mut out.points[idx].1;
-        let metric: &'p str = &m.metric;
-        match m.kind {
-            MetricKind::Numeric => match v.value.to_number(m.data_type) {
+        match kind {
+            MetricKind::Numeric => match v.value.to_number(data_type) {
                 Some(n) if n.is_finite() => put(&mut pv.numeric, metric, n),
                 _ => out.bad += 1,
             },
@@ -111,7 +160,7 @@ mod tests {
             0,
         )
         .unwrap();
-        let pts = build_points(&p, &vals, 5);
+        let pts = build_points(&p, &[], &vals, 5);
         assert_eq!(pts.unmapped, 1);
         assert_eq!(pts.points.len(), 2);
         let (ts, v) = &pts.points[0];
@@ -127,6 +176,59 @@ mod tests {
         assert_eq!(
             pts.points[1].1.numeric.as_slice(),
             &[("temperature", Num::Float(23.0))]
+        );
+    }
+
+    #[test]
+    fn unmapped_values_published_under_their_path_when_the_profile_says() {
+        let mut p = profile();
+        let senml = br#"[{"bn":"/3303/0/","n":"5700","v":22.5},
+                         {"bn":"/3/0/","n":"0","vs":"ACME"},
+                         {"bn":"","n":"/3/0/13","v":1700000000},
+                         {"n":"/3311/0/5850","vb":true}]"#;
+        let vals = content::decode(
+            content::CF_SENML_JSON,
+            ResourcePath::parse("/0").unwrap(),
+            senml,
+            0,
+        )
+        .unwrap();
+        // Counted only, by default.
+        assert!(unmapped_names(&p, &vals).is_empty());
+        assert_eq!(build_points(&p, &[], &vals, 5).unmapped, 3);
+        p.publish_unmapped = true;
+        let names = unmapped_names(&p, &vals);
+        assert_eq!(names.len(), 3);
+        let pts = build_points(&p, &names, &vals, 5);
+        assert_eq!(pts.unmapped, 0);
+        let v = &pts.points[0].1;
+        assert_eq!(
+            v.numeric.as_slice(),
+            &[
+                ("/3/0/13", Num::Int(1700000000)),
+                ("temperature", Num::Float(22.5))
+            ]
+        );
+        assert_eq!(v.string.as_slice(), &[("/3/0/0", "ACME".to_string())]);
+        assert_eq!(v.boolean.as_slice(), &[("/3311/0/5850", true)]);
+        // TLV bytes of an unmapped integer resource are read by its type.
+        let mut t = Vec::new();
+        content::encode_tlv_resource(&mut t, content::tlv_kind::RESOURCE, 9, &[87]);
+        let vals = content::decode(
+            content::CF_TLV,
+            ResourcePath::parse("/3/0/9").unwrap(),
+            &t,
+            0,
+        )
+        .unwrap();
+        let mut q = Profile::builtin_default();
+        q.resources.clear();
+        q.publish_unmapped = true;
+        let names = unmapped_names(&q, &vals);
+        let pts = build_points(&q, &names, &vals, 5);
+        assert_eq!(
+            pts.points[0].1.numeric.as_slice(),
+            &[("/3/0/9", Num::Int(87))]
         );
     }
 }

@@ -57,7 +57,7 @@ use super::registration::{
 };
 use super::rpc::{Presence, RpcEvent, RpcExec, RpcOutcome, RpcStatus};
 use super::send;
-use super::telemetry::build_points;
+use super::telemetry::{build_points, unmapped_names};
 use crate::metrics::ShardMetrics;
 use crate::proto::coap::block::{Block1Limits, Block1Step, Block1Table};
 use crate::proto::coap::exchange::{token_of, ExchangeConfig, Exchanges, Inbound, Token};

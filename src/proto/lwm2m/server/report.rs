@@ -538,7 +538,8 @@ impl Server {
         let Some(profile) = Profile::lookup(ctx.profiles, &reg.entry.profile) else {
             return Published::Nothing;
         };
-        let pts = build_points(profile, &values, now.wall_ms);
+        let names = unmapped_names(profile, &values);
+        let pts = build_points(profile, &names, &values, now.wall_ms);
         ShardMetrics::add(&self.metrics.unmapped_values, pts.unmapped as u64);
         ShardMetrics::add(&self.metrics.decode_errors, pts.bad as u64);
         if pts.points.is_empty() {
