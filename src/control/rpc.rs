@@ -181,6 +181,7 @@ impl RpcService {
                     offsets.insert(partition, next);
                     None
                 }
+                WalLine::Covers { .. } => None,
             })
             .collect();
         let (resumed, interrupted) = {
@@ -211,7 +212,7 @@ impl RpcService {
             profiles,
             status_topic: cfg.kafka.rpc_status_topic.clone(),
             default_timeout_ms: cfg.rpc.default_timeout_ms,
-            compact_bytes: cfg.rpc.log_compact_bytes.max(1 << 20),
+            compact_bytes: cfg.rpc.log_compact_bytes.max(1024),
             unpublished: Vec::new(),
             offsets: offsets.clone(),
             offset_lines: Vec::new(),
@@ -303,9 +304,13 @@ impl Worker {
                 },
                 default(wait) => {}
             }
-            // Take what else is waiting (bounded), so one fsync covers it.
+            // Take what else is waiting, so one fsync covers it (group
+            // commit: the busier, the larger the batch), bounded so a flood
+            // still gets its answers out.
             let t0 = Instant::now();
-            while t0.elapsed() < Duration::from_millis(2) {
+            let mut taken = 0;
+            while taken < 8192 && t0.elapsed() < Duration::from_millis(20) {
+                taken += 1;
                 let mut any = false;
                 if let Ok(c) = cmds.try_recv() {
                     stop |= self.command(c, &mut replies);
@@ -328,6 +333,7 @@ impl Worker {
         if let Err(e) = self.producer.flush(Duration::from_secs(5)) {
             tracing::warn!(error = %e, "rpc status producer did not flush");
         }
+        self.log.wait_compaction();
     }
 
     /// Returns true on Stop.
@@ -454,15 +460,21 @@ impl Worker {
         while let Some((shard, exec)) = self.book.poll_exec() {
             self.control.send_rpc(shard as usize, exec);
         }
-        if self.log.grown() > self.compact_bytes {
-            let lines: Vec<WalLine> = self
+        if self.log.needs_compaction(self.compact_bytes) {
+            // The state after everything appended so far; written in the
+            // background while appends go on to a new segment.
+            let mut lines: Vec<WalLine> = self
                 .book
                 .compacted()
                 .into_iter()
                 .map(WalLine::Rpc)
                 .collect();
-            if let Err(e) = self.log.compact(&lines) {
-                tracing::error!(error = %e, "rpc log compaction failed");
+            lines.extend(self.offsets.iter().map(|(p, n)| WalLine::Offset {
+                partition: *p,
+                next: *n,
+            }));
+            if let Err(e) = self.log.compact(lines) {
+                tracing::error!(error = %e, "rpc log compaction not started");
             }
         }
     }
@@ -485,6 +497,9 @@ fn intake(
         .set("group.id", format!("{}-rpc-intake", k.client_id))
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false")
+        // librdkafka's default 500 ms fetch wait would sit in every RPC's
+        // latency when requests trickle in.
+        .set("fetch.wait.max.ms", "10")
         .set("auto.offset.reset", "earliest");
     if let Err(e) = crate::sink::kafka::apply_security(&k, &mut c) {
         tracing::error!(error = %e, "RPC intake not started");
