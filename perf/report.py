@@ -149,11 +149,13 @@ if "rpc-10k" in rows:
     rp = get(r, "report", "rpc") or {}
     rr = rp.get("report") or {}
     lat = rp.get("request_to_final_status") or {}
+    ing = rp.get("accepted_to_finished_in_gateway") or {}
     n = get(r, "report", "notifications") or {}
     out.append(f"* **RPCs through Kafka with telemetry flowing**: {rr.get('requested', 0):,} `{rp.get('method')}` RPCs offered at "
                f"{rp.get('rate', 0):,}/s over {rr.get('seconds', 0):.0f} s to {get(r, 'report', 'config', 'devices'):,} devices; "
                f"**{rr.get('finished_per_second', 0):,.0f} finished/s** {rr.get('by_status', {})}, {rr.get('unfinished', 0)} unfinished; "
                f"request→status p50 {ms(lat.get('p50_us'))} ms, **p99 {ms(lat.get('p99_us'))} ms** (target ≥ 10,000/s, p99 ≤ 50 ms); "
+               f"inside the gateway (accepted→finished, ms resolution) p50 {ms(ing.get('p50_us'))} ms, p99 {ms(ing.get('p99_us'))} ms; "
                f"beside {n.get('acked_per_second', 0):,.0f} CON points/s acked; gateway CPU {r.get('gw_cpu_s', 0):.1f} s")
 out.append("")
 print("\n".join(out))
