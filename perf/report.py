@@ -36,7 +36,8 @@ def ms(us):
 
 cpu = sh("lscpu | sed -n 's/^Model name: *//p'")
 mem = sh("awk '/MemTotal/ {printf \"%.0f GiB\", $2/1048576}' /proc/meminfo")
-commit = sh("git rev-parse --short HEAD") + (" (dirty)" if sh("git status --porcelain -uno") else "")
+# RESULTS.md itself changes between the runs of a series: not "dirty".
+commit = sh("git rev-parse --short HEAD") + (" (dirty)" if sh("git status --porcelain -uno -- . ':!perf/RESULTS.md'") else "")
 now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 base_con = get(rows, "baseline-con", "report", "notifications", "acked_per_second")
@@ -51,13 +52,18 @@ out = []
 out.append(f"\n## Run of {now} — commit {commit}\n")
 out.append(f"* machine: {cpu}, {os.cpu_count()} cores, {mem}, Linux {platform.release()}; "
            "broker, gateway and load generator share these cores")
-out.append(f"* command: `ACK_AFTER={os.environ.get('ACK_AFTER', 'delivered')} DURATION={duration} DEVICES={devices} BIG={big} perf/run-scenarios {args}`".replace("  ", " "))
+rpc_env = ""
+if "rpc-10k" in args.split():
+    rpc_env = f" RPC_RATE={os.environ.get('RPC_RATE', '1000')} TELEMETRY_RATE={os.environ.get('TELEMETRY_RATE', '2000')}"
+out.append(f"* command: `ACK_AFTER={os.environ.get('ACK_AFTER', 'delivered')} DURATION={duration} DEVICES={devices} BIG={big}{rpc_env} perf/run-scenarios {args}`".replace("  ", " "))
 ack_after = os.environ.get("ACK_AFTER", "delivered")
 out.append(f"* gateway: release build, shards = one per core, `coalesce_us` 1000, kafka linger 5 ms, idempotent, acks=all, `ack_after = \"{ack_after}\"`; tansu 0.6.0 memory storage, a fresh broker per scenario; loopback UDP; host tuned with `tuning/apply`\n")
-out.append("| scenario | devices | offered /s | accepted /s | ratio to baseline | lost | dup | CON ACK p50 / p99 ms | notify→Kafka p50 / p99 ms | gateway CPU µs / point | gateway RSS MiB |")
-out.append("|---|---|---|---|---|---|---|---|---|---|---|")
+TABLE = ["baseline-con", "baseline-non", "non-10k", "non-10k-half", "con-10k", "con-10k-half", "dtls-con-10k"]
+if any(n in rows for n in TABLE):
+    out.append("| scenario | devices | offered /s | accepted /s | ratio to baseline | lost | dup | CON ACK p50 / p99 ms | notify→Kafka p50 / p99 ms | gateway CPU µs / point | gateway RSS MiB |")
+    out.append("|---|---|---|---|---|---|---|---|---|---|---|")
 
-for name in ["baseline-con", "baseline-non", "non-10k", "non-10k-half", "con-10k", "con-10k-half", "dtls-con-10k"]:
+for name in TABLE:
     if name not in rows:
         continue
     r = rows[name]
@@ -153,7 +159,7 @@ if "rpc-10k" in rows:
     n = get(r, "report", "notifications") or {}
     out.append(f"* **RPCs through Kafka with telemetry flowing**: {rr.get('requested', 0):,} `{rp.get('method')}` RPCs offered at "
                f"{rp.get('rate', 0):,}/s over {rr.get('seconds', 0):.0f} s to {get(r, 'report', 'config', 'devices'):,} devices; "
-               f"**{rr.get('finished_per_second', 0):,.0f} finished/s** {rr.get('by_status', {})}, {rr.get('unfinished', 0)} unfinished; "
+               f"**{rr.get('finished_per_second', 0):,.0f} finished/s** (first request to last status, {rr.get('finish_seconds', 0):.1f} s) {rr.get('by_status', {})}, {rr.get('unfinished', 0)} unfinished; "
                f"request→status p50 {ms(lat.get('p50_us'))} ms, **p99 {ms(lat.get('p99_us'))} ms** (target ≥ 10,000/s, p99 ≤ 50 ms); "
                f"inside the gateway (accepted→finished, ms resolution) p50 {ms(ing.get('p50_us'))} ms, p99 {ms(ing.get('p99_us'))} ms; "
                f"beside {n.get('acked_per_second', 0):,.0f} CON points/s acked; gateway CPU {r.get('gw_cpu_s', 0):.1f} s")

@@ -1448,12 +1448,13 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(r) = &rpc_report {
         println!(
-            "RPCs               {} requested ({:.0}/s over {:.1} s), {} finished ({:.0}/s) {:?}, {} unfinished; request→status p50 {} p99 {} max {}; inside the gateway (accepted→finished) p50 {} p99 {}",
+            "RPCs               {} requested ({:.0}/s over {:.1} s), {} finished ({:.0}/s, the last {:.1} s after the first request) {:?}, {} unfinished; request→status p50 {} p99 {} max {}; inside the gateway (accepted→finished) p50 {} p99 {}",
             r.requested,
             r.requested_per_second,
             r.seconds,
             r.finished,
             r.finished_per_second,
+            r.finish_seconds,
             r.by_status,
             r.unfinished,
             ms(&r.latency, 0.5),

@@ -61,6 +61,8 @@ struct Book {
     /// broker's delivery of the request and of the status.
     in_gateway: Option<Histogram<u64>>,
     statuses: u64,
+    /// When the last terminal status was read (µs since the epoch).
+    last_end_us: u64,
 }
 
 /// The outcome of an RPC phase.
@@ -71,7 +73,11 @@ pub struct RpcLoadReport {
     pub seconds: f64,
     pub requested_per_second: f64,
     pub finished: u64,
+    /// Finished RPCs per second from the first request to the last
+    /// terminal status read (what the pipeline sustained end to end).
     pub finished_per_second: f64,
+    /// Seconds from the first request to the last terminal status.
+    pub finish_seconds: f64,
     pub by_status: std::collections::BTreeMap<String, u64>,
     pub unfinished: u64,
     pub status_records: u64,
@@ -94,6 +100,7 @@ pub struct RpcLoad {
     consumer: Option<JoinHandle<()>>,
     status_partitions: Vec<i32>,
     started: Instant,
+    started_us: u64,
     stopped: Option<Instant>,
 }
 
@@ -186,6 +193,7 @@ impl RpcLoad {
             consumer: Some(consumer),
             status_partitions,
             started: Instant::now(),
+            started_us: now_us(),
             stopped: None,
         })
     }
@@ -238,13 +246,15 @@ impl RpcLoad {
             *by_status.entry(s.clone()).or_insert(0) += 1;
         }
         let finished = b.ended.len() as u64;
+        let finish_seconds = b.last_end_us.saturating_sub(self.started_us) as f64 / 1e6;
         RpcLoadReport {
             requested,
             produce_failed: self.produce_failed.load(Ordering::Relaxed),
             seconds,
             requested_per_second: requested as f64 / seconds.max(1e-9),
             finished,
-            finished_per_second: finished as f64 / seconds.max(1e-9),
+            finished_per_second: finished as f64 / finish_seconds.max(1e-9),
+            finish_seconds,
             by_status,
             unfinished: requested.saturating_sub(finished),
             status_records: b.statuses,
@@ -366,6 +376,7 @@ fn consume(consumer: BaseConsumer, prefix: &str, book: &Mutex<Book>, stop: &Atom
             _ => {
                 if let std::collections::hash_map::Entry::Vacant(e) = b.ended.entry(seq) {
                     e.insert(status);
+                    b.last_end_us = b.last_end_us.max(now);
                     if let Some(h) = b.latency.as_mut() {
                         let _ = h.record(lat);
                     }
