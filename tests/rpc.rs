@@ -544,6 +544,15 @@ fn every_operation_round_trips_through_the_http_api() {
         r.value["device_id"] == ENV_DEV && r.value["numeric_values"]["humidity"] == 41.5
     });
     assert_eq!(pts[0].value["endpoint"], "urn:imei:env");
+    // The observation as the device holds it, to notify on it after the
+    // cancel as a device that missed the cancel would.
+    let stale = dev
+        .sim
+        .observations
+        .iter()
+        .find(|o| o.path == rp("/3304/0/5700"))
+        .cloned()
+        .expect("observed");
     let s = call(
         &gw,
         &mut dev,
@@ -551,14 +560,25 @@ fn every_operation_round_trips_through_the_http_api() {
         r#"{"method":"cancel_observe","params":{"path":"/3304/0/5700"}}"#,
     );
     ok(&s, "2.05");
-    if dev.sim.is_observed("/3304/0/5700") {
-        // The cancel went out as a GET with Observe=1; a notification the
-        // device still sends is answered with RST (RFC 7641 §3.6).
-        assert_eq!(
-            dev.notify_con("/3304/0/5700", Duration::from_secs(10)),
-            Some(corem_lwm2m::proto::coap::MsgType::Rst)
-        );
-    }
+    assert!(
+        !dev.sim.is_observed("/3304/0/5700"),
+        "cancelled with a GET carrying Observe=1 (RFC 7641 §3.6)"
+    );
+    // A notification on the cancelled observation: RST, and no point.
+    dev.sim.observations.push(stale);
+    dev.sim.values.insert(rp("/3304/0/5700"), 42.5);
+    assert_eq!(
+        dev.notify_con("/3304/0/5700", Duration::from_secs(10)),
+        Some(corem_lwm2m::proto::coap::MsgType::Rst)
+    );
+    dev.sim
+        .observations
+        .retain(|o| o.path != rp("/3304/0/5700"));
+    broker.write_marker("telemetry.raw.acme");
+    let late = read_matching(&telemetry, 1, Duration::from_secs(3), |r| {
+        r.value["device_id"] == ENV_DEV && r.value["numeric_values"]["humidity"] == 42.5
+    });
+    assert!(late.is_empty(), "no point after the cancel: {late:?}");
 
     // Execute with arguments (TS 1.1 Core §5.4.5).
     let s = call(
