@@ -128,6 +128,72 @@ pub fn parse_registration(payload: &[u8]) -> Result<RegistrationLinks, LinkForma
     Ok(out)
 }
 
+/// One link of a Bootstrap-Discover answer (TS 1.1 Core §5.2.7.1):
+/// `</0/1>;ssid=101;uri="coaps://…"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiscoveredInstance {
+    pub object: u16,
+    pub instance: Option<u16>,
+    /// Short Server ID (absent on the Bootstrap-Server's Security instance).
+    pub ssid: Option<u16>,
+    pub uri: Option<String>,
+}
+
+/// A parsed Bootstrap-Discover answer.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct BootstrapDiscover {
+    /// The `lwm2m="1.1"` element that leads the answer (1.1 clients).
+    pub version: Option<String>,
+    pub links: Vec<DiscoveredInstance>,
+}
+
+/// Parses a Bootstrap-Discover answer: `lwm2m="1.1",</0/0>,</0/1>;ssid=101,</1/0>;ssid=101`.
+pub fn parse_bootstrap_discover(payload: &[u8]) -> Result<BootstrapDiscover, LinkFormatError> {
+    let s = std::str::from_utf8(payload).map_err(|_| LinkFormatError::NotUtf8)?;
+    let mut out = BootstrapDiscover::default();
+    for (n, item) in split_unquoted(s, ',').enumerate() {
+        if n >= MAX_LINKS {
+            return Err(LinkFormatError::TooMany(MAX_LINKS));
+        }
+        let item = item.trim();
+        if item.is_empty() {
+            continue;
+        }
+        if let Some(v) = item.strip_prefix("lwm2m=") {
+            out.version = Some(v.trim().trim_matches('"').chars().take(16).collect());
+            continue;
+        }
+        let mut parts = split_unquoted(item, ';');
+        let target = parts.next().unwrap_or("").trim();
+        let uri = target
+            .strip_prefix('<')
+            .and_then(|t| t.strip_suffix('>'))
+            .ok_or_else(|| LinkFormatError::BadLink(truncate(item)))?;
+        let mut segs = uri.split('/').filter(|s| !s.is_empty());
+        let Some(object) = segs.next().and_then(|s| s.parse::<u16>().ok()) else {
+            continue;
+        };
+        let instance = segs.next().and_then(|s| s.parse::<u16>().ok());
+        let (mut ssid, mut server_uri) = (None, None);
+        for attr in parts {
+            let (k, v) = attr.split_once('=').unwrap_or((attr, ""));
+            let v = v.trim().trim_matches('"');
+            match k.trim() {
+                "ssid" => ssid = v.parse::<u16>().ok(),
+                "uri" => server_uri = Some(v.chars().take(256).collect()),
+                _ => {}
+            }
+        }
+        out.links.push(DiscoveredInstance {
+            object,
+            instance,
+            ssid,
+            uri: server_uri,
+        });
+    }
+    Ok(out)
+}
+
 fn truncate(s: &str) -> String {
     s.chars().take(64).collect()
 }
@@ -154,6 +220,28 @@ mod tests {
         let l = parse_registration(br#"</lwm2m>;rt="oma.lwm2m",</lwm2m/3/0>"#).unwrap();
         assert_eq!(l.root_path, "/lwm2m");
         assert!(l.has(3, Some(0)));
+    }
+
+    #[test]
+    fn bootstrap_discover_answer() {
+        let d = parse_bootstrap_discover(
+            br#"lwm2m="1.1",</0/0>;uri="coaps://bs.example:5784",</0/1>;ssid=101,</1/0>;ssid=101,</3/0>,</5>"#,
+        )
+        .unwrap();
+        assert_eq!(d.version.as_deref(), Some("1.1"));
+        assert_eq!(d.links.len(), 5);
+        assert_eq!(d.links[0].ssid, None);
+        assert_eq!(d.links[0].uri.as_deref(), Some("coaps://bs.example:5784"));
+        assert_eq!(
+            (d.links[1].object, d.links[1].instance, d.links[1].ssid),
+            (0, Some(1), Some(101))
+        );
+        assert_eq!(d.links[4].instance, None);
+        // 1.0-style answers have no version element.
+        let d = parse_bootstrap_discover(b"</0/0>,</1/0>;ssid=1").unwrap();
+        assert_eq!(d.version, None);
+        assert!(parse_bootstrap_discover(b"0/0").is_err());
+        assert!(parse_bootstrap_discover(&[0xc3, 0x28]).is_err());
     }
 
     #[test]
