@@ -234,6 +234,13 @@ impl Sink for NullSink {
         self.0.clear();
         json::encode_status(e, &mut self.0).map_err(|_| SinkError::Rejected)
     }
+    fn publish_bootstrap(
+        &mut self,
+        e: &corem_lwm2m::proto::lwm2m::output::BootstrapEvent<'_>,
+    ) -> Result<(), SinkError> {
+        self.0.clear();
+        serde_json::to_writer(&mut self.0, e).map_err(|_| SinkError::Rejected)
+    }
 }
 
 fn engine_benches(c: &mut Criterion) {

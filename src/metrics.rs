@@ -131,6 +131,21 @@ metrics! {
         block1_too_large: "Block1 request bodies refused with 4.13 (above gateway.max_body)",
         block1_incomplete: "Block1 request bodies refused with 4.08 (a block missing)",
         block1_expired: "Block1 request bodies dropped unfinished (no block for their lifetime)",
+        bootstrap_requests: "Bootstrap-Request messages received (POST /bs)",
+        bootstrap_refused: "Bootstrap-Requests refused (unknown endpoint 4.03, wrong identity 4.03, keys over plain CoAP 4.03, bad request 4.00, unsupported pct 4.15, no server configured 5.00)",
+        bootstrap_restarted: "bootstrap sessions abandoned because the device sent a new Bootstrap-Request",
+        bootstrap_discovers: "Bootstrap-Discover requests sent",
+        bootstrap_deletes: "Bootstrap-Delete requests sent",
+        bootstrap_writes: "Bootstrap-Write requests sent (each block counts)",
+        bootstrap_psk_generated: "PSKs generated and recorded in the directory at bootstrap",
+        bootstrap_finished: "bootstrap sessions ended with a successful Bootstrap-Finish",
+        bootstrap_failed_discover: "bootstrap sessions failed at Bootstrap-Discover (5.xx, timeout, reset)",
+        bootstrap_failed_delete: "bootstrap sessions failed at Bootstrap-Delete",
+        bootstrap_failed_write: "bootstrap sessions failed at Bootstrap-Write",
+        bootstrap_failed_store: "bootstrap sessions failed recording a generated PSK",
+        bootstrap_failed_finish: "bootstrap sessions failed at Bootstrap-Finish (device error, timeout)",
+        bootstrap_timeouts: "bootstrap sessions ended by bootstrap.session_timeout_s",
+        status_dropped: "status events dropped because the producer stayed full (backlog limit)",
     }
     gauges {
         registrations_active: "registrations currently held by the shard",
@@ -143,6 +158,7 @@ metrics! {
         dtls_handshakes: "DTLS handshakes in progress on the shard",
         rpc_in_flight: "RPCs sent to devices and awaiting their answer",
         block1_assemblies: "Block1 request bodies being received (RFC 7959)",
+        bootstrap_sessions: "bootstrap sessions in progress on the shard",
     }
 }
 

@@ -117,6 +117,10 @@ pub struct CredentialIndex {
     pub psk: HashMap<Vec<u8>, (String, Arc<EndpointEntry>)>,
     /// Pinned certificate fingerprints → endpoint.
     pub fingerprints: HashMap<[u8; 32], String>,
+    /// Bootstrap PSK identity → (endpoint, entry) (the bootstrap listener).
+    pub bs_psk: HashMap<Vec<u8>, (String, Arc<EndpointEntry>)>,
+    /// Pinned bootstrap certificate fingerprints → endpoint.
+    pub bs_fingerprints: HashMap<[u8; 32], String>,
     /// Platform device_id → (endpoint, entry): RPCs address devices; in
     /// order, so the admin API pages through it by device_id.
     pub devices: BTreeMap<String, (String, Arc<EndpointEntry>)>,
@@ -135,6 +139,15 @@ impl CredentialIndex {
             if let Some(f) = e.x509_fingerprint() {
                 ix.fingerprints.insert(f, ep.clone());
             }
+            if let Some(b) = &e.bootstrap {
+                let c = b.credential_entry();
+                if let Some(id) = c.psk_identity_bytes() {
+                    ix.bs_psk.insert(id, (ep.clone(), e.clone()));
+                }
+                if let Some(f) = c.x509_fingerprint() {
+                    ix.bs_fingerprints.insert(f, ep.clone());
+                }
+            }
             ix.devices
                 .insert(e.device_id.clone(), (ep.clone(), e.clone()));
         }
@@ -144,6 +157,26 @@ impl CredentialIndex {
     /// The PSK key for an identity.
     pub fn psk_key(&self, identity: &[u8]) -> Option<Vec<u8>> {
         self.psk.get(identity).and_then(|(_, e)| e.psk_key())
+    }
+
+    /// The bootstrap PSK key for an identity.
+    pub fn bs_psk_key(&self, identity: &[u8]) -> Option<Vec<u8>> {
+        self.bs_psk
+            .get(identity)
+            .and_then(|(_, e)| e.bootstrap.as_ref()?.credential_entry().psk_key())
+    }
+}
+
+/// The bootstrap listener's DTLS credential lookups: the endpoints'
+/// bootstrap credentials, not their DTLS ones (lock-free).
+pub struct BootstrapCredentials(pub Arc<Directory>);
+
+impl crate::io::dtls::Credentials for BootstrapCredentials {
+    fn psk_key(&self, identity: &[u8]) -> Option<Vec<u8>> {
+        self.0.creds.load().bs_psk_key(identity)
+    }
+    fn pinned(&self, sha256: &[u8; 32]) -> bool {
+        self.0.creds.load().bs_fingerprints.contains_key(sha256)
     }
 }
 
@@ -340,7 +373,12 @@ impl Directory {
         {
             return bad("tenant_id must be 1..=64 of [A-Za-z0-9._-] (it names Kafka topics)");
         }
-        e.validate_credentials().or_else(bad)
+        e.validate_credentials().or_else(bad)?;
+        if let Some(b) = &e.bootstrap {
+            b.validate()
+                .map_err(|m| DirectoryError::Invalid(endpoint.to_string(), m.into()))?;
+        }
+        Ok(())
     }
 
     /// A PSK identity may name one endpoint only (the handshake finds the
@@ -351,21 +389,36 @@ impl Directory {
     ) -> Result<(), DirectoryError> {
         let creds = self.creds.load();
         let mut seen: HashMap<Vec<u8>, &str> = HashMap::new();
+        let mut seen_bs: HashMap<Vec<u8>, &str> = HashMap::new();
         for (ep, e) in items {
-            let Some(id) = e.psk_identity_bytes() else {
-                continue;
-            };
-            let clash = match creds.psk.get(&id) {
-                Some((other, _)) if other != ep => Some(other.clone()),
-                _ => seen.get(&id).filter(|o| **o != ep).map(|o| o.to_string()),
-            };
-            if let Some(other) = clash {
-                return Err(DirectoryError::Invalid(
-                    ep.to_string(),
-                    format!("psk identity already provisioned for {other}").into(),
-                ));
+            let bs = e
+                .bootstrap
+                .as_ref()
+                .and_then(|b| b.credential_entry().psk_identity_bytes());
+            for (id, index, seen, what) in [
+                (
+                    e.psk_identity_bytes(),
+                    &creds.psk,
+                    &mut seen,
+                    "psk identity",
+                ),
+                (bs, &creds.bs_psk, &mut seen_bs, "bootstrap psk identity"),
+            ] {
+                let Some(id) = id else {
+                    continue;
+                };
+                let clash = match index.get(&id) {
+                    Some((other, _)) if other != ep => Some(other.clone()),
+                    _ => seen.get(&id).filter(|o| **o != ep).map(|o| o.to_string()),
+                };
+                if let Some(other) = clash {
+                    return Err(DirectoryError::Invalid(
+                        ep.to_string(),
+                        format!("{what} already provisioned for {other}").into(),
+                    ));
+                }
+                seen.insert(id, ep);
             }
-            seen.insert(id, ep);
         }
         Ok(())
     }

@@ -15,6 +15,7 @@
 use super::{json, topic_for, DeliveryTag, Sink, SinkError, StatusEvent, TelemetryPoint};
 use crate::config::KafkaConfig;
 use crate::metrics::ShardMetrics;
+use crate::proto::lwm2m::output::BootstrapEvent;
 use crossbeam_channel::{Receiver, Sender};
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -288,6 +289,12 @@ impl Sink for KafkaSink {
     fn publish_status(&mut self, e: &StatusEvent<'_>) -> Result<(), SinkError> {
         self.buf.clear();
         json::encode_status(e, &mut self.buf).map_err(|_| SinkError::Rejected)?;
+        self.send(false, e.tenant_id, e.device_id, 0)
+    }
+
+    fn publish_bootstrap(&mut self, e: &BootstrapEvent<'_>) -> Result<(), SinkError> {
+        self.buf.clear();
+        serde_json::to_writer(&mut self.buf, e).map_err(|_| SinkError::Rejected)?;
         self.send(false, e.tenant_id, e.device_id, 0)
     }
 }

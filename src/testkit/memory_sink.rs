@@ -4,7 +4,9 @@
 //! the delivery tags of tagged records until the test delivers them (as the
 //! broker's confirmation would).
 
-use crate::proto::lwm2m::output::{DeliveryTag, Sink, SinkError, StatusEvent, TelemetryPoint};
+use crate::proto::lwm2m::output::{
+    BootstrapEvent, DeliveryTag, Sink, SinkError, StatusEvent, TelemetryPoint,
+};
 use crate::sink::json;
 use std::cell::Cell;
 use std::rc::Rc;
@@ -80,6 +82,14 @@ impl Sink for MemorySink {
         Ok(())
     }
     fn publish_status(&mut self, e: &StatusEvent<'_>) -> Result<(), SinkError> {
+        self.take_room()?;
+        self.status
+            .push(serde_json::to_value(e).map_err(|_| SinkError::Rejected)?);
+        let t = self.stamp();
+        self.status_order.push(t);
+        Ok(())
+    }
+    fn publish_bootstrap(&mut self, e: &BootstrapEvent<'_>) -> Result<(), SinkError> {
         self.take_room()?;
         self.status
             .push(serde_json::to_value(e).map_err(|_| SinkError::Rejected)?);

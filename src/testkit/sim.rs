@@ -32,6 +32,21 @@ pub struct SimEvents {
     pub response: Option<(u16, Code)>,
     pub executed: Vec<ResourcePath>,
     pub observed: Vec<ResourcePath>,
+    /// The bootstrap server sent Bootstrap-Finish (and it was accepted).
+    pub bootstrap_finished: bool,
+}
+
+/// The LwM2M server account a bootstrap wrote (Security + Server
+/// instances with the same Short Server ID).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SimServerAccount {
+    pub uri: String,
+    pub mode: i64,
+    pub identity: Vec<u8>,
+    pub key: Vec<u8>,
+    pub ssid: i64,
+    pub lifetime: Option<i64>,
+    pub binding: Option<String>,
 }
 
 pub struct SimDevice {
@@ -72,6 +87,13 @@ pub struct SimDevice {
     /// Execute arguments received, in order.
     pub executed_args: Vec<(ResourcePath, String)>,
     block1_body: Vec<u8>,
+    /// Content formats accepted for writes (`None`: all); others get 4.15
+    /// (a 1.0 client with TLV only).
+    pub accept_formats: Option<Vec<u16>>,
+    /// Answer Bootstrap-Finish with this code and diagnostic instead.
+    pub fail_finish: Option<(Code, String)>,
+    /// The content formats of the writes received, in order.
+    pub write_formats: Vec<u16>,
 }
 
 fn p(s: &str) -> ResourcePath {
@@ -126,7 +148,130 @@ impl SimDevice {
             block1_refuse_large: false,
             executed_args: Vec::new(),
             block1_body: Vec::new(),
+            accept_formats: None,
+            fail_finish: None,
+            write_formats: Vec::new(),
         }
+    }
+
+    /// Gives the device its factory Bootstrap-Server Account at /0/`inst`
+    /// (TS 1.1 Core §E.1: resource 1 true) and nothing else in /0 and /1.
+    pub fn set_bootstrap_account(&mut self, uri: &str, inst: u16, identity: &[u8], key: &[u8]) {
+        self.store.retain(|k, _| k.object != 0 && k.object != 1);
+        self.objects
+            .retain(|o| !o.starts_with("/0/") && !o.starts_with("/1/"));
+        let r = |res| ResourcePath::resource(0, inst, res);
+        self.store.insert(r(0), WriteValue::Str(uri.into()));
+        self.store.insert(r(1), WriteValue::Bool(true));
+        let mode = if identity.is_empty() { 3 } else { 0 };
+        self.store.insert(r(2), WriteValue::Int(mode));
+        self.store
+            .insert(r(3), WriteValue::Opaque(identity.to_vec()));
+        self.store.insert(r(5), WriteValue::Opaque(key.to_vec()));
+        self.objects.push(format!("/0/{inst}"));
+    }
+
+    /// `POST /bs?ep=..[&pct=..]` (TS 1.1 Transport §6.1, Bootstrap-Request).
+    pub fn bootstrap_request(&mut self, pct: Option<u16>) -> Vec<u8> {
+        let mut q = vec![format!("ep={}", self.endpoint)];
+        if let Some(c) = pct {
+            q.push(format!("pct={c}"));
+        }
+        self.request(Code::POST, &["bs"], &q, None, &[], true)
+    }
+
+    fn stored_int(&self, path: ResourcePath) -> Option<i64> {
+        match self.store.get(&path)? {
+            WriteValue::Int(i) => Some(*i),
+            WriteValue::Str(s) => s.parse().ok(),
+            _ => self.values.get(&path).map(|v| *v as i64),
+        }
+    }
+
+    /// The (first) LwM2M server account written by a bootstrap: a Security
+    /// instance that is not the Bootstrap-Server Account and the Server
+    /// instance with its Short Server ID.
+    pub fn server_account(&self) -> Option<SimServerAccount> {
+        let insts: std::collections::BTreeSet<u16> = self
+            .store
+            .keys()
+            .filter(|k| k.object == 0)
+            .filter_map(|k| k.instance)
+            .collect();
+        for i in insts {
+            let r = |res| ResourcePath::resource(0, i, res);
+            if matches!(self.store.get(&r(1)), Some(WriteValue::Bool(true))) {
+                continue;
+            }
+            let uri = match self.store.get(&r(0)) {
+                Some(WriteValue::Str(s)) => s.clone(),
+                _ => continue,
+            };
+            let bytes = |res| match self.store.get(&r(res)) {
+                Some(WriteValue::Opaque(b)) => b.clone(),
+                Some(WriteValue::Str(s)) => s.as_bytes().to_vec(),
+                _ => Vec::new(),
+            };
+            let ssid = self.stored_int(r(10)).unwrap_or(0);
+            let server = self
+                .store
+                .keys()
+                .filter(|k| k.object == 1 && k.resource == Some(0))
+                .find(|k| self.stored_int(**k) == Some(ssid))
+                .and_then(|k| k.instance);
+            let (lifetime, binding) = match server {
+                Some(s) => (
+                    self.stored_int(ResourcePath::resource(1, s, 1)),
+                    match self.store.get(&ResourcePath::resource(1, s, 7)) {
+                        Some(WriteValue::Str(b)) => Some(b.clone()),
+                        _ => None,
+                    },
+                ),
+                None => (None, None),
+            };
+            return Some(SimServerAccount {
+                uri,
+                mode: self.stored_int(r(2)).unwrap_or(-1),
+                identity: bytes(3),
+                key: bytes(5),
+                ssid,
+                lifetime,
+                binding,
+            });
+        }
+        None
+    }
+
+    /// Bootstrap-Discover answer (TS 1.1 Core §5.2.7.1): the version, then
+    /// every object instance, Security and Server instances with their
+    /// Short Server ID (none on the Bootstrap-Server Account).
+    fn bootstrap_discover(&self) -> String {
+        let mut links = vec![format!("lwm2m=\"{}\"", self.lwm2m_version)];
+        let mut seen = std::collections::BTreeSet::new();
+        for k in self.store.keys().chain(self.values.keys()) {
+            if let Some(i) = k.instance {
+                seen.insert((k.object, i));
+            }
+        }
+        for (o, i) in seen {
+            let mut l = format!("</{o}/{i}>");
+            let ssid = match o {
+                0 if !matches!(
+                    self.store.get(&ResourcePath::resource(0, i, 1)),
+                    Some(WriteValue::Bool(true))
+                ) =>
+                {
+                    self.stored_int(ResourcePath::resource(0, i, 10))
+                }
+                1 => self.stored_int(ResourcePath::resource(1, i, 0)),
+                _ => None,
+            };
+            if let Some(s) = ssid {
+                l.push_str(&format!(";ssid={s}"));
+            }
+            links.push(l);
+        }
+        links.join(",")
     }
 
     /// Every resource value under `path` (numeric and stored), typed.
@@ -221,7 +366,8 @@ impl SimDevice {
 
     pub fn links(&self) -> String {
         let mut s = String::from("</>;rt=\"oma.lwm2m\";ct=\"60 110 112 11542 11543\"");
-        for o in &self.objects {
+        // The Security object is never announced (TS 1.1 Core §6.2.1).
+        for o in self.objects.iter().filter(|o| !o.starts_with("/0/")) {
             s.push_str(&format!(",<{o}>"));
         }
         s
@@ -374,7 +520,31 @@ impl SimDevice {
             return ev;
         }
         let seg_count = segs.iter().filter(|s| !s.is_empty()).count();
-        if seg_count == 0 && m.code != Code::FETCH && m.code != Code::IPATCH {
+        let v1_0 = self.lwm2m_version == "1.0";
+        if seg_count == 0 && m.code == Code::GET && m.accept() == Some(content::CF_LINK) && !v1_0 {
+            let links = self.bootstrap_discover();
+            ev.replies.push(reply_to(
+                &m,
+                Code::CONTENT,
+                None,
+                Some(content::CF_LINK),
+                links.as_bytes(),
+                &[],
+            ));
+        } else if segs == ["bs"] && m.code == Code::POST {
+            // Bootstrap-Finish (TS 1.1 Core §5.2.7.6).
+            match &self.fail_finish {
+                Some((code, diag)) => {
+                    ev.replies
+                        .push(reply_to(&m, *code, None, None, diag.as_bytes(), &[]))
+                }
+                None => {
+                    ev.bootstrap_finished = true;
+                    ev.replies
+                        .push(reply_to(&m, Code::CHANGED, None, None, &[], &[]));
+                }
+            }
+        } else if seg_count == 0 && m.code != Code::FETCH && m.code != Code::IPATCH {
             ev.replies
                 .push(reply_to(&m, Code::BAD_REQUEST, None, None, &[], &[]));
         } else if let Some(code) = self.fail.get(&(m.code.0, path)).copied() {
@@ -533,7 +703,33 @@ impl SimDevice {
                 reply_with(Code::CHANGED, None, None, &[], &[], ev);
             }
             Code::PUT | Code::IPATCH => {
+                if let (Some(ok), Some(cf)) = (&self.accept_formats, m.content_format()) {
+                    if !ok.contains(&cf) {
+                        return reply_with(
+                            Code::UNSUPPORTED_CONTENT_FORMAT,
+                            None,
+                            None,
+                            &[],
+                            &[],
+                            ev,
+                        );
+                    }
+                }
+                if let Some(cf) = m.content_format() {
+                    self.write_formats.push(cf);
+                }
+                if path.instance.is_some() && path.resource.is_none() {
+                    // Replacing an instance (Bootstrap-Write, TS 1.1 Core
+                    // §5.2.7.4): its old resources go.
+                    self.store.retain(|k, _| !encode::is_within(&path, k));
+                }
                 let code = self.write(path, m.content_format(), body, true);
+                if code == Code::CHANGED && path.resource.is_none() {
+                    let link = path.to_string();
+                    if !self.objects.contains(&link) {
+                        self.objects.push(link);
+                    }
+                }
                 reply_with(code, None, None, &[], &[], ev);
             }
             Code::POST if path.resource.is_some() => {
@@ -583,6 +779,32 @@ impl SimDevice {
                     .location_segment(o.as_bytes())
                     .location_segment(i.as_bytes());
                 ev.replies.push(r.to_vec());
+            }
+            Code::DELETE if path.instance.is_none() => {
+                // Bootstrap-Delete of an object (TS 1.1 Core §5.2.7.5): all
+                // its instances but the Bootstrap-Server Account.
+                let bs: Vec<u16> = self
+                    .store
+                    .iter()
+                    .filter(|(k, v)| {
+                        k.object == 0 && k.resource == Some(1) && **v == WriteValue::Bool(true)
+                    })
+                    .filter_map(|(k, _)| k.instance)
+                    .collect();
+                let keep = |k: &ResourcePath| {
+                    k.object != path.object
+                        || (k.object == 0 && bs.contains(&k.instance.unwrap_or(u16::MAX)))
+                };
+                self.store.retain(|k, _| keep(k));
+                self.values.retain(|k, _| keep(k));
+                let prefix = format!("/{}/", path.object);
+                self.objects.retain(|o| {
+                    !o.starts_with(&prefix)
+                        || bs
+                            .iter()
+                            .any(|i| *o == format!("/0/{i}") && path.object == 0)
+                });
+                reply_with(Code::DELETED, None, None, &[], &[], ev);
             }
             Code::DELETE => {
                 let link = path.to_string();
@@ -733,6 +955,7 @@ fn to_write_value(path: &ResourcePath, v: &Value<'_>) -> WriteValue {
             _ => WriteValue::Str(s.to_string()),
         },
         Value::Raw(b) => match ty {
+            Some(T::Opaque) => WriteValue::Opaque(b.to_vec()),
             Some(T::String) => WriteValue::Str(String::from_utf8_lossy(b).into_owned()),
             Some(T::Integer) | Some(T::Time) => v
                 .to_number(ty)

@@ -48,6 +48,10 @@ pub struct EndpointEntry {
     /// SHA-256 fingerprint (hex, colons allowed) of the device certificate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub x509_sha256: Option<String>,
+    /// What the bootstrap server writes to this device, and the
+    /// credentials it bootstraps with (absent: the gateway's defaults).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bootstrap: Option<Box<super::bootstrap::BootstrapSettings>>,
 }
 
 /// A secret string: serialized as is (snapshots, the WAL), but `Debug`
@@ -103,6 +107,7 @@ impl EndpointEntry {
             psk_key_hex: None,
             x509: false,
             x509_sha256: None,
+            bootstrap: None,
         }
     }
 
@@ -177,6 +182,9 @@ impl EndpointEntry {
         if let Some(o) = v.as_object_mut() {
             if o.remove("psk_key_hex").is_some() {
                 o.insert("psk_key".into(), "set".into());
+            }
+            if let Some(b) = o.get_mut("bootstrap") {
+                super::bootstrap::config::redact(b);
             }
         }
         v

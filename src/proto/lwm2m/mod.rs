@@ -16,8 +16,11 @@
 //! * [`rpc`]: platform RPC requests, their status lifecycle, method →
 //!   operation resolution through the profile.
 //! * [`output`]: the records produced and the [`output::Sink`] they go to.
+//! * [`bootstrap`]: the Bootstrap Interface (TS 1.1 Core §6.1): what an
+//!   endpoint gets written, and the per-shard bootstrap server.
 //! * [`server`]: the per-shard server state machine composing all of it.
 
+pub mod bootstrap;
 pub mod content;
 pub mod dm;
 pub mod encode;

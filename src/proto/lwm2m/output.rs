@@ -74,6 +74,49 @@ pub struct StatusEvent<'a> {
     pub registration: RegistrationInfo<'a>,
 }
 
+/// A bootstrap status record on `device.status.{tenant_id}` (key =
+/// device_id): `status` is `bootstrap` (it does not change the device's
+/// online state), `reason` is `bootstrapping`, `bootstrapped` or
+/// `bootstrap_failed`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct BootstrapEvent<'a> {
+    pub tenant_id: &'a str,
+    pub device_id: &'a str,
+    pub endpoint: &'a str,
+    pub status: &'static str,
+    pub reason: &'static str,
+    pub ts: i64,
+    pub bootstrap: BootstrapInfo<'a>,
+}
+
+/// Details of a bootstrap session.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct BootstrapInfo<'a> {
+    pub address: &'a str,
+    /// `coap` or `coaps` (the bootstrap listener the device used).
+    pub transport: &'static str,
+    /// The LwM2M Server URIs written (or to be written).
+    pub servers: &'a [String],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lwm2m_version: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content_format: Option<u16>,
+    pub psk_generated: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+    /// On failure: the step (`request`, `discover`, `delete`, `write`,
+    /// `store`, `finish`), its path, the device's CoAP code (or `timeout`,
+    /// `reset`) and its diagnostic payload.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub step: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub code: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub diagnostic: Option<&'a str>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum SinkError {
     /// The producer queue is full (broker slow or away): back-pressure.
@@ -96,6 +139,8 @@ pub trait Sink {
         tag: Option<DeliveryTag>,
     ) -> Result<(), SinkError>;
     fn publish_status(&mut self, e: &StatusEvent<'_>) -> Result<(), SinkError>;
+    /// A bootstrap status record (same topic as [`Sink::publish_status`]).
+    fn publish_bootstrap(&mut self, e: &BootstrapEvent<'_>) -> Result<(), SinkError>;
 }
 
 /// When a CON notification or a Send is acknowledged to the device.

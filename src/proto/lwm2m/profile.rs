@@ -63,6 +63,14 @@ pub fn builtin_type(p: &ResourcePath) -> Option<DataType> {
         // Device: manufacturer, model, serial, firmware version, time zone,
         // device type, hardware / software version, binding modes.
         (3, 0..=3) | (3, 14..=19) => Some(DataType::String),
+        // Security (TS 1.1 Core §E.1): URI, bootstrap flag, mode, keys,
+        // short server id, hold-off, bootstrap account timeout.
+        (0, 0) => Some(DataType::String),
+        (0, 1) => Some(DataType::Boolean),
+        (0, 2) | (0, 10..=12) => Some(DataType::Integer),
+        (0, 3..=5) => Some(DataType::Opaque),
+        // Access Control (§E.3): object, instance, ACL, owner.
+        (2, 0..=3) => Some(DataType::Integer),
         // Server: short server id, lifetime, pmin, pmax, disable timeout,
         // notification storing (bool), binding.
         (1, 0..=3) | (1, 5) => Some(DataType::Integer),

@@ -309,7 +309,7 @@ enum End {
 }
 
 /// At most `BURST` lines per kind every 10 s; the rest are counted.
-struct LogLimiter {
+pub(crate) struct LogLimiter {
     window: Option<Instant>,
     lines: u32,
     suppressed: u32,
@@ -319,14 +319,14 @@ const LOG_BURST: u32 = 20;
 const LOG_WINDOW: Duration = Duration::from_secs(10);
 
 impl LogLimiter {
-    fn new() -> LogLimiter {
+    pub(crate) fn new() -> LogLimiter {
         LogLimiter {
             window: None,
             lines: 0,
             suppressed: 0,
         }
     }
-    fn allow(&mut self, now: Instant, metrics: &ShardMetrics, shard: u16) -> bool {
+    pub(crate) fn allow(&mut self, now: Instant, metrics: &ShardMetrics, shard: u16) -> bool {
         if self.window.is_none_or(|w| now >= w + LOG_WINDOW) {
             if self.suppressed > 0 {
                 tracing::info!(
