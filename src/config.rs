@@ -22,6 +22,65 @@ pub struct Config {
     pub profiles: ProfilesConfig,
     pub admin: AdminConfig,
     pub rpc: RpcConfig,
+    pub bootstrap: BootstrapSection,
+}
+
+/// `[bootstrap]`: the LwM2M Bootstrap Server (TS 1.1 Core §6.1) on its own
+/// ports, one SO_REUSEPORT socket per shard and listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BootstrapSection {
+    /// Off by default: a server that hands out credentials runs only when
+    /// an operator turns it on.
+    pub enabled: bool,
+    /// Plain CoAP bootstrap listener (NoSec bootstrap).
+    pub plain: bool,
+    pub listen: SocketAddr,
+    /// DTLS bootstrap listener (needs `dtls.enabled`; same certificates
+    /// and suites, the endpoints' bootstrap credentials).
+    pub dtls: bool,
+    pub dtls_listen: SocketAddr,
+    /// Written to endpoints whose bootstrap settings name no server:
+    /// `coaps://` URI of this gateway for devices with a PSK (or a
+    /// generated one)...
+    pub server_uri: Option<String>,
+    /// ...and `coap://` URI for NoSec devices.
+    pub server_uri_plain: Option<String>,
+    pub short_server_id: u16,
+    pub lifetime_s: u32,
+    pub binding: String,
+    /// Generate a fresh PSK at each bootstrap for endpoints without their
+    /// own server list (recorded as their DTLS credentials before Finish).
+    pub generate_psk: bool,
+    /// Send Bootstrap-Discover first (1.1 clients; 1.0 clients answer 4.xx
+    /// and the sequence goes on).
+    pub discover: bool,
+    pub session_timeout_s: u64,
+    pub max_sessions_per_shard: usize,
+    /// Write keys over the plain bootstrap listener (off: 4.03).
+    pub allow_plain_secrets: bool,
+}
+
+impl Default for BootstrapSection {
+    fn default() -> Self {
+        BootstrapSection {
+            enabled: false,
+            plain: true,
+            listen: "0.0.0.0:5783".parse().unwrap_or_else(|_| unreachable!()),
+            dtls: true,
+            dtls_listen: "0.0.0.0:5784".parse().unwrap_or_else(|_| unreachable!()),
+            server_uri: None,
+            server_uri_plain: None,
+            short_server_id: 1,
+            lifetime_s: 86_400,
+            binding: "U".into(),
+            generate_psk: false,
+            discover: true,
+            session_timeout_s: 120,
+            max_sessions_per_shard: 10_000,
+            allow_plain_secrets: false,
+        }
+    }
 }
 
 /// `[rpc]`: platform RPCs (device management).
@@ -487,6 +546,74 @@ impl Config {
                 .unwrap_or(1)
         };
         n.clamp(1, 256)
+    }
+
+    /// The bootstrap server configuration of shard `shard`.
+    pub fn bootstrap_config(
+        &self,
+        shard: usize,
+        seed: u64,
+        key_seed: [u8; 32],
+    ) -> crate::proto::lwm2m::bootstrap::BootstrapConfig {
+        let b = &self.bootstrap;
+        crate::proto::lwm2m::bootstrap::BootstrapConfig {
+            shard: shard as u16,
+            exchange: self.server_config(shard, seed).exchange,
+            defaults: crate::proto::lwm2m::bootstrap::BootstrapDefaults {
+                server_uri: b.server_uri.clone(),
+                server_uri_plain: b.server_uri_plain.clone(),
+                short_server_id: b.short_server_id,
+                lifetime_s: b.lifetime_s,
+                binding: b.binding.clone(),
+                generate_psk: b.generate_psk,
+            },
+            discover: b.discover,
+            session_timeout: Duration::from_secs(b.session_timeout_s.max(1)),
+            max_sessions: b.max_sessions_per_shard.max(1),
+            allow_plain_secrets: b.allow_plain_secrets,
+            block_szx: self.coap.block_szx.min(6),
+            busy_max_age_s: self.coap.busy_max_age_s,
+            seed,
+            key_seed,
+        }
+    }
+
+    /// Checks `[bootstrap]` (URIs, the defaults' account).
+    pub fn check_bootstrap(&self) -> Result<(), String> {
+        let b = &self.bootstrap;
+        if !b.enabled {
+            return Ok(());
+        }
+        let dtls = b.dtls && self.dtls.enabled;
+        if !(b.plain || dtls) {
+            return Err("bootstrap.enabled but neither bootstrap.plain nor bootstrap.dtls (with dtls.enabled)".into());
+        }
+        for (uri, secure) in [(&b.server_uri, true), (&b.server_uri_plain, false)] {
+            if let Some(u) = uri {
+                let acc = crate::proto::lwm2m::bootstrap::ServerAccount {
+                    uri: u.clone(),
+                    short_server_id: b.short_server_id,
+                    lifetime_s: Some(b.lifetime_s),
+                    binding: Some(b.binding.clone()),
+                    security: Some(if secure {
+                        crate::proto::lwm2m::bootstrap::SecurityMode::Psk
+                    } else {
+                        crate::proto::lwm2m::bootstrap::SecurityMode::NoSec
+                    }),
+                    generate_psk: false,
+                    psk_identity: None,
+                    psk_key_hex: None,
+                    certificate_hex: None,
+                    private_key_hex: None,
+                    server_certificate_hex: None,
+                    default_min_period_s: None,
+                    default_max_period_s: None,
+                    notification_storing: None,
+                };
+                acc.validate().map_err(|e| format!("bootstrap: {e}"))?;
+            }
+        }
+        Ok(())
     }
 
     /// The LwM2M server configuration of shard `shard`.

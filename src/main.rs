@@ -6,6 +6,7 @@ use corem_lwm2m::config::Config;
 use corem_lwm2m::control::admin::{
     AdminServer, AdminState, EndpointsHook, ProfilesHook, TenantHook,
 };
+use corem_lwm2m::control::bootstrap::BootstrapStore;
 use corem_lwm2m::control::directory::{Directory, Origin};
 use corem_lwm2m::control::profiles::Profiles;
 use corem_lwm2m::control::registrations::RegistrationStore;
@@ -131,6 +132,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     if let Some(s) = args.shards {
         cfg.gateway.shards = s;
     }
+    cfg.check_bootstrap().map_err(anyhow::Error::msg)?;
     let profiles = Arc::new(Profiles::load(cfg.profiles.dir.as_deref())?);
     let directory = Arc::new(load_directory(&cfg)?);
     if args.check {
@@ -180,6 +182,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         .then(|| RegistrationStore::new(&cfg.directory.snapshot_dir));
     let sessions = session_store(&cfg);
     let (rpc_tx, rpc_rx) = crossbeam_channel::unbounded();
+    let (bs_tx, bs_rx) = crossbeam_channel::unbounded();
     let shards = runtime::start(
         &cfg,
         directory.clone(),
@@ -187,8 +190,10 @@ fn run(args: Args) -> anyhow::Result<()> {
         store,
         sessions,
         Some(rpc_tx),
+        Some(bs_tx),
     )?;
     let control = shards.control();
+    let bs_store = BootstrapStore::start(directory.clone(), control.clone(), bs_rx)?;
     let rpc = RpcService::start(
         &cfg,
         directory.clone(),
@@ -228,6 +233,8 @@ fn run(args: Args) -> anyhow::Result<()> {
     tracing::info!(
         coap = ?shards.local_addr,
         coaps = ?shards.dtls_addr,
+        bootstrap = ?shards.bootstrap_addr,
+        bootstrap_dtls = ?shards.bootstrap_dtls_addr,
         admin = %admin.addr,
         shards = shards.metrics.len(),
         brokers = %cfg.kafka.brokers,
@@ -274,6 +281,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     tracing::info!("shutting down: stopping shards, flushing Kafka, writing snapshots");
     shards.shutdown();
+    bs_store.stop();
     admin.stop();
     rpc.stop();
     match directory.write_snapshot(&cfg.directory.snapshot_dir) {

@@ -145,6 +145,8 @@ metrics! {
         bootstrap_failed_store: "bootstrap sessions failed recording a generated PSK",
         bootstrap_failed_finish: "bootstrap sessions failed at Bootstrap-Finish (device error, timeout)",
         bootstrap_timeouts: "bootstrap sessions ended by bootstrap.session_timeout_s",
+        bootstrap_dtls_handshakes_completed: "DTLS handshakes completed on the bootstrap listener",
+        bootstrap_dtls_handshakes_failed: "DTLS handshakes failed on the bootstrap listener (wrong or unknown bootstrap credentials)",
         status_dropped: "status events dropped because the producer stayed full (backlog limit)",
     }
     gauges {
@@ -159,6 +161,7 @@ metrics! {
         rpc_in_flight: "RPCs sent to devices and awaiting their answer",
         block1_assemblies: "Block1 request bodies being received (RFC 7959)",
         bootstrap_sessions: "bootstrap sessions in progress on the shard",
+        bootstrap_dtls_sessions: "DTLS sessions on the bootstrap listener",
     }
 }
 

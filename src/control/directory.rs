@@ -485,6 +485,10 @@ impl Directory {
     /// Logs (when persistent) and applies one change.
     fn commit(&self, op: WalOp) -> Result<(), DirectoryError> {
         let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        self.commit_locked(&mut w, op)
+    }
+
+    fn commit_locked(&self, w: &mut Writer, op: WalOp) -> Result<(), DirectoryError> {
         let v = self.version() + 1;
         let rec = WalRecord { v, op };
         if let Some((dir, wal)) = &mut w.persist {
@@ -505,6 +509,36 @@ impl Directory {
         self.map.store(Arc::new(next));
         self.version.store(v, Ordering::Release);
         Ok(())
+    }
+
+    /// Read-modify-write of existing endpoints, atomic with respect to
+    /// every other change: `f` gets each endpoint's current entry and returns
+    /// its replacement. All are validated first; if any is invalid (or
+    /// gone) nothing changes. Durable when it returns.
+    pub fn modify(
+        &self,
+        endpoints: &[String],
+        mut f: impl FnMut(&str, &EndpointEntry) -> EndpointEntry,
+    ) -> Result<(), DirectoryError> {
+        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let map = self.map.load();
+        let mut items = Vec::with_capacity(endpoints.len());
+        for ep in endpoints {
+            let Some(cur) = map.get(ep.as_str()) else {
+                return Err(DirectoryError::Invalid(
+                    ep.clone(),
+                    "no such endpoint".into(),
+                ));
+            };
+            let entry = f(ep, cur);
+            Self::validate(ep, &entry)?;
+            items.push(ProvisionedEndpoint {
+                endpoint: ep.clone(),
+                entry,
+            });
+        }
+        self.check_unique_psk(items.iter().map(|p| (p.endpoint.as_str(), &p.entry)))?;
+        self.commit_locked(&mut w, WalOp::Upsert { items })
     }
 
     /// Inserts or replaces one endpoint; returns true when it existed. Durable

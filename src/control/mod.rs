@@ -5,6 +5,7 @@
 //! only read its state lock-free and hear of changes by message.
 
 pub mod admin;
+pub mod bootstrap;
 pub mod directory;
 pub mod profiles;
 pub mod registrations;

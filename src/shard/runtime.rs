@@ -23,7 +23,8 @@
 //! executor, since only executors can hold channel ends.
 
 use crate::config::Config;
-use crate::control::directory::Directory;
+use crate::control::bootstrap::ShardStore;
+use crate::control::directory::{BootstrapCredentials, Directory};
 use crate::control::profiles::Profiles;
 use crate::control::registrations::RegistrationStore;
 use crate::control::sessions::SessionStore;
@@ -34,6 +35,7 @@ use crate::proto::coap::PeerId;
 use crate::proto::dtls::endpoint::credential_tag;
 use crate::proto::dtls::session::CloseReason;
 use crate::proto::dtls::DtlsEndpoint;
+use crate::proto::lwm2m::bootstrap::{BootstrapServer, BsCtx};
 use crate::proto::lwm2m::endpoint::Identity;
 use crate::proto::lwm2m::rpc::{RpcEvent, RpcExec};
 use crate::proto::lwm2m::server::{
@@ -68,6 +70,9 @@ pub enum Inbox {
     Rpc(Box<RpcExec>),
     /// What this shard holds of an endpoint's registration (admin API).
     Describe(Arc<str>, crossbeam_channel::Sender<Option<Box<DeviceView>>>),
+    /// The control plane recorded (or not) the PSK a bootstrap session of
+    /// this shard generated.
+    BootstrapStored(u64, Result<(), String>),
     /// Stop reading, flush, snapshot, exit.
     Shutdown,
 }
@@ -99,6 +104,9 @@ pub struct Shards {
     pub local_addr: Option<std::net::SocketAddr>,
     /// The DTLS address (when `dtls.enabled`).
     pub dtls_addr: Option<std::net::SocketAddr>,
+    /// The bootstrap listeners (when `bootstrap.enabled`): plain, DTLS.
+    pub bootstrap_addr: Option<std::net::SocketAddr>,
+    pub bootstrap_dtls_addr: Option<std::net::SocketAddr>,
     control: crossbeam_channel::Sender<(Option<usize>, Inbox)>,
     joins: Vec<glommio::ExecutorJoinHandle<()>>,
 }
@@ -115,6 +123,13 @@ impl ControlHandle {
     /// An RPC to the shard that reported holding the device.
     pub fn send_rpc(&self, shard: usize, e: RpcExec) {
         let _ = self.0.send((Some(shard), Inbox::Rpc(Box::new(e))));
+    }
+
+    /// Answers a bootstrap session's store request.
+    pub fn bootstrap_stored(&self, shard: usize, session: u64, result: Result<(), String>) {
+        let _ = self
+            .0
+            .send((Some(shard), Inbox::BootstrapStored(session, result)));
     }
 
     /// Asks shard `shard` what it holds of `endpoint`'s registration;
@@ -164,6 +179,31 @@ struct State {
     poll: Duration,
     /// Reports for the RPC control plane.
     rpc_events: Option<crossbeam_channel::Sender<RpcEvent>>,
+    /// The bootstrap server of this shard (when `bootstrap.enabled`).
+    bs: Option<BsState>,
+}
+
+/// A shard's bootstrap server, its sockets and its DTLS endpoint (own
+/// sessions, the endpoints' bootstrap credentials).
+struct BsState {
+    server: BootstrapServer,
+    dtls: Option<DtlsEndpoint<OpensslAcceptor>>,
+    /// The bootstrap DTLS endpoint's own counters (copied into the shard's
+    /// `bootstrap_dtls_*` metrics).
+    dtls_metrics: Arc<ShardMetrics>,
+    fd: RawFd,
+    dtls_fd: RawFd,
+    store: Option<crossbeam_channel::Sender<ShardStore>>,
+    shard: usize,
+}
+
+/// Which socket a datagram came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Listener {
+    Coap,
+    Coaps,
+    BootstrapCoap,
+    BootstrapCoaps,
 }
 
 impl State {
@@ -173,6 +213,9 @@ impl State {
         self.send_out();
         let mut due = self.server.poll_timeout();
         if let Some(d) = self.dtls.as_ref().and_then(|d| d.poll_timeout()) {
+            due = Some(due.map_or(d, |x| x.min(d)));
+        }
+        if let Some(d) = self.bs_timeout() {
             due = Some(due.map_or(d, |x| x.min(d)));
         }
         if self.server.awaiting_delivery() > 0 || self.sink.in_flight() > 0 {
@@ -216,9 +259,68 @@ impl State {
         f(dtls, &mut self.server, &mut ctx)
     }
 
+    /// The bootstrap server's next deadline (its own and its DTLS one's).
+    fn bs_timeout(&mut self) -> Option<Instant> {
+        let bs = self.bs.as_mut()?;
+        let mut due = bs.server.poll_timeout();
+        if let Some(d) = bs.dtls.as_ref().and_then(|d| d.poll_timeout()) {
+            due = Some(due.map_or(d, |x| x.min(d)));
+        }
+        due
+    }
+
+    /// Runs `f` on the bootstrap server (and its DTLS endpoint) with this
+    /// batch's directory snapshot and the shard's sink.
+    fn with_bs(
+        &mut self,
+        f: impl FnOnce(&mut BootstrapServer, Option<&mut DtlsEndpoint<OpensslAcceptor>>, &mut BsCtx<'_>),
+    ) {
+        let Some(bs) = self.bs.as_mut() else {
+            return;
+        };
+        let eps = self.directory.snapshot();
+        let mut ctx = BsCtx {
+            endpoints: &eps,
+            sink: &mut self.sink,
+        };
+        f(&mut bs.server, bs.dtls.as_mut(), &mut ctx)
+    }
+
+    /// Bootstrap timers (the server's and its DTLS endpoint's).
+    fn bs_handle_timeout(&mut self, t: Now) {
+        self.with_bs(|srv, dtls, ctx| {
+            srv.handle_timeout(t, ctx);
+            if let Some(d) = dtls {
+                d.handle_timeout(t);
+            }
+        });
+        if let Some(bs) = &self.bs {
+            let (m, b) = (self.server.metrics(), &bs.dtls_metrics);
+            ShardMetrics::set(
+                &m.bootstrap_dtls_sessions,
+                b.dtls_sessions.load(std::sync::atomic::Ordering::Relaxed),
+            );
+            ShardMetrics::store(
+                &m.bootstrap_dtls_handshakes_completed,
+                ShardMetrics::get(&b.dtls_handshakes_completed),
+            );
+            ShardMetrics::store(
+                &m.bootstrap_dtls_handshakes_failed,
+                ShardMetrics::get(&b.dtls_handshakes_failed),
+            );
+        }
+    }
+
     /// Ends DTLS sessions whose PSK no longer is the directory's (changed
     /// or removed), registered or not.
     fn revoke_stale_sessions(&mut self) {
+        let creds = self.directory.credentials();
+        if let Some(d) = self.bs.as_mut().and_then(|b| b.dtls.as_mut()) {
+            d.close_where(CloseReason::Revoked, |id, tag| match id {
+                Identity::Psk(i) => creds.bs_psk_key(i).map(|k| credential_tag(&k)) != Some(tag),
+                Identity::X509 { .. } => false,
+            });
+        }
         let Some(dtls) = self.dtls.as_mut() else {
             return;
         };
@@ -277,6 +379,49 @@ impl State {
                 dtls.clear_transmits();
             }
         }
+        if let Some(bs) = self.bs.as_mut() {
+            if bs.server.has_transmits() {
+                let m = self.server.metrics().clone();
+                if let Some(d) = bs.dtls.as_mut() {
+                    for (p, data) in bs.server.transmits().filter(|(p, _)| p.is_dtls()) {
+                        d.seal(p.addr(), data);
+                    }
+                }
+                if bs.fd >= 0 {
+                    let (sent, failed) = self.send.send(
+                        bs.fd,
+                        bs.server
+                            .transmits()
+                            .filter(|(p, _)| !p.is_dtls())
+                            .map(|(p, d)| (p.addr(), d)),
+                    );
+                    ShardMetrics::add(&m.datagrams_tx, sent as u64);
+                    ShardMetrics::add(&m.tx_errors, failed as u64);
+                }
+                bs.server.clear_transmits();
+            }
+            if let Some(d) = bs.dtls.as_mut() {
+                if d.has_transmits() {
+                    let (sent, failed) = self.send.send(bs.dtls_fd, d.transmits());
+                    let m = self.server.metrics();
+                    ShardMetrics::add(&m.datagrams_tx, sent as u64);
+                    ShardMetrics::add(&m.tx_errors, failed as u64);
+                    d.clear_transmits();
+                }
+            }
+            while let Some(r) = bs.server.poll_store() {
+                match &bs.store {
+                    Some(tx) => {
+                        let _ = tx.send((bs.shard, r));
+                    }
+                    None => {
+                        // No control plane (tests): the session fails at
+                        // its store step when its deadline passes.
+                        tracing::warn!("no bootstrap store: generated PSK not recorded");
+                    }
+                }
+            }
+        }
         while let Some(m) = self.server.poll_shard_msg() {
             let _ = self.outbox.try_send(m);
         }
@@ -298,6 +443,7 @@ pub fn start(
     store: Option<Arc<RegistrationStore>>,
     sessions: Option<Arc<SessionStore>>,
     rpc_events: Option<crossbeam_channel::Sender<RpcEvent>>,
+    bs_store: Option<crossbeam_channel::Sender<ShardStore>>,
 ) -> Result<Shards, StartError> {
     let n = cfg.shard_count();
     let mut allowed = io::allowed_cpus();
@@ -328,6 +474,32 @@ pub fn start(
     } else {
         None
     };
+    // The bootstrap listeners: their own sockets, and a TLS context whose
+    // PSKs are the endpoints' bootstrap credentials.
+    let bs_on = cfg.bootstrap.enabled;
+    let (bs_sockets, bs_addr) = if bs_on && cfg.bootstrap.plain {
+        let (v, a) = bind_all(cfg, cfg.bootstrap.listen, n)?;
+        (v.into_iter().map(Some).collect(), Some(a))
+    } else {
+        ((0..n).map(|_| None).collect::<Vec<_>>(), None)
+    };
+    let bs_dtls_on = bs_on && cfg.bootstrap.dtls && cfg.dtls.enabled;
+    let (bs_dtls_sockets, bs_dtls_addr) = if bs_dtls_on {
+        let (v, a) = bind_all(cfg, cfg.bootstrap.dtls_listen, n)?;
+        (v.into_iter().map(Some).collect(), Some(a))
+    } else {
+        ((0..n).map(|_| None).collect::<Vec<_>>(), None)
+    };
+    let bs_tls = if bs_dtls_on {
+        let creds: Arc<dyn crate::io::dtls::Credentials> =
+            Arc::new(BootstrapCredentials(directory.clone()));
+        let ctx = crate::io::dtls::server_context(&cfg.dtls.tls_settings(), creds.clone())?;
+        Some((ctx, creds))
+    } else {
+        None
+    };
+    let mut bs_sockets = bs_sockets.into_iter();
+    let mut bs_dtls_sockets = bs_dtls_sockets.into_iter();
     // Channels: shard i → shard j (i != j), and relay → shard j.
     type Pair = (Option<SharedSender<Inbox>>, Option<SharedReceiver<Inbox>>);
     let mut grid: Vec<Vec<Pair>> = (0..=n)
@@ -361,6 +533,8 @@ pub fn start(
     let mut dtls_sockets = dtls_sockets.into_iter();
     for (i, ((sock, outs), ins)) in sockets.into_iter().zip(senders).zip(receivers).enumerate() {
         let dtls_sock = dtls_sockets.next().flatten();
+        let bs_sock = bs_sockets.next().flatten();
+        let bs_dtls_sock = bs_dtls_sockets.next().flatten();
         let cpu = cfg
             .gateway
             .cpus
@@ -386,6 +560,17 @@ pub fn start(
         let fd = sock.map(|s| s.into_raw_fd()).unwrap_or(-1);
         let dtls_fd = dtls_sock.map(|s| s.into_raw_fd()).unwrap_or(-1);
         let tls = tls.clone();
+        let bs_tls = bs_tls.clone();
+        let bs_fd = bs_sock.map(|s| s.into_raw_fd()).unwrap_or(-1);
+        let bs_dtls_fd = bs_dtls_sock.map(|s| s.into_raw_fd()).unwrap_or(-1);
+        let bs_cfg = bs_on.then(|| {
+            let mut key_seed = [0u8; 32];
+            if openssl::rand::rand_bytes(&mut key_seed).is_err() {
+                key_seed = rand::random();
+            }
+            cfg.bootstrap_config(i, seed, key_seed)
+        });
+        let bs_store = bs_store.clone();
         let dtls_cfg = cfg.dtls.endpoint_config();
         let mtu = cfg.dtls.mtu;
         let ready = ready_tx.clone();
@@ -393,6 +578,7 @@ pub fn start(
             .name(&format!("shard-{i}"))
             .io_memory(1 << 20)
             .spawn(move || async move {
+                let bs_dtls_cfg = dtls_cfg.clone();
                 let dtls = tls.and_then(|(ctx, creds)| {
                     let mut seed = [0u8; 32];
                     if openssl::rand::rand_bytes(&mut seed).is_err() {
@@ -408,11 +594,36 @@ pub fn start(
                         }
                     }
                 });
+                let bs = bs_cfg.map(|c| {
+                    let dtls_metrics = Arc::new(ShardMetrics::default());
+                    let dtls = bs_tls.and_then(|(ctx, creds)| {
+                        let mut seed = [0u8; 32];
+                        if openssl::rand::rand_bytes(&mut seed).is_err() {
+                            seed = rand::random();
+                        }
+                        let acc = OpensslAcceptor::new(ctx, mtu, creds);
+                        DtlsEndpoint::new(Instant::now(), bs_dtls_cfg, acc, seed, dtls_metrics.clone())
+                            .map_err(|e| {
+                                tracing::error!(shard = i, error = %e, "bootstrap DTLS endpoint failed to start")
+                            })
+                            .ok()
+                    });
+                    BsState {
+                        server: BootstrapServer::new(c, metrics_i.clone()),
+                        dtls,
+                        dtls_metrics,
+                        fd: bs_fd,
+                        dtls_fd: bs_dtls_fd,
+                        store: bs_store,
+                        shard: i,
+                    }
+                });
                 let args = ShardArgs {
                     i,
                     fd,
                     dtls_fd,
                     dtls,
+                    bs,
                     sessions,
                     server,
                     sink,
@@ -431,7 +642,7 @@ pub fn start(
                 run_shard(args).await;
             })
             .map_err(|e| StartError::Executor(format!("shard {i} on CPU {cpu}"), e.to_string()))?;
-        tracing::info!(shard = i, cpu, coap = ?addr, coaps = ?dtls_addr, "shard started");
+        tracing::info!(shard = i, cpu, coap = ?addr, coaps = ?dtls_addr, bootstrap = ?bs_addr, bootstrap_dtls = ?bs_dtls_addr, "shard started");
         joins.push(j);
     }
     let (control_tx, control_rx) = crossbeam_channel::unbounded::<(Option<usize>, Inbox)>();
@@ -449,6 +660,8 @@ pub fn start(
         metrics,
         local_addr: addr,
         dtls_addr,
+        bootstrap_addr: bs_addr,
+        bootstrap_dtls_addr: bs_dtls_addr,
         control: control_tx,
         joins,
     })
@@ -544,6 +757,7 @@ struct ShardArgs {
     fd: RawFd,
     dtls_fd: RawFd,
     dtls: Option<DtlsEndpoint<OpensslAcceptor>>,
+    bs: Option<BsState>,
     sessions: Option<Arc<SessionStore>>,
     server: Server,
     sink: KafkaSink,
@@ -566,6 +780,7 @@ async fn run_shard(a: ShardArgs) {
         fd,
         dtls_fd,
         mut dtls,
+        bs,
         sessions,
         mut server,
         mut sink,
@@ -644,6 +859,12 @@ async fn run_shard(a: ShardArgs) {
     let udp = (fd >= 0).then(|| Rc::new(unsafe { glommio::net::UdpSocket::from_raw_fd(fd) }));
     let dtls_udp =
         (dtls_fd >= 0).then(|| Rc::new(unsafe { glommio::net::UdpSocket::from_raw_fd(dtls_fd) }));
+    // SAFETY: as above, the bootstrap sockets (or -1).
+    let (bs_fd, bs_dtls_fd) = bs.as_ref().map_or((-1, -1), |b| (b.fd, b.dtls_fd));
+    let bs_udp =
+        (bs_fd >= 0).then(|| Rc::new(unsafe { glommio::net::UdpSocket::from_raw_fd(bs_fd) }));
+    let bs_dtls_udp = (bs_dtls_fd >= 0)
+        .then(|| Rc::new(unsafe { glommio::net::UdpSocket::from_raw_fd(bs_dtls_fd) }));
     let (out_tx, out_rx) = local_channel::new_unbounded::<(Dest, ShardMsg)>();
     let (nudge_tx, nudge_rx) = local_channel::new_bounded::<()>(1);
     let timer_at = Rc::new(Cell::new(Instant::now() + MAX_SLEEP));
@@ -662,6 +883,7 @@ async fn run_shard(a: ShardArgs) {
         stopping: false,
         poll,
         rpc_events,
+        bs,
     }));
 
     // Outbox: the server's messages to other shards.
@@ -707,6 +929,9 @@ async fn run_shard(a: ShardArgs) {
                     Inbox::Describe(ep, reply) => {
                         let _ = reply.try_send(s.server.describe(t, &ep).map(Box::new));
                     }
+                    Inbox::BootstrapStored(id, result) => {
+                        s.with_bs(|srv, _, ctx| srv.handle_stored(t, ctx, id, result))
+                    }
                     Inbox::Shutdown => s.stopping = true,
                 }
                 s.flush();
@@ -719,11 +944,15 @@ async fn run_shard(a: ShardArgs) {
     }
 
     // Receive: one task per socket.
-    if let Some(u) = udp {
-        spawn_receiver(state.clone(), u, false, &gw, i);
-    }
-    if let Some(u) = dtls_udp {
-        spawn_receiver(state.clone(), u, true, &gw, i);
+    for (u, l) in [
+        (udp, Listener::Coap),
+        (dtls_udp, Listener::Coaps),
+        (bs_udp, Listener::BootstrapCoap),
+        (bs_dtls_udp, Listener::BootstrapCoaps),
+    ] {
+        if let Some(u) = u {
+            spawn_receiver(state.clone(), u, l, &gw, i);
+        }
     }
     let _ = ready.send(i);
 
@@ -740,6 +969,9 @@ async fn run_shard(a: ShardArgs) {
                 .min(t + MAX_SLEEP)
                 .min(next_snapshot);
             if let Some(d) = st.dtls.as_ref().and_then(|d| d.poll_timeout()) {
+                at = at.min(d);
+            }
+            if let Some(d) = st.bs_timeout() {
                 at = at.min(d);
             }
             if st.server.awaiting_delivery() > 0 || st.sink.in_flight() > 0 {
@@ -771,6 +1003,7 @@ async fn run_shard(a: ShardArgs) {
         if let Some(d) = st.dtls.as_mut() {
             d.handle_timeout(t);
         }
+        st.bs_handle_timeout(t);
         st.send_out();
         if Instant::now() >= next_snapshot {
             next_snapshot = Instant::now() + snap_every;
@@ -830,26 +1063,62 @@ async fn run_shard(a: ShardArgs) {
     tracing::info!(shard = i, pending, flushed = ok, "shard stopped");
 }
 
-/// Handles one datagram from the plain (`dtls == false`) or the DTLS socket.
+/// Handles one datagram from the socket of listener `l`.
 fn handle_one(
     st: &mut State,
     t: Now,
-    dtls: bool,
+    l: Listener,
     peer: std::net::SocketAddr,
     data: &mut [u8],
     truncated: bool,
 ) {
-    if !dtls {
-        let peer = PeerId::udp(peer);
-        if truncated {
-            st.server.handle_oversized(t, peer, data);
-        } else {
-            let data = &*data;
-            st.with_ctx(|srv, ctx| srv.handle_datagram(t, ctx, peer, None, data));
+    match l {
+        Listener::Coap => {
+            let peer = PeerId::udp(peer);
+            if truncated {
+                st.server.handle_oversized(t, peer, data);
+            } else {
+                let data = &*data;
+                st.with_ctx(|srv, ctx| srv.handle_datagram(t, ctx, peer, None, data));
+            }
         }
+        Listener::Coaps => {
+            st.with_dtls(|d, srv, ctx| dtls_one(d, srv, ctx, t, peer, data, truncated))
+        }
+        Listener::BootstrapCoap | Listener::BootstrapCoaps => {
+            let m = st.server.metrics().clone();
+            st.with_bs(|srv, dtls, ctx| bs_one(srv, dtls, ctx, &m, t, l, peer, data, truncated))
+        }
+    }
+}
+
+/// One datagram from a bootstrap socket (plain, or DTLS opened in place).
+#[allow(clippy::too_many_arguments)]
+fn bs_one(
+    srv: &mut BootstrapServer,
+    dtls: Option<&mut DtlsEndpoint<OpensslAcceptor>>,
+    ctx: &mut BsCtx<'_>,
+    m: &ShardMetrics,
+    t: Now,
+    l: Listener,
+    peer: std::net::SocketAddr,
+    data: &mut [u8],
+    truncated: bool,
+) {
+    if truncated {
+        // Nothing on the bootstrap interface comes from the device that
+        // large; a record cut short cannot be authenticated either.
+        ShardMetrics::inc(&m.oversized);
         return;
     }
-    st.with_dtls(|d, srv, ctx| dtls_one(d, srv, ctx, t, peer, data, truncated));
+    if l == Listener::BootstrapCoap {
+        return srv.handle_datagram(t, ctx, PeerId::udp(peer), None, data);
+    }
+    if let Some(d) = dtls {
+        d.handle_datagram(t, peer, data, |identity, plaintext| {
+            srv.handle_datagram(t, ctx, PeerId::dtls(peer), Some(identity), plaintext)
+        });
+    }
 }
 
 /// One datagram from the DTLS socket: records opened in place, the CoAP
@@ -878,7 +1147,7 @@ fn dtls_one(
 fn spawn_receiver(
     state: Rc<RefCell<State>>,
     udp: Rc<glommio::net::UdpSocket>,
-    dtls: bool,
+    l: Listener,
     gw: &crate::config::GatewayConfig,
     i: usize,
 ) {
@@ -909,7 +1178,26 @@ fn spawn_receiver(
                 };
                 if got > 0 {
                     let t = now();
-                    if dtls {
+                    if matches!(l, Listener::BootstrapCoap | Listener::BootstrapCoaps) {
+                        let m = st.server.metrics().clone();
+                        st.with_bs(|srv, mut dtls, ctx| {
+                            for k in 0..got {
+                                if let Some((peer, data, truncated)) = rb.get_mut(k) {
+                                    bs_one(
+                                        srv,
+                                        dtls.as_deref_mut(),
+                                        ctx,
+                                        &m,
+                                        t,
+                                        l,
+                                        peer,
+                                        data,
+                                        truncated,
+                                    );
+                                }
+                            }
+                        });
+                    } else if l == Listener::Coaps {
                         // One directory / profile snapshot for the whole batch.
                         st.with_dtls(|d, srv, ctx| {
                             for k in 0..got {
@@ -962,7 +1250,7 @@ fn spawn_receiver(
                 let t = now();
                 let truncated = n > max;
                 let len = n.min(max);
-                handle_one(st, t, dtls, peer, &mut first[..len], truncated);
+                handle_one(st, t, l, peer, &mut first[..len], truncated);
                 st.flush();
             }
             drain(&mut rb);

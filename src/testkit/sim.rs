@@ -94,6 +94,8 @@ pub struct SimDevice {
     pub fail_finish: Option<(Code, String)>,
     /// The content formats of the writes received, in order.
     pub write_formats: Vec<u16>,
+    /// Bootstrap-Finish requests accepted so far.
+    pub bootstraps_finished: u32,
 }
 
 fn p(s: &str) -> ResourcePath {
@@ -151,6 +153,7 @@ impl SimDevice {
             accept_formats: None,
             fail_finish: None,
             write_formats: Vec::new(),
+            bootstraps_finished: 0,
         }
     }
 
@@ -540,6 +543,7 @@ impl SimDevice {
                 }
                 None => {
                     ev.bootstrap_finished = true;
+                    self.bootstraps_finished += 1;
                     ev.replies
                         .push(reply_to(&m, Code::CHANGED, None, None, &[], &[]));
                 }

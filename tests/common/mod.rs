@@ -524,6 +524,7 @@ impl Device {
                 }
                 all.observed.extend(ev.observed);
                 all.executed.extend(ev.executed);
+                all.bootstrap_finished |= ev.bootstrap_finished;
                 for r in &ev.replies {
                     self.send(r);
                 }

@@ -297,6 +297,13 @@ pub fn route(st: &AdminState, req: &ApiRequest) -> Reply {
             }
             show_device(st, &device)
         }
+        (_, p) if p.starts_with("/v1/endpoints/") && p.ends_with("/bootstrap") => {
+            let ep = pct_decode(
+                &p["/v1/endpoints/".len()..p.len() - "/bootstrap".len()],
+                false,
+            );
+            endpoint_bootstrap(st, m, &ep, &req.body)
+        }
         (_, p) if p.starts_with("/v1/endpoints/") => {
             let ep = pct_decode(&p["/v1/endpoints/".len()..], false);
             endpoint(st, m, &ep, &req.body)
@@ -359,6 +366,48 @@ fn endpoint(st: &AdminState, m: &str, ep: &str, body: &[u8]) -> Reply {
             Err(e) => Reply::error(500, "storage", &e.to_string()),
         },
         _ => Reply::method_not_allowed(),
+    }
+}
+
+/// `/v1/endpoints/{ep}/bootstrap`: what the bootstrap server writes to the
+/// endpoint and the credentials it bootstraps with (keys never returned).
+fn endpoint_bootstrap(st: &AdminState, m: &str, ep: &str, body: &[u8]) -> Reply {
+    use crate::proto::lwm2m::bootstrap::BootstrapSettings;
+    if ep.is_empty() || ep.len() > crate::proto::lwm2m::registration::MAX_ENDPOINT_LEN {
+        return Reply::bad("endpoint name must be 1..=256 bytes");
+    }
+    let Some(cur) = st.directory.get(ep) else {
+        return Reply::not_found("no such endpoint");
+    };
+    let settings = match m {
+        "GET" => {
+            return match &cur.bootstrap {
+                Some(b) => Reply::json(200, &b.redacted_json()),
+                None => Reply::not_found("no bootstrap settings (the gateway defaults apply)"),
+            }
+        }
+        "PUT" => match serde_json::from_slice::<BootstrapSettings>(body) {
+            Ok(b) => Some(Box::new(b)),
+            Err(e) => return Reply::bad(&format!("body: {e}")),
+        },
+        "DELETE" => None,
+        _ => return Reply::method_not_allowed(),
+    };
+    let deleting = settings.is_none();
+    match st.directory.modify(&[ep.to_string()], |_, e| {
+        let mut n = e.clone();
+        n.bootstrap = settings.clone();
+        n
+    }) {
+        Ok(()) => {
+            st.endpoints_changed(vec![ep.to_string()]);
+            if deleting {
+                Reply::empty(204)
+            } else {
+                Reply::json(200, &json!({ "endpoint": ep }))
+            }
+        }
+        Err(e) => dir_error(e),
     }
 }
 

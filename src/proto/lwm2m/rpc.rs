@@ -511,6 +511,24 @@ pub fn resolve(method: &str, params: &J, profile: Option<&Profile>) -> Result<Op
             },
             args: args_param(params)?,
         },
+        // Server-initiated bootstrap (TS 1.1 Core §E.2: /1/x/9 Bootstrap-
+        // Request Trigger): the device goes back to its bootstrap server.
+        // `params.instance` picks the Server instance (default 0, the one
+        // our bootstrap server writes first).
+        "rebootstrap" => {
+            let instance = match params.get("instance") {
+                None | Some(J::Null) => 0,
+                Some(v) => v
+                    .as_u64()
+                    .filter(|i| *i < 65535)
+                    .ok_or("params.instance must be a Server object instance id (0..65534)")?
+                    as u16,
+            };
+            Op::Execute {
+                path: ResourcePath::resource(1, instance, 9),
+                args: None,
+            }
+        }
         "read" => Op::Read {
             path: path_param(params, "path")?,
             format: format_param(params)?,
@@ -675,6 +693,21 @@ mod tests {
                 args: Some("0".into())
             }
         );
+        assert_eq!(
+            resolve("rebootstrap", &J::Null, None).unwrap(),
+            Op::Execute {
+                path: p("/1/0/9"),
+                args: None
+            }
+        );
+        assert_eq!(
+            resolve("rebootstrap", &json!({"instance": 2}), None).unwrap(),
+            Op::Execute {
+                path: p("/1/2/9"),
+                args: None
+            }
+        );
+        assert!(resolve("rebootstrap", &json!({"instance": "x"}), None).is_err());
         let op = resolve(
             "write",
             &json!({"path": "/3/0/13", "value": 1700000000}),
