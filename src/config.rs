@@ -55,6 +55,9 @@ pub struct BootstrapSection {
     /// Send Bootstrap-Discover first (1.1 clients; 1.0 clients answer 4.xx
     /// and the sequence goes on).
     pub discover: bool,
+    /// Bootstrap-Delete `/` instead of `/0` and `/1` (clients that accept
+    /// only that, e.g. npm coap-node).
+    pub delete_root: bool,
     pub session_timeout_s: u64,
     pub max_sessions_per_shard: usize,
     /// Write keys over the plain bootstrap listener (off: 4.03).
@@ -76,6 +79,7 @@ impl Default for BootstrapSection {
             binding: "U".into(),
             generate_psk: false,
             discover: true,
+            delete_root: false,
             session_timeout_s: 120,
             max_sessions_per_shard: 10_000,
             allow_plain_secrets: false,
@@ -568,6 +572,7 @@ impl Config {
                 generate_psk: b.generate_psk,
             },
             discover: b.discover,
+            delete_root: b.delete_root,
             session_timeout: Duration::from_secs(b.session_timeout_s.max(1)),
             max_sessions: b.max_sessions_per_shard.max(1),
             allow_plain_secrets: b.allow_plain_secrets,

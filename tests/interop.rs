@@ -212,6 +212,10 @@ struct NodeClient {
 
 impl NodeClient {
     fn spawn(gateway: std::net::SocketAddr, endpoint: &str) -> NodeClient {
+        Self::spawn_script("coap-node-client.js", gateway, endpoint)
+    }
+
+    fn spawn_script(script: &str, gateway: std::net::SocketAddr, endpoint: &str) -> NodeClient {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop-node");
         assert!(
             dir.join("node_modules/coap-node").exists(),
@@ -220,7 +224,7 @@ impl NodeClient {
         let mut child = Command::new("node")
             .current_dir(&dir)
             .args([
-                "coap-node-client.js",
+                script,
                 &gateway.ip().to_string(),
                 &gateway.port().to_string(),
                 endpoint,
@@ -249,7 +253,10 @@ impl NodeClient {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             match self.events.recv_timeout(left) {
                 Ok(v) if v["event"] == name && path.is_none_or(|p| v["path"] == p) => return v,
-                Ok(v) => assert_ne!(v["event"], "register_failed", "{v}"),
+                Ok(v) => assert!(
+                    v["event"] != "register_failed" && v["event"] != "bootstrap_failed",
+                    "{v}"
+                ),
                 Err(_) => panic!("coap-node: no {name} event within {within:?}"),
             }
         }
@@ -371,4 +378,57 @@ fn coap_node_lwm2m_client_reboots_reads_and_reports() {
         .map(|e| e.value["status"].as_str().unwrap())
         .collect();
     assert_eq!(seq, ["queued", "sent", "succeeded"]);
+}
+
+/// npm coap-node bootstraps from the gateway's bootstrap server (plain
+/// CoAP, TLV writes; it rejects Bootstrap-Discover with RST and takes only
+/// a Bootstrap-Delete of `/`, hence `delete_root`), then registers with the
+/// LwM2M server it was given and its telemetry reaches Kafka.
+#[test]
+fn coap_node_bootstraps_then_registers() {
+    let broker = Broker::memory();
+    let coap: std::net::SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().unwrap();
+    let bs: std::net::SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().unwrap();
+    let prov = format!(
+        "{PROVISIONING}\n[[endpoint]]\nendpoint = \"coap-node-bs\"\ndevice_id = \"node-bs-device\"\n\
+         tenant_id = \"acme\"\nprofile = \"coap-node\"\n"
+    );
+    let extra = format!(
+        "[gateway]\nlisten = \"{coap}\"\n[bootstrap]\nenabled = true\nlisten = \"{bs}\"\n\
+         dtls = false\nserver_uri_plain = \"coap://{coap}\"\ndelete_root = true\nlifetime_s = 300\n"
+    );
+    let gw = Gateway::start(&broker, 2, &prov, &extra);
+    std::fs::write(gw.dir.join("profiles/coap-node.toml"), NODE_PROFILE).unwrap();
+    assert_eq!(
+        http(gw.admin, "POST", "/v1/profiles/reload", "").unwrap().0,
+        200
+    );
+    let status = reader(&broker, &["device.status.acme"]);
+    let telemetry = reader(&broker, &["telemetry.raw.acme"]);
+    let node = NodeClient::spawn_script("coap-node-bootstrap.js", bs, "coap-node-bs");
+    let b = node.wait("bootstrapped", None, Duration::from_secs(30));
+    // What coap-node stored from our TLV writes.
+    let sec = b["security"].as_object().unwrap();
+    assert!(
+        sec.values()
+            .any(|s| s["lwm2mServerURI"] == format!("coap://{coap}").as_str()),
+        "{b}"
+    );
+    node.wait("registered", None, Duration::from_secs(30));
+    let st = read_matching(&status, 3, Duration::from_secs(20), |r| {
+        r.value["endpoint"] == "coap-node-bs"
+    });
+    let reasons: Vec<&str> = st
+        .iter()
+        .map(|r| r.value["reason"].as_str().unwrap())
+        .collect();
+    assert_eq!(reasons, ["bootstrapping", "bootstrapped", "registered"]);
+    assert_eq!(st[1].value["bootstrap"]["lwm2m_version"], "1.0");
+    assert_eq!(st[2].value["registration"]["lifetime_s"], 300);
+    let points = read_matching(&telemetry, 1, Duration::from_secs(30), |r| {
+        r.value["device_id"] == "node-bs-device"
+    });
+    assert!(points[0].value["numeric_values"]["temperature"]
+        .as_f64()
+        .is_some());
 }

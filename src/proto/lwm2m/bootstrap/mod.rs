@@ -7,8 +7,8 @@
 //!
 //! 1. Bootstrap-Discover `GET /` (Accept: link-format, TS Core §5.2.7.1),
 //!    when enabled: the client's version and which Security instance is its
-//!    Bootstrap-Server Account. A 1.0 client answers 4.xx (the operation is
-//!    new in 1.1): the sequence goes on without it.
+//!    Bootstrap-Server Account. A 1.0 client answers an error or RST (the
+//!    operation is new in 1.1): the sequence goes on without it.
 //! 2. Bootstrap-Delete `/0` and `/1` (and `/2` when ACLs are written); the
 //!    client keeps its Bootstrap-Server Account (TS Core §5.2.7.5).
 //! 3. Bootstrap-Write of each Security instance `/0/x`, Server instance
@@ -65,6 +65,10 @@ pub struct BootstrapConfig {
     pub defaults: BootstrapDefaults,
     /// Send Bootstrap-Discover first (1.1 clients).
     pub discover: bool,
+    /// One Bootstrap-Delete of `/` (everything but the Bootstrap-Server
+    /// Account and the Device object, TS 1.1 Core §5.2.7.5) instead of
+    /// `/0` and `/1`: for clients that accept only that.
+    pub delete_root: bool,
     /// A session not finished within this time fails.
     pub session_timeout: Duration,
     /// Sessions at once on this shard; more get 5.03.
@@ -88,6 +92,7 @@ impl Default for BootstrapConfig {
             exchange: ExchangeConfig::default(),
             defaults: BootstrapDefaults::default(),
             discover: true,
+            delete_root: false,
             session_timeout: Duration::from_secs(120),
             max_sessions: 10_000,
             allow_plain_secrets: false,
@@ -119,7 +124,8 @@ pub struct StoreRequest {
 pub enum Step {
     Request,
     Discover,
-    Delete(u16),
+    /// Bootstrap-Delete of an object, or of `/` (`None`).
+    Delete(Option<u16>),
     /// Object, instance, index of the account (or ACL) written.
     Write(u16, u16, u16),
     Store,
@@ -141,7 +147,8 @@ impl Step {
     fn path(self) -> Option<String> {
         match self {
             Step::Discover => Some("/".into()),
-            Step::Delete(o) => Some(format!("/{o}")),
+            Step::Delete(Some(o)) => Some(format!("/{o}")),
+            Step::Delete(None) => Some("/".into()),
             Step::Write(o, i, _) => Some(format!("/{o}/{i}")),
             Step::Finish => Some("/bs".into()),
             Step::Request | Step::Store => None,
@@ -596,10 +603,14 @@ impl BootstrapServer {
         let Some(s) = self.sessions.get_mut(&peer) else {
             return;
         };
-        s.steps.push_back(Step::Delete(0));
-        s.steps.push_back(Step::Delete(1));
-        if !s.plan.acl.is_empty() {
-            s.steps.push_back(Step::Delete(2));
+        if self.cfg.delete_root {
+            s.steps.push_back(Step::Delete(None));
+        } else {
+            s.steps.push_back(Step::Delete(Some(0)));
+            s.steps.push_back(Step::Delete(Some(1)));
+            if !s.plan.acl.is_empty() {
+                s.steps.push_back(Step::Delete(Some(2)));
+            }
         }
         // Security instance ids avoid the Bootstrap-Server Account's
         // (assumed 0 when Discover told nothing).
@@ -702,9 +713,10 @@ impl BootstrapServer {
             Step::Discover => MessageBuilder::request(Code::GET, true)
                 .token(&tb)
                 .accept(CF_LINK),
-            Step::Delete(o) => MessageBuilder::request(Code::DELETE, true)
+            Step::Delete(Some(o)) => MessageBuilder::request(Code::DELETE, true)
                 .token(&tb)
                 .path_id(o),
+            Step::Delete(None) => MessageBuilder::request(Code::DELETE, true).token(&tb),
             Step::Write(o, i, _) => {
                 ids = (o, i);
                 let cf = s.format();
@@ -782,14 +794,13 @@ impl BootstrapServer {
                         .and_then(|l| l.instance);
                     self.plan_writes(p, bs);
                     self.next_step(now, ctx, p)
-                } else if code.class() == 4 {
+                } else {
                     // A 1.0 client has no Bootstrap-Discover (TS 1.0
-                    // §5.2.7): carry on without it.
+                    // §5.2.7): whatever error it answers (4.04, 4.05, even
+                    // 5.00 from npm coap-node), carry on without it.
                     s.version = Some("1.0".into());
                     self.plan_writes(p, None);
                     self.next_step(now, ctx, p)
-                } else {
-                    self.fail_code(now, ctx, p, step, code, msg.payload)
                 }
             }
             Step::Delete(_) => {
@@ -851,6 +862,17 @@ impl BootstrapServer {
             else {
                 continue;
             };
+            if step == Step::Discover && f.reason == FailReason::Reset {
+                // A client without Bootstrap-Discover (TS 1.0) may reject it
+                // with RST: carry on as with a 4.xx.
+                if let Some(s) = self.sessions.get_mut(&peer) {
+                    s.current = None;
+                    s.version = Some("1.0".into());
+                }
+                self.plan_writes(peer, None);
+                self.next_step(now, ctx, peer);
+                continue;
+            }
             let code = match f.reason {
                 FailReason::Timeout => "timeout",
                 FailReason::Reset => "reset",
