@@ -143,6 +143,18 @@ for mode in ["psk", "x509"]:
                    f"{h.get('failed', 0)} failed, in {h.get('seconds', 0):.1f} s = **{h.get('per_second', 0):,.0f} handshakes/s** "
                    f"(window 2048 per load-generator worker); latency p50 {ms(lat.get('p50_us'))} ms, p99 {ms(lat.get('p99_us'))} ms; "
                    f"gateway CPU {r['gw_cpu_s']:.1f} s = {r['gw_cpu_s'] * 1e6 / max(1, h.get('handshakes', 1)):.0f} µs per handshake + registration")
+if "bootstrap-storm" in rows:
+    r = rows["bootstrap-storm"]
+    b = get(r, "report", "bootstrap") or {}
+    h = get(r, "report", "dtls") or {}
+    reg = get(r, "report", "registration") or {}
+    lat = b.get("latency") or {}
+    out.append(f"* **Bootstrap storm (DTLS-PSK, generated PSKs)**: {b.get('bootstrapped', 0):,} bootstraps, "
+               f"{b.get('failed', 0)} failed, in {b.get('seconds', 0):.1f} s = **{b.get('per_second', 0):,.0f} bootstraps/s** "
+               f"(bootstrap handshake + Discover, 2 Deletes, 2 Writes, PSK recorded, Finish; p50 {ms(lat.get('p50_us'))} ms, "
+               f"p99 {ms(lat.get('p99_us'))} ms); then {h.get('handshakes', 0):,} DTLS handshakes with the generated keys "
+               f"({h.get('failed', 0)} failed) and {reg.get('registered', 0):,} registrations; gateway CPU {r['gw_cpu_s']:.1f} s = "
+               f"{r['gw_cpu_s'] * 1e6 / max(1, b.get('bootstrapped', 1)):.0f} µs per device (bootstrap + handshake + registration)")
 if "dtls-idle-100k" in rows:
     r = rows["dtls-idle-100k"]
     act2 = r.get("dtls_sessions_late", 0)

@@ -151,6 +151,15 @@ struct Args {
     /// The gateway's RPC request topic.
     #[arg(long, default_value = "device.rpc.requests")]
     rpc_topic: String,
+    /// Bootstrap storm first: every device handshakes DTLS-PSK with the
+    /// gateway's bootstrap server at ADDR (its bootstrap credentials:
+    /// identity `bs-{endpoint}`, key derived from it), bootstraps (up to
+    /// `--register-window` at once per worker), and then handshakes with
+    /// `--server` using the PSK the bootstrap wrote (needs `--dtls psk`;
+    /// `--write-provisioning` then writes bootstrap credentials, and the
+    /// gateway runs `[bootstrap] generate_psk = true`).
+    #[arg(long)]
+    bootstrap: Option<SocketAddr>,
     /// Internal: run as worker I of the fleet.
     #[arg(long, hide = true)]
     worker_index: Option<usize>,
@@ -224,6 +233,169 @@ struct WorkerReport {
     hs_hist: String,
     reg_hist: String,
     ack_hist: String,
+    #[serde(default)]
+    bootstrapped: u64,
+    #[serde(default)]
+    bootstrap_failed: u64,
+    #[serde(default)]
+    bootstrap_seconds: f64,
+    #[serde(default)]
+    bs_hist: String,
+}
+
+/// One device of the bootstrap phase.
+struct BsDev {
+    sim: SimDevice,
+    client: Option<Box<DtlsClient<MioUdp>>>,
+    /// 0 handshaking, 1 requested, 2 bootstrapping, 3 done, 4 failed.
+    state: u8,
+    started: Instant,
+    req: Vec<u8>,
+    last_send: Instant,
+}
+
+/// The PSK (identity, key) a bootstrap gave each device, `None` if it failed.
+type GivenKeys = Vec<Option<(Vec<u8>, Vec<u8>)>>;
+
+/// The bootstrap identity and key of a loadgen device.
+fn bs_identity(endpoint: &str) -> String {
+    format!("bs-{endpoint}")
+}
+
+/// Bootstraps devices `lo..hi` against `bs` (DTLS-PSK with their bootstrap
+/// credentials); returns the PSK each one was given (identity, key), and
+/// fills the bootstrap figures of `rep`.
+fn bootstrap_phase(
+    a: &Args,
+    bs: SocketAddr,
+    lo: usize,
+    hi: usize,
+    rep: &mut WorkerReport,
+) -> anyhow::Result<GivenKeys> {
+    let mut poll = Poll::new()?;
+    let mut events = Events::with_capacity(1024);
+    let n = hi - lo;
+    let mut devs: Vec<Option<BsDev>> = (0..n).map(|_| None).collect();
+    let mut out: GivenKeys = vec![None; n];
+    let mut h = hist();
+    let t0 = Instant::now();
+    let mut next = 0usize;
+    let mut active = 0usize;
+    let mut finished = 0usize;
+    let window = a.register_window.max(1);
+    let mut buf = vec![0u8; 2048];
+    let mut last_tick = Instant::now();
+    while finished < n {
+        while active < window && next < n {
+            let g = lo + next;
+            let endpoint = format!("{}{}", a.prefix, g);
+            let id = bs_identity(&endpoint);
+            let auth = ClientAuth::Psk {
+                identity: id.as_bytes().to_vec(),
+                key: psk_of(&id),
+            };
+            let std_sock = std::net::UdpSocket::bind(bind_addr(g))?;
+            std_sock.set_nonblocking(true)?;
+            let mut sock = UdpSocket::from_std(std_sock);
+            poll.registry()
+                .register(&mut sock, Token(next), Interest::READABLE)?;
+            let ctx = client_context(&auth, &a.ciphers)?;
+            let mut c = DtlsClient::new(&ctx, MioUdp { sock, server: bs })
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let _ = c.handshake_step();
+            let mut sim = SimDevice::new(&endpoint, g as u16);
+            sim.set_bootstrap_account(&format!("coaps://{bs}"), 0, id.as_bytes(), &psk_of(&id));
+            devs[next] = Some(BsDev {
+                sim,
+                client: Some(Box::new(c)),
+                state: 0,
+                started: Instant::now(),
+                req: Vec::new(),
+                last_send: Instant::now(),
+            });
+            next += 1;
+            active += 1;
+        }
+        poll.poll(&mut events, Some(Duration::from_millis(20)))?;
+        let mut ready: Vec<usize> = events.iter().map(|e| e.token().0).collect();
+        let tick = last_tick.elapsed() >= Duration::from_millis(100);
+        if tick {
+            last_tick = Instant::now();
+            ready.extend(
+                devs.iter()
+                    .enumerate()
+                    .filter(|(_, d)| d.as_ref().is_some_and(|d| d.state < 3))
+                    .map(|(i, _)| i),
+            );
+        }
+        for i in ready {
+            let Some(d) = devs[i].as_mut() else { continue };
+            if d.state >= 3 {
+                continue;
+            }
+            let Some(c) = d.client.as_mut() else { continue };
+            if d.state == 0 {
+                match c.handshake_step() {
+                    Ok(true) => {
+                        rep.handshakes += 1;
+                        d.req = d.sim.bootstrap_request(None);
+                        let _ = c.send(&d.req);
+                        d.last_send = Instant::now();
+                        d.state = 1;
+                    }
+                    Ok(false) => {
+                        if tick {
+                            c.handle_timeout();
+                        }
+                    }
+                    Err(_) => d.state = 4,
+                }
+            }
+            if d.state == 1 || d.state == 2 {
+                while let Ok(Some(data)) = c.try_recv() {
+                    let n = data.len().min(buf.len());
+                    buf[..n].copy_from_slice(&data[..n]);
+                    let ev = d.sim.handle(&buf[..n]);
+                    if let Some((_, code)) = ev.response {
+                        d.state = if code == Code::CHANGED { 2 } else { 4 };
+                    }
+                    for r in &ev.replies {
+                        let _ = c.send(r);
+                    }
+                    if d.sim.bootstraps_finished > 0 {
+                        d.state = 3;
+                        break;
+                    }
+                }
+                // Bootstrap-Request retransmission (RFC 7252 §4.2, simplified).
+                if d.state == 1 && d.last_send.elapsed() > Duration::from_secs(2) {
+                    let _ = c.send(&d.req);
+                    d.last_send = Instant::now();
+                }
+            }
+            if d.state < 3 && d.started.elapsed() > Duration::from_secs(60) {
+                d.state = 4;
+            }
+            if d.state >= 3 {
+                active -= 1;
+                finished += 1;
+                if let Some(mut c) = d.client.take() {
+                    let _ = poll.registry().deregister(&mut c.transport().sock);
+                }
+                if d.state == 3 {
+                    rep.bootstrapped += 1;
+                    let _ = h.record(d.started.elapsed().as_micros() as u64);
+                    out[i] = d.sim.server_account().map(|s| (s.identity, s.key));
+                } else {
+                    rep.bootstrap_failed += 1;
+                }
+                devs[i] = None;
+            }
+        }
+    }
+    rep.bootstrap_seconds = t0.elapsed().as_secs_f64();
+    rep.bs_hist = ser(&h);
+    Ok(out)
 }
 
 #[derive(Serialize, Deserialize, Default)]
@@ -357,6 +529,11 @@ fn run_worker(a: &Args, index: usize, count: usize) -> anyhow::Result<()> {
         (Some("psk") | None, _) => None,
         (Some(other), _) => anyhow::bail!("--dtls {other}: psk or x509"),
     };
+    let mut boot_rep = WorkerReport::default();
+    let boot = match a.bootstrap {
+        Some(bs) => Some(bootstrap_phase(a, bs, lo, hi, &mut boot_rep)?),
+        None => None,
+    };
     for g in lo..hi {
         let endpoint = format!("{}{}", a.prefix, g);
         let std_sock = std::net::UdpSocket::bind(bind_addr(g))?;
@@ -367,7 +544,10 @@ fn run_worker(a: &Args, index: usize, count: usize) -> anyhow::Result<()> {
         let link = match a.dtls.as_deref() {
             None => Link::Plain(sock),
             Some(mode) => {
-                let auth = if mode == "psk" {
+                let given = boot.as_ref().and_then(|b| b[g - lo].clone());
+                let auth = if let Some((identity, key)) = given {
+                    ClientAuth::Psk { identity, key }
+                } else if mode == "psk" {
                     ClientAuth::Psk {
                         identity: endpoint.as_bytes().to_vec(),
                         key: psk_of(&endpoint),
@@ -422,6 +602,10 @@ fn run_worker(a: &Args, index: usize, count: usize) -> anyhow::Result<()> {
     let n = devs.len();
     let mut rep = WorkerReport {
         devices: n,
+        bootstrapped: boot_rep.bootstrapped,
+        bootstrap_failed: boot_rep.bootstrap_failed,
+        bootstrap_seconds: boot_rep.bootstrap_seconds,
+        bs_hist: boot_rep.bs_hist,
         ..Default::default()
     };
     let mut reg_h = hist();
@@ -1140,6 +1324,14 @@ fn write_provisioning(a: &Args, path: &std::path::Path) -> anyhow::Result<()> {
             a.tenant
         )?;
         match a.dtls.as_deref() {
+            Some("psk") if a.bootstrap.is_some() => {
+                let id = bs_identity(&ep);
+                let key: String = psk_of(&id).iter().map(|b| format!("{b:02x}")).collect();
+                writeln!(
+                    f,
+                    "bootstrap = {{ psk_identity = \"{id}\", psk_key_hex = \"{key}\" }}"
+                )?
+            }
             Some("psk") => {
                 let key: String = psk_of(&ep).iter().map(|b| format!("{b:02x}")).collect();
                 writeln!(f, "psk_identity = \"{ep}\"\npsk_key_hex = \"{key}\"")?
@@ -1298,6 +1490,7 @@ fn main() -> anyhow::Result<()> {
     let mut reg_h = hist();
     let mut ack_h = hist();
     let mut hs_h = hist();
+    let mut bs_h = hist();
     for r in &reports {
         total.devices += r.devices;
         total.registered += r.registered;
@@ -1318,6 +1511,12 @@ fn main() -> anyhow::Result<()> {
         total.handshakes_failed += r.handshakes_failed;
         total.handshake_seconds = total.handshake_seconds.max(r.handshake_seconds);
         let _ = hs_h.add(de(&r.hs_hist));
+        total.bootstrapped += r.bootstrapped;
+        total.bootstrap_failed += r.bootstrap_failed;
+        total.bootstrap_seconds = total.bootstrap_seconds.max(r.bootstrap_seconds);
+        if !r.bs_hist.is_empty() {
+            let _ = bs_h.add(de(&r.bs_hist));
+        }
         let _ = reg_h.add(de(&r.reg_hist));
         let _ = ack_h.add(de(&r.ack_hist));
     }
@@ -1373,6 +1572,12 @@ fn main() -> anyhow::Result<()> {
             "per_second": total.handshakes as f64 / total.handshake_seconds.max(1e-9),
             "latency": pct(&hs_h),
         }) } else { serde_json::json!(null) },
+        "bootstrap": if a.bootstrap.is_some() { serde_json::json!({
+            "bootstrapped": total.bootstrapped, "failed": total.bootstrap_failed,
+            "seconds": total.bootstrap_seconds,
+            "per_second": total.bootstrapped as f64 / total.bootstrap_seconds.max(1e-9),
+            "latency": pct(&bs_h),
+        }) } else { serde_json::json!(null) },
         "registration": {
             "registered": total.registered, "failed": total.register_failed,
             "retransmits": total.register_retransmits, "observed": total.observed,
@@ -1408,6 +1613,17 @@ fn main() -> anyhow::Result<()> {
         "devices            {} ({} workers), registered {}, failed {}, observed {}",
         a.devices, workers, total.registered, total.register_failed, total.observed
     );
+    if a.bootstrap.is_some() {
+        println!(
+            "bootstrap          {} ok, {} failed, {:.0}/s over {:.2} s (handshake + sequence); latency p50 {} p99 {}",
+            total.bootstrapped,
+            total.bootstrap_failed,
+            total.bootstrapped as f64 / total.bootstrap_seconds.max(1e-9),
+            total.bootstrap_seconds,
+            ms(&bs_h, 0.5),
+            ms(&bs_h, 0.99)
+        );
+    }
     if a.dtls.is_some() {
         println!(
             "DTLS handshakes    {} ok, {} failed, {:.0}/s over {:.2} s; latency p50 {} p99 {}",
