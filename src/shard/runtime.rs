@@ -572,13 +572,16 @@ pub fn start(
         });
         let bs_store = bs_store.clone();
         let dtls_cfg = cfg.dtls.endpoint_config();
+        // A bootstrap session is over once Finish is answered: its DTLS
+        // session need not outlive the bootstrap timeout.
+        let mut bs_dtls_cfg = dtls_cfg.clone();
+        bs_dtls_cfg.idle_timeout = Duration::from_secs(cfg.bootstrap.session_timeout_s.max(1));
         let mtu = cfg.dtls.mtu;
         let ready = ready_tx.clone();
         let j = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("shard-{i}"))
             .io_memory(1 << 20)
             .spawn(move || async move {
-                let bs_dtls_cfg = dtls_cfg.clone();
                 let dtls = tls.and_then(|(ctx, creds)| {
                     let mut seed = [0u8; 32];
                     if openssl::rand::rand_bytes(&mut seed).is_err() {
