@@ -613,7 +613,7 @@ fn new_rpc_id() -> String {
     if openssl::rand::rand_bytes(&mut b).is_err() {
         b = rand::random();
     }
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    crate::proto::lwm2m::endpoint::encode_hex(&b)
 }
 
 #[cfg(test)]

@@ -554,7 +554,7 @@ impl WriteValue {
         use serde_json::Value as J;
         if let J::Object(o) = v {
             if let Some(h) = o.get("hex").and_then(|h| h.as_str()) {
-                return decode_hex(h)
+                return super::endpoint::decode_hex(h)
                     .map(WriteValue::Opaque)
                     .ok_or_else(|| "hex is not hexadecimal".into());
             }
@@ -639,17 +639,6 @@ impl WriteValue {
     }
 }
 
-pub fn decode_hex(s: &str) -> Option<Vec<u8>> {
-    let s = s.trim();
-    if s.len() % 2 != 0 {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
-}
-
 /// Standard or URL-safe base64, padding optional.
 pub fn decode_base64(s: &str) -> Option<Vec<u8>> {
     let mut out = Vec::with_capacity(s.len() * 3 / 4);
@@ -725,11 +714,7 @@ fn num_json(n: super::content::Num) -> serde_json::Value {
 }
 
 fn hex_json(b: &[u8]) -> serde_json::Value {
-    let mut s = String::with_capacity(b.len() * 2);
-    for x in b {
-        let _ = write!(s, "{x:02x}");
-    }
-    serde_json::json!({ "hex": s })
+    serde_json::json!({ "hex": super::endpoint::encode_hex(b) })
 }
 
 /// Decoded values as `{path: value}` (an RPC's decoded response).

@@ -76,6 +76,16 @@ fn default_profile() -> String {
     "default".to_string()
 }
 
+/// Lower-case hex of `b`.
+pub fn encode_hex(b: &[u8]) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::with_capacity(b.len() * 2);
+    for x in b {
+        let _ = write!(s, "{x:02x}");
+    }
+    s
+}
+
 /// Decodes hex (whitespace and colons ignored).
 pub fn decode_hex(s: &str) -> Option<Vec<u8>> {
     let digits: Vec<u8> = s

@@ -8,7 +8,7 @@
 
 use super::super::content::ResourcePath;
 use super::super::encode::{WriteEntry, WriteValue};
-use super::super::endpoint::{decode_hex, EndpointEntry, Secret};
+use super::super::endpoint::{decode_hex, encode_hex, EndpointEntry, Secret};
 use serde::{Deserialize, Serialize};
 
 /// Security Mode (TS 1.1 Core §E.1, resource /0/x/2).
@@ -324,10 +324,10 @@ impl GeneratedPsk {
     /// `entry` with this PSK as its DTLS credentials.
     pub fn apply(&self, entry: &EndpointEntry) -> EndpointEntry {
         let mut e = entry.clone();
-        let key_hex = hex(&self.key);
+        let key_hex = encode_hex(&self.key);
         if self.identity_is_hex {
             e.psk_identity = None;
-            e.psk_identity_hex = Some(hex(&self.identity));
+            e.psk_identity_hex = Some(encode_hex(&self.identity));
         } else {
             e.psk_identity = Some(String::from_utf8_lossy(&self.identity).into_owned());
             e.psk_identity_hex = None;
@@ -337,14 +337,6 @@ impl GeneratedPsk {
         e.x509_sha256 = None;
         e
     }
-}
-
-fn hex(b: &[u8]) -> String {
-    let mut s = String::with_capacity(b.len() * 2);
-    for x in b {
-        s.push_str(&format!("{x:02x}"));
-    }
-    s
 }
 
 /// One server account, resolved: what goes into its /0 and /1 instances.

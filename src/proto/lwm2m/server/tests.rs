@@ -1654,7 +1654,10 @@ mod dm {
             .as_str()
             .unwrap()
             .to_string();
-        assert_eq!(crate::proto::lwm2m::encode::decode_hex(&hex).unwrap(), blob);
+        assert_eq!(
+            crate::proto::lwm2m::endpoint::decode_hex(&hex).unwrap(),
+            blob
+        );
         assert!(h.metric("block2_continuations") >= 63);
         // A 16 KiB write goes out in Block1 blocks; the device asks for
         // 256-byte blocks after the first 1024.
