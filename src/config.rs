@@ -595,25 +595,16 @@ impl Config {
         }
         for (uri, secure) in [(&b.server_uri, true), (&b.server_uri_plain, false)] {
             if let Some(u) = uri {
-                let acc = crate::proto::lwm2m::bootstrap::ServerAccount {
-                    uri: u.clone(),
-                    short_server_id: b.short_server_id,
+                use crate::proto::lwm2m::bootstrap::{SecurityMode, ServerAccount};
+                let acc = ServerAccount {
                     lifetime_s: Some(b.lifetime_s),
                     binding: Some(b.binding.clone()),
                     security: Some(if secure {
-                        crate::proto::lwm2m::bootstrap::SecurityMode::Psk
+                        SecurityMode::Psk
                     } else {
-                        crate::proto::lwm2m::bootstrap::SecurityMode::NoSec
+                        SecurityMode::NoSec
                     }),
-                    generate_psk: false,
-                    psk_identity: None,
-                    psk_key_hex: None,
-                    certificate_hex: None,
-                    private_key_hex: None,
-                    server_certificate_hex: None,
-                    default_min_period_s: None,
-                    default_max_period_s: None,
-                    notification_storing: None,
+                    ..ServerAccount::new(u, b.short_server_id)
                 };
                 acc.validate().map_err(|e| format!("bootstrap: {e}"))?;
             }

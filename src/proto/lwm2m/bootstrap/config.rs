@@ -202,6 +202,27 @@ pub fn redact(v: &mut serde_json::Value) {
 }
 
 impl ServerAccount {
+    /// An account for `uri` with `short_server_id`, everything else unset
+    /// (the security mode follows the scheme, the rest the gateway defaults).
+    pub fn new(uri: &str, short_server_id: u16) -> ServerAccount {
+        ServerAccount {
+            uri: uri.to_string(),
+            short_server_id,
+            lifetime_s: None,
+            binding: None,
+            security: None,
+            generate_psk: false,
+            psk_identity: None,
+            psk_key_hex: None,
+            certificate_hex: None,
+            private_key_hex: None,
+            server_certificate_hex: None,
+            default_min_period_s: None,
+            default_max_period_s: None,
+            notification_storing: None,
+        }
+    }
+
     pub fn mode(&self) -> SecurityMode {
         self.security
             .unwrap_or(if self.uri.starts_with("coaps://") {
@@ -416,24 +437,13 @@ pub fn plan(
             return Err(PlanError::NoServer);
         };
         servers.push(ServerAccount {
-            uri,
-            short_server_id: defaults.short_server_id,
-            lifetime_s: None,
-            binding: None,
             security: Some(if secure {
                 SecurityMode::Psk
             } else {
                 SecurityMode::NoSec
             }),
             generate_psk: defaults.generate_psk,
-            psk_identity: None,
-            psk_key_hex: None,
-            certificate_hex: None,
-            private_key_hex: None,
-            server_certificate_hex: None,
-            default_min_period_s: None,
-            default_max_period_s: None,
-            notification_storing: None,
+            ..ServerAccount::new(&uri, defaults.short_server_id)
         });
     }
     let mut generated = None;
@@ -644,20 +654,11 @@ mod tests {
     fn explicit_servers_and_validation() {
         let mut e = EndpointEntry::new("d1", "t", "default");
         let acc = |uri: &str, ssid: u16| ServerAccount {
-            uri: uri.into(),
-            short_server_id: ssid,
             lifetime_s: Some(60),
             binding: Some("UQ".into()),
-            security: None,
-            generate_psk: false,
-            psk_identity: None,
-            psk_key_hex: None,
-            certificate_hex: None,
-            private_key_hex: None,
-            server_certificate_hex: None,
             default_min_period_s: Some(5),
-            default_max_period_s: None,
             notification_storing: Some(true),
+            ..ServerAccount::new(uri, ssid)
         };
         let mut other = acc("coaps://other:5684", 2);
         other.psk_identity = Some("x".into());

@@ -525,41 +525,16 @@ impl BootstrapServer {
         let plan = match plan(&ep, &entry, &self.cfg.defaults, &mut gen) {
             Ok(p) => p,
             Err(e) => {
-                ShardMetrics::inc(&self.metrics.bootstrap_refused);
                 tracing::warn!(shard = self.cfg.shard, endpoint = %ep, error = %e, "cannot bootstrap");
-                self.reply(now, peer, msg, Code::INTERNAL_SERVER_ERROR, None);
-                let ev = self.event_for(now, &entry, &endpoint, peer, "bootstrap_failed", None);
-                return self.emit(
-                    ctx,
-                    OwnedEvent {
-                        failure: Some(Failure {
-                            step: Step::Request,
-                            code: "5.00".into(),
-                            diagnostic: Some(e.to_string()),
-                        }),
-                        ..ev
-                    },
-                );
+                let f = (Code::INTERNAL_SERVER_ERROR, e.to_string());
+                return self.refuse_authorized(now, ctx, peer, msg, &entry, &endpoint, f);
             }
         };
         if identity.is_none() && plan.has_secrets() && !self.cfg.allow_plain_secrets {
-            ShardMetrics::inc(&self.metrics.bootstrap_refused);
             self.refuse_log(now, peer, &ep, "keys are written only over DTLS");
-            self.reply(now, peer, msg, Code::FORBIDDEN, None);
-            let ev = self.event_for(now, &entry, &endpoint, peer, "bootstrap_failed", None);
-            return self.emit(
-                ctx,
-                OwnedEvent {
-                    failure: Some(Failure {
-                        step: Step::Request,
-                        code: "4.03".into(),
-                        diagnostic: Some(
-                            "the configuration carries keys: bootstrap over DTLS (or set bootstrap.allow_plain_secrets)".into(),
-                        ),
-                    }),
-                    ..ev
-                },
-            );
+            let why = "the configuration carries keys: bootstrap over DTLS (or set bootstrap.allow_plain_secrets)";
+            let f = (Code::FORBIDDEN, why.to_string());
+            return self.refuse_authorized(now, ctx, peer, msg, &entry, &endpoint, f);
         }
         // TS 1.1 Transport §6.1: 2.04 Changed, then the server's requests.
         self.reply(now, peer, msg, Code::CHANGED, None);
@@ -595,6 +570,31 @@ impl BootstrapServer {
         }
         ShardMetrics::set(&self.metrics.bootstrap_sessions, self.sessions.len() as i64);
         self.next_step(now, ctx, peer);
+    }
+
+    /// Refuses a Bootstrap-Request that passed the authorizer (so the
+    /// device is who it says): `code` to the device, and a
+    /// `bootstrap_failed` event at step `request` with the reason.
+    #[allow(clippy::too_many_arguments)]
+    fn refuse_authorized(
+        &mut self,
+        now: Now,
+        ctx: &mut BsCtx<'_>,
+        peer: PeerId,
+        msg: &Message<'_>,
+        entry: &Arc<EndpointEntry>,
+        endpoint: &Arc<str>,
+        (code, why): (Code, String),
+    ) {
+        ShardMetrics::inc(&self.metrics.bootstrap_refused);
+        self.reply(now, peer, msg, code, None);
+        let mut ev = self.event_for(now, entry, endpoint, peer, "bootstrap_failed", None);
+        ev.failure = Some(Failure {
+            step: Step::Request,
+            code: code.to_string(),
+            diagnostic: Some(why),
+        });
+        self.emit(ctx, ev);
     }
 
     /// The Delete / Write / Store / Finish steps, once the Bootstrap-Server

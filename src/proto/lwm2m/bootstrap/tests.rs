@@ -400,20 +400,11 @@ fn large_writes_go_in_blocks_and_shrink_on_4_13() {
     let mut e = bs_entry("dev-1", "bs-1");
     let big = "ab".repeat(1500);
     e.bootstrap.as_mut().unwrap().servers = vec![ServerAccount {
-        uri: "coaps://other:5684".into(),
-        short_server_id: 3,
-        lifetime_s: None,
-        binding: None,
         security: Some(SecurityMode::X509),
-        generate_psk: false,
-        psk_identity: None,
-        psk_key_hex: None,
         certificate_hex: Some(big.clone()),
         private_key_hex: Some(Secret("cd".repeat(100))),
         server_certificate_hex: Some(big),
-        default_min_period_s: None,
-        default_max_period_s: None,
-        notification_storing: None,
+        ..ServerAccount::new("coaps://other:5684", 3)
     }];
     h.provision("urn:imei:1", e);
     let id = Identity::Psk(b"bs-1".to_vec());
