@@ -289,9 +289,12 @@ fn refusals() {
         .to_vec();
     let out = h.input(peer, None, &other);
     assert_eq!(Message::decode(&out[0]).unwrap().code, Code::NOT_FOUND);
-    // Malformed input: no panic, a CON gets RST.
-    let out = h.input(peer, None, &[0x40, 0x01, 0x00]);
-    assert!(out.len() <= 1);
+    // Malformed input: no panic; a CON with a valid header (here a token
+    // length of 9, RFC 7252 §3) gets RST with its MID, a runt nothing.
+    assert!(h.input(peer, None, &[0x40, 0x01, 0x00]).is_empty());
+    let out = h.input(peer, None, &[0x49, 0x01, 0x00, 0x07]);
+    let rst = Message::decode(&out[0]).unwrap();
+    assert_eq!((rst.mtype, rst.message_id), (MsgType::Rst, 7));
     assert_eq!(h.bs.sessions(), 0);
 }
 
@@ -423,4 +426,62 @@ fn large_writes_go_in_blocks_and_shrink_on_4_13() {
     // blocks (RFC 7959 §2.9.3).
     let writes = ShardMetrics::get(&h.bs.metrics.bootstrap_writes);
     assert!(writes >= 14, "{writes} write requests");
+}
+
+/// Every third datagram lost in each direction: the server retransmits its
+/// requests, the device its Bootstrap-Request, duplicates are answered from
+/// both sides' caches (RFC 7252 §4.2, §4.5), and the bootstrap ends once,
+/// on both sides, with the key the device holds.
+#[test]
+fn lossy_network_still_finishes_once() {
+    let mut h = H::new(BootstrapDefaults {
+        generate_psk: true,
+        ..defaults()
+    });
+    h.provision("urn:imei:1", bs_entry("dev-1", "bs-1"));
+    let id = Identity::Psk(b"bs-1".to_vec());
+    let peer = PeerId::dtls(addr(40040));
+    let mut dev = SimDevice::new("urn:imei:1", 1);
+    dev.set_bootstrap_account("coaps://gw:5784", 0, b"bs-1", &[0, 0x11, 0x22, 0x33]);
+    let req = dev.bootstrap_request(None);
+    let mut n = 0u32;
+    let mut to_server = vec![req.clone()];
+    let mut answered = false;
+    let mut lost = 0;
+    for round in 0..600 {
+        let mut to_dev = Vec::new();
+        for d in to_server.drain(..) {
+            n += 1;
+            if n % 3 == 0 {
+                lost += 1;
+                continue;
+            }
+            to_dev.extend(h.input(peer, Some(&id), &d));
+        }
+        if to_dev.is_empty() {
+            to_dev = h.advance(Duration::from_secs(1));
+            if !answered && round % 3 == 2 {
+                to_server.push(req.clone());
+            }
+        }
+        for d in to_dev {
+            n += 1;
+            if n % 3 == 0 {
+                lost += 1;
+                continue;
+            }
+            let ev = dev.handle(&d);
+            answered |= ev.response.is_some();
+            to_server.extend(ev.replies);
+        }
+        if dev.bootstraps_finished > 0 && h.bs.sessions() == 0 {
+            break;
+        }
+    }
+    assert!(lost >= 5, "{lost} datagrams lost");
+    assert_eq!(dev.bootstraps_finished, 1);
+    assert_eq!(h.bs.sessions(), 0);
+    assert_eq!(h.reasons(), ["bootstrapping", "bootstrapped"]);
+    assert_eq!(h.stores.len(), 1);
+    assert_eq!(dev.server_account().unwrap().key, h.stores[0].psk.key);
 }
