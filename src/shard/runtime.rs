@@ -340,24 +340,12 @@ impl State {
     /// Sends transmits and forwards shard messages. CoAP messages to DTLS
     /// peers are sealed by their session first.
     fn send_out(&mut self) {
+        let m = self.server.metrics().clone();
         if self.server.has_transmits() {
-            let m = self.server.metrics().clone();
-            if let Some(dtls) = self.dtls.as_mut() {
-                for (p, d) in self.server.transmits().filter(|(p, _)| p.is_dtls()) {
-                    dtls.seal(p.addr(), d);
-                }
-            }
-            if self.fd >= 0 {
-                let (sent, failed) = self.send.send(
-                    self.fd,
-                    self.server
-                        .transmits()
-                        .filter(|(p, _)| !p.is_dtls())
-                        .map(|(p, d)| (p.addr(), d)),
-                );
-                ShardMetrics::add(&m.datagrams_tx, sent as u64);
-                ShardMetrics::add(&m.tx_errors, failed as u64);
-            }
+            let server = &self.server;
+            send_coap(&mut self.send, &m, self.fd, self.dtls.as_mut(), || {
+                server.transmits()
+            });
             self.server.clear_transmits();
         }
         let cmds = self.server.take_session_cmds();
@@ -371,43 +359,18 @@ impl State {
                     SessionCmd::IdleTimeout(p, secs) => dtls.set_idle_timeout(p.addr(), secs),
                 }
             }
-            if dtls.has_transmits() {
-                let (sent, failed) = self.send.send(self.dtls_fd, dtls.transmits());
-                let m = self.server.metrics();
-                ShardMetrics::add(&m.datagrams_tx, sent as u64);
-                ShardMetrics::add(&m.tx_errors, failed as u64);
-                dtls.clear_transmits();
-            }
+            send_dtls(&mut self.send, &m, self.dtls_fd, dtls);
         }
         if let Some(bs) = self.bs.as_mut() {
             if bs.server.has_transmits() {
-                let m = self.server.metrics().clone();
-                if let Some(d) = bs.dtls.as_mut() {
-                    for (p, data) in bs.server.transmits().filter(|(p, _)| p.is_dtls()) {
-                        d.seal(p.addr(), data);
-                    }
-                }
-                if bs.fd >= 0 {
-                    let (sent, failed) = self.send.send(
-                        bs.fd,
-                        bs.server
-                            .transmits()
-                            .filter(|(p, _)| !p.is_dtls())
-                            .map(|(p, d)| (p.addr(), d)),
-                    );
-                    ShardMetrics::add(&m.datagrams_tx, sent as u64);
-                    ShardMetrics::add(&m.tx_errors, failed as u64);
-                }
+                let server = &bs.server;
+                send_coap(&mut self.send, &m, bs.fd, bs.dtls.as_mut(), || {
+                    server.transmits()
+                });
                 bs.server.clear_transmits();
             }
             if let Some(d) = bs.dtls.as_mut() {
-                if d.has_transmits() {
-                    let (sent, failed) = self.send.send(bs.dtls_fd, d.transmits());
-                    let m = self.server.metrics();
-                    ShardMetrics::add(&m.datagrams_tx, sent as u64);
-                    ShardMetrics::add(&m.tx_errors, failed as u64);
-                    d.clear_transmits();
-                }
+                send_dtls(&mut self.send, &m, bs.dtls_fd, d);
             }
             while let Some(r) = bs.server.poll_store() {
                 match &bs.store {
@@ -432,6 +395,48 @@ impl State {
                 let _ = tx.send(e);
             }
         }
+    }
+}
+
+/// One listener's CoAP messages out: those to DTLS peers sealed by `dtls`
+/// (their records go with [`send_dtls`]), the others sent on `fd`.
+fn send_coap<'a, I: Iterator<Item = (PeerId, &'a [u8])>>(
+    send: &mut SendBatch,
+    m: &ShardMetrics,
+    fd: RawFd,
+    dtls: Option<&mut DtlsEndpoint<OpensslAcceptor>>,
+    transmits: impl Fn() -> I,
+) {
+    if let Some(d) = dtls {
+        for (p, data) in transmits().filter(|(p, _)| p.is_dtls()) {
+            d.seal(p.addr(), data);
+        }
+    }
+    if fd >= 0 {
+        let (sent, failed) = send.send(
+            fd,
+            transmits()
+                .filter(|(p, _)| !p.is_dtls())
+                .map(|(p, d)| (p.addr(), d)),
+        );
+        ShardMetrics::add(&m.datagrams_tx, sent as u64);
+        ShardMetrics::add(&m.tx_errors, failed as u64);
+    }
+}
+
+/// A DTLS endpoint's records (handshake flights, sealed messages, alerts)
+/// out on its socket `fd`.
+fn send_dtls(
+    send: &mut SendBatch,
+    m: &ShardMetrics,
+    fd: RawFd,
+    dtls: &mut DtlsEndpoint<OpensslAcceptor>,
+) {
+    if dtls.has_transmits() {
+        let (sent, failed) = send.send(fd, dtls.transmits());
+        ShardMetrics::add(&m.datagrams_tx, sent as u64);
+        ShardMetrics::add(&m.tx_errors, failed as u64);
+        dtls.clear_transmits();
     }
 }
 
