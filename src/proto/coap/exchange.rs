@@ -456,6 +456,18 @@ impl Exchanges {
         self.send_empty(peer, MsgType::Rst, mid);
     }
 
+    /// `data` did not decode as a message. RFC 7252 §4.2: a CON with a
+    /// message format error is rejected with RST; other types are silently
+    /// ignored (§4.3); version mismatches are silently ignored (§3). The RST
+    /// (4 bytes) is never larger than what came in.
+    pub fn reject_malformed(&mut self, peer: PeerId, data: &[u8]) {
+        if let Some(h) = super::codec::Header::peek(data) {
+            if h.version == super::codec::VERSION && h.mtype == MsgType::Con {
+                self.reset_stateless(peer, h.message_id);
+            }
+        }
+    }
+
     /// Marks (peer, mid) as being processed: retransmissions are dropped
     /// silently until `respond_to` / `ack` answers or `release` gives up.
     pub fn hold(&mut self, now: Instant, peer: PeerId, mid: u16, protected: bool) {

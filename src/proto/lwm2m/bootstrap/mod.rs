@@ -48,7 +48,7 @@ use super::server::{LogLimiter, Now};
 use crate::metrics::ShardMetrics;
 use crate::proto::coap::block::{Block1Upload, MAX_SZX};
 use crate::proto::coap::exchange::{ExchangeConfig, Exchanges, FailReason, Inbound, Token};
-use crate::proto::coap::{self, Code, Message, MessageBuilder, MsgType, PeerId};
+use crate::proto::coap::{Code, Message, MessageBuilder, MsgType, PeerId};
 use crate::proto::FastMap;
 use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
@@ -300,12 +300,7 @@ impl BootstrapServer {
             Ok(m) => m,
             Err(_) => {
                 ShardMetrics::inc(&self.metrics.malformed);
-                // RFC 7252 §4.2 / §4.3, as on the registration port.
-                if let Some(h) = coap::Header::peek(data) {
-                    if h.version == coap::VERSION && h.mtype == MsgType::Con {
-                        self.ex.reset_stateless(peer, h.message_id);
-                    }
-                }
+                self.ex.reject_malformed(peer, data);
                 return;
             }
         };

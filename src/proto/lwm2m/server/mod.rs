@@ -61,7 +61,7 @@ use super::telemetry::{build_points, unmapped_names};
 use crate::metrics::ShardMetrics;
 use crate::proto::coap::block::{Block1Limits, Block1Step, Block1Table};
 use crate::proto::coap::exchange::{token_of, ExchangeConfig, Exchanges, Inbound, Token};
-use crate::proto::coap::{self, Code, Message, MessageBuilder, MsgType, PeerId};
+use crate::proto::coap::{Code, Message, MessageBuilder, MsgType, PeerId};
 use crate::proto::FastMap;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -551,15 +551,7 @@ impl Server {
             Err(e) => {
                 ShardMetrics::inc(&self.metrics.malformed);
                 tracing::trace!(%peer, error = %e, "malformed datagram dropped");
-                // RFC 7252 §4.2: a CON with a message format error is rejected
-                // with RST; other types are silently ignored (§4.3); version
-                // mismatches are silently ignored (§3). The RST (4 bytes) is
-                // never larger than what came in.
-                if let Some(h) = coap::Header::peek(data) {
-                    if h.version == coap::VERSION && h.mtype == MsgType::Con {
-                        self.ex.reset_stateless(peer, h.message_id);
-                    }
-                }
+                self.ex.reject_malformed(peer, data);
                 return;
             }
         };

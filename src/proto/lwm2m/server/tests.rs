@@ -473,8 +473,16 @@ fn ping_malformed_and_critical_options() {
     let mut h = H::new();
     let ping = MessageBuilder::empty(MsgType::Con, 0x1234).to_vec();
     let out = h.input(addr(5), &ping);
-    assert_eq!(coap::Header::peek(&out[0]).unwrap().mtype, MsgType::Rst);
-    assert_eq!(coap::Header::peek(&out[0]).unwrap().message_id, 0x1234);
+    assert_eq!(
+        crate::proto::coap::Header::peek(&out[0]).unwrap().mtype,
+        MsgType::Rst
+    );
+    assert_eq!(
+        crate::proto::coap::Header::peek(&out[0])
+            .unwrap()
+            .message_id,
+        0x1234
+    );
     // Malformed CON (reserved token length) → RST; malformed NON → nothing.
     assert_eq!(h.input(addr(5), &[0x49, 1, 0, 7]).len(), 1);
     assert_eq!(h.input(addr(5), &[0x59, 1, 0, 7]).len(), 0);
