@@ -684,6 +684,58 @@ mod tests {
     }
 
     #[test]
+    fn bootstrap_credentials_are_indexed_unique_and_modified_atomically() {
+        use crate::io::dtls::Credentials as _;
+        use crate::proto::lwm2m::bootstrap::BootstrapSettings;
+        use crate::proto::lwm2m::endpoint::Secret;
+        let d = Arc::new(Directory::default());
+        let with_bs = |dev: &str, id: &str| {
+            let mut e = entry(dev);
+            e.bootstrap = Some(Box::new(BootstrapSettings {
+                psk_identity: Some(id.into()),
+                psk_key_hex: Some(Secret("0a0b".into())),
+                ..BootstrapSettings::default()
+            }));
+            e
+        };
+        d.upsert("ep1", with_bs("d1", "bs-1")).unwrap();
+        // The bootstrap listener finds the bootstrap key, the registration
+        // listener does not.
+        let bs = BootstrapCredentials(d.clone());
+        assert_eq!(bs.psk_key(b"bs-1"), Some(vec![0x0a, 0x0b]));
+        assert_eq!(d.psk_key(b"bs-1"), None);
+        // One endpoint per bootstrap identity.
+        let err = d.upsert("ep2", with_bs("d2", "bs-1")).unwrap_err();
+        assert!(err.to_string().contains("bootstrap psk identity"), "{err}");
+        // Invalid bootstrap settings are refused.
+        let mut bad = entry("d3");
+        bad.bootstrap = Some(Box::new(BootstrapSettings {
+            psk_identity: Some("x".into()),
+            ..BootstrapSettings::default()
+        }));
+        assert!(d.upsert("ep3", bad).is_err());
+        // modify: all or nothing, existing endpoints only.
+        d.upsert("ep2", entry("d2")).unwrap();
+        let names = ["ep1".to_string(), "ep2".to_string()];
+        d.modify(&names, |ep, e| {
+            let mut n = e.clone();
+            n.psk_identity = Some(format!("id-{ep}"));
+            n.psk_key_hex = Some(Secret("01".into()));
+            n
+        })
+        .unwrap();
+        assert_eq!(d.psk_key(b"id-ep2"), Some(vec![1]));
+        let clash = d.modify(&names, |_, e| {
+            let mut n = e.clone();
+            n.psk_identity = Some("same".into());
+            n
+        });
+        assert!(clash.is_err());
+        assert_eq!(d.psk_key(b"id-ep1"), Some(vec![1]), "nothing changed");
+        assert!(d.modify(&["nope".to_string()], |_, e| e.clone()).is_err());
+    }
+
+    #[test]
     fn upsert_get_remove() {
         let d = Directory::default();
         assert!(!d.upsert("urn:imei:1", entry("d1")).unwrap());
