@@ -9,7 +9,7 @@ use crate::control::directory::Directory;
 use crate::proto::lwm2m::bootstrap::StoreRequest;
 use crate::proto::lwm2m::server::ControlMsg;
 use crate::shard::runtime::ControlHandle;
-use crossbeam_channel::Receiver;
+use crossbeam_channel::{Receiver, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -21,34 +21,54 @@ const BATCH: usize = 1024;
 
 pub struct BootstrapStore {
     join: Option<JoinHandle<()>>,
+    stop: Option<Sender<()>>,
 }
 
 impl BootstrapStore {
-    /// Runs until every sender of `rx` is gone.
+    /// Runs until [`BootstrapStore::stop`] (or every sender of `rx` is
+    /// gone). Stopping does not wait for the shards' senders to be dropped:
+    /// a shard executor may keep a detached task (and its sender) alive
+    /// after it returned.
     pub fn start(
         directory: Arc<Directory>,
         control: ControlHandle,
         rx: Receiver<ShardStore>,
     ) -> std::io::Result<BootstrapStore> {
+        let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(1);
         let join = std::thread::Builder::new()
             .name("bootstrap-store".into())
-            .spawn(move || {
-                while let Ok(first) = rx.recv() {
-                    let mut batch = vec![first];
-                    while batch.len() < BATCH {
-                        match rx.try_recv() {
-                            Ok(r) => batch.push(r),
-                            Err(_) => break,
-                        }
+            .spawn(move || loop {
+                let first = crossbeam_channel::select! {
+                    recv(rx) -> m => match m {
+                        Ok(first) => first,
+                        Err(_) => break,
+                    },
+                    // Called after the shards stopped: nobody is waiting
+                    // for an answer any more, and a key not recorded was
+                    // never sent in a Finish.
+                    recv(stop_rx) -> _ => break,
+                };
+                let mut batch = vec![first];
+                while batch.len() < BATCH {
+                    match rx.try_recv() {
+                        Ok(r) => batch.push(r),
+                        Err(_) => break,
                     }
-                    store_batch(&directory, &control, batch);
                 }
+                store_batch(&directory, &control, batch);
             })?;
-        Ok(BootstrapStore { join: Some(join) })
+        Ok(BootstrapStore {
+            join: Some(join),
+            stop: Some(stop_tx),
+        })
     }
 
-    /// Waits for the thread (after the shards, the senders, are gone).
+    /// Ends the thread after the batch it is writing (call it after the
+    /// shards stopped) and waits for it.
     pub fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
         if let Some(j) = self.join.take() {
             let _ = j.join();
         }
