@@ -6,7 +6,10 @@
 //! no lock, no contention. Writers (the control plane: admin API,
 //! provisioning file) serialise on a mutex, build a new map and swap it in
 //! atomically, so a reader sees either the old or the new map, never a torn
-//! one.
+//! one. The map and its credential index are persistent (structurally
+//! shared, `imbl`) maps: a change costs O(log n) and what it touched, not a
+//! copy of a million-entry directory (a bootstrap storm records thousands
+//! of generated PSKs a second).
 //!
 //! **Durability.** With persistence on ([`Directory::open`]), every change is
 //! appended to a write-ahead log (`directory.wal`, one CRC-checked JSON line
@@ -21,7 +24,7 @@
 use super::snapshot::{self, SnapshotError};
 use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{HashMap, VecDeque};
 use std::fs;
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -110,48 +113,92 @@ struct Writer {
     persist: Option<(PathBuf, fs::File)>,
 }
 
+/// A persistent hash map (cheap to clone, O(log n) to change).
+pub type PMap<K, V> =
+    imbl::GenericHashMap<K, V, crate::proto::FastHasher, imbl::shared_ptr::DefaultSharedPtr>;
+
 /// The directory's credentials indexed the way a handshake asks for them.
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct CredentialIndex {
     /// PSK identity → (endpoint, entry).
-    pub psk: HashMap<Vec<u8>, (String, Arc<EndpointEntry>)>,
+    pub psk: PMap<Vec<u8>, (String, Arc<EndpointEntry>)>,
     /// Pinned certificate fingerprints → endpoint.
-    pub fingerprints: HashMap<[u8; 32], String>,
+    pub fingerprints: PMap<[u8; 32], String>,
     /// Bootstrap PSK identity → (endpoint, entry) (the bootstrap listener).
-    pub bs_psk: HashMap<Vec<u8>, (String, Arc<EndpointEntry>)>,
+    pub bs_psk: PMap<Vec<u8>, (String, Arc<EndpointEntry>)>,
     /// Pinned bootstrap certificate fingerprints → endpoint.
-    pub bs_fingerprints: HashMap<[u8; 32], String>,
+    pub bs_fingerprints: PMap<[u8; 32], String>,
     /// Platform device_id → (endpoint, entry): RPCs address devices; in
     /// order, so the admin API pages through it by device_id.
-    pub devices: BTreeMap<String, (String, Arc<EndpointEntry>)>,
+    pub devices: imbl::OrdMap<String, (String, Arc<EndpointEntry>)>,
 }
 
 /// A provisioned device: (device_id, endpoint, entry).
 pub type DeviceRow = (String, String, Arc<EndpointEntry>);
 
+/// The PSK identities (DTLS and bootstrap) an entry holds.
+fn psk_identities(e: &EndpointEntry) -> impl Iterator<Item = Vec<u8>> {
+    let bs = e
+        .bootstrap
+        .as_ref()
+        .and_then(|b| b.credential_entry().psk_identity_bytes());
+    e.psk_identity_bytes().into_iter().chain(bs)
+}
+
 impl CredentialIndex {
     pub fn build(map: &EndpointMap) -> CredentialIndex {
         let mut ix = CredentialIndex::default();
         for (ep, e) in map {
-            if let Some(id) = e.psk_identity_bytes() {
-                ix.psk.insert(id, (ep.clone(), e.clone()));
-            }
-            if let Some(f) = e.x509_fingerprint() {
-                ix.fingerprints.insert(f, ep.clone());
-            }
-            if let Some(b) = &e.bootstrap {
-                let c = b.credential_entry();
-                if let Some(id) = c.psk_identity_bytes() {
-                    ix.bs_psk.insert(id, (ep.clone(), e.clone()));
-                }
-                if let Some(f) = c.x509_fingerprint() {
-                    ix.bs_fingerprints.insert(f, ep.clone());
-                }
-            }
-            ix.devices
-                .insert(e.device_id.clone(), (ep.clone(), e.clone()));
+            ix.add(ep, e);
         }
         ix
+    }
+
+    /// Indexes `ep`'s entry.
+    fn add(&mut self, ep: &str, e: &Arc<EndpointEntry>) {
+        if let Some(id) = e.psk_identity_bytes() {
+            self.psk.insert(id, (ep.to_string(), e.clone()));
+        }
+        if let Some(f) = e.x509_fingerprint() {
+            self.fingerprints.insert(f, ep.to_string());
+        }
+        if let Some(b) = &e.bootstrap {
+            let c = b.credential_entry();
+            if let Some(id) = c.psk_identity_bytes() {
+                self.bs_psk.insert(id, (ep.to_string(), e.clone()));
+            }
+            if let Some(f) = c.x509_fingerprint() {
+                self.bs_fingerprints.insert(f, ep.to_string());
+            }
+        }
+        self.devices
+            .insert(e.device_id.clone(), (ep.to_string(), e.clone()));
+    }
+
+    /// Drops what [`CredentialIndex::add`] indexed for `ep`'s (previous)
+    /// entry, where it still points at `ep`.
+    fn remove(&mut self, ep: &str, e: &EndpointEntry) {
+        fn drop_if<K: std::hash::Hash + Eq + Clone, V: Clone>(
+            m: &mut PMap<K, V>,
+            k: Option<K>,
+            owner: impl Fn(&V) -> bool,
+        ) {
+            if let Some(k) = k {
+                if m.get(&k).is_some_and(&owner) {
+                    m.remove(&k);
+                }
+            }
+        }
+        drop_if(&mut self.psk, e.psk_identity_bytes(), |(o, _)| o == ep);
+        drop_if(&mut self.fingerprints, e.x509_fingerprint(), |o| o == ep);
+        if let Some(b) = &e.bootstrap {
+            let c = b.credential_entry();
+            drop_if(&mut self.bs_psk, c.psk_identity_bytes(), |(o, _)| o == ep);
+            drop_if(&mut self.bs_fingerprints, c.x509_fingerprint(), |o| o == ep);
+        }
+        if self.devices.get(&e.device_id).is_some_and(|(o, _)| o == ep) {
+            self.devices.remove(&e.device_id);
+        }
     }
 
     /// The PSK key for an identity.
@@ -166,6 +213,18 @@ impl CredentialIndex {
             .and_then(|(_, e)| e.bootstrap.as_ref()?.credential_entry().psk_key())
     }
 }
+
+/// The PSK identities whose credentials changed, by directory version, so a
+/// shard re-checks the DTLS sessions of those identities only. Bounded: a
+/// shard that fell further behind than the log reaches re-checks them all.
+struct PskChangeLog {
+    entries: VecDeque<(u64, Vec<u8>)>,
+    /// Changes at or below this version are no longer all in `entries`.
+    floor: u64,
+}
+
+/// Identities remembered for [`Directory::psk_changes_since`].
+const PSK_CHANGE_LOG: usize = 1 << 16;
 
 /// The bootstrap listener's DTLS credential lookups: the endpoints'
 /// bootstrap credentials, not their DTLS ones (lock-free).
@@ -190,6 +249,7 @@ pub struct Directory {
     /// The current snapshot file was corrupted at load: the next snapshot
     /// must not rotate it into the previous generation.
     current_corrupt: AtomicBool,
+    psk_changes: Mutex<PskChangeLog>,
 }
 
 impl Default for Directory {
@@ -233,6 +293,10 @@ impl Directory {
             version: AtomicU64::new(0),
             persisted_version: AtomicU64::new(0),
             current_corrupt: AtomicBool::new(false),
+            psk_changes: Mutex::new(PskChangeLog {
+                entries: VecDeque::new(),
+                floor: 0,
+            }),
         }
     }
 
@@ -316,6 +380,10 @@ impl Directory {
                 u64::MAX
             }),
             current_corrupt: AtomicBool::new(fell_back),
+            psk_changes: Mutex::new(PskChangeLog {
+                entries: VecDeque::new(),
+                floor: version,
+            }),
         };
         Ok((d, origin))
     }
@@ -448,7 +516,7 @@ impl Directory {
         };
         let mut it = creds
             .devices
-            .range::<String, _>((lower, Bound::Unbounded))
+            .range::<_, String>((lower, Bound::Unbounded))
             .filter(|(_, (_, e))| tenant.is_none_or(|t| e.tenant_id == t));
         let (mut out, mut scanned) = (Vec::new(), 0);
         let mut last: Option<String> = None;
@@ -503,12 +571,98 @@ impl Directory {
             wal.write_all(&line).map_err(io_err(&path))?;
             wal.sync_data().map_err(io_err(&path))?;
         }
+        // Both clones share structure: O(1); each change is O(log n).
         let mut next = EndpointMap::clone(&self.map.load());
-        apply(&mut next, rec.op);
-        self.creds.store(Arc::new(CredentialIndex::build(&next)));
+        let mut ix = CredentialIndex::clone(&self.creds.load());
+        let mut changed: Vec<Vec<u8>> = Vec::new();
+        let mut replace = |ep: String, new: Option<Arc<EndpointEntry>>| {
+            let old = match &new {
+                Some(e) => next.insert(ep.clone(), e.clone()),
+                None => next.remove(&ep),
+            };
+            if let Some(o) = &old {
+                ix.remove(&ep, o);
+            }
+            if let Some(e) = &new {
+                ix.add(&ep, e);
+            }
+            let before = old
+                .as_deref()
+                .map(|o| (psk_identities(o).collect::<Vec<_>>(), o));
+            let after = new
+                .as_deref()
+                .map(|e| (psk_identities(e).collect::<Vec<_>>(), e));
+            let same = match (&before, &after) {
+                (Some((a, o)), Some((b, e))) => {
+                    a == b && !o.credentials_differ(e) && {
+                        let key = |x: &EndpointEntry| {
+                            x.bootstrap.as_ref().map(|b| b.credential_entry().psk_key())
+                        };
+                        key(o) == key(e)
+                    }
+                }
+                (None, None) => true,
+                _ => false,
+            };
+            if !same {
+                for (ids, _) in before.into_iter().chain(after) {
+                    changed.extend(ids);
+                }
+            }
+        };
+        match rec.op {
+            WalOp::Upsert { items } => {
+                for p in items {
+                    replace(p.endpoint, Some(Arc::new(p.entry)));
+                }
+            }
+            WalOp::Remove { endpoint } => replace(endpoint, None),
+        }
+        changed.sort_unstable();
+        changed.dedup();
+        // The index before the change log: a shard that reads the log and
+        // then the index sees every logged change in the index.
+        self.creds.store(Arc::new(ix));
         self.map.store(Arc::new(next));
+        {
+            let mut log = self.psk_changes.lock().unwrap_or_else(|p| p.into_inner());
+            for id in changed {
+                log.entries.push_back((v, id));
+            }
+            while log.entries.len() > PSK_CHANGE_LOG {
+                if let Some((ver, _)) = log.entries.pop_front() {
+                    log.floor = log.floor.max(ver);
+                }
+            }
+        }
         self.version.store(v, Ordering::Release);
         Ok(())
+    }
+
+    /// The PSK identities (DTLS and bootstrap) whose credentials changed
+    /// after version `seen`, and the version they bring the caller to;
+    /// `None` when the log no longer reaches back that far (check every
+    /// session).
+    pub fn psk_changes_since(&self, seen: u64) -> (u64, Option<Vec<Vec<u8>>>) {
+        let log = self.psk_changes.lock().unwrap_or_else(|p| p.into_inner());
+        // A version visible here had its entries logged before it was
+        // stored; entries past it may be logged already too.
+        let latest = log
+            .entries
+            .back()
+            .map_or(log.floor, |(v, _)| *v)
+            .max(self.version());
+        if seen < log.floor {
+            return (latest.max(log.floor), None);
+        }
+        let ids = log
+            .entries
+            .iter()
+            .rev()
+            .take_while(|(v, _)| *v > seen)
+            .map(|(_, id)| id.clone())
+            .collect();
+        (latest.max(seen), Some(ids))
     }
 
     /// Read-modify-write of existing endpoints, atomic with respect to
@@ -733,6 +887,74 @@ mod tests {
         assert!(clash.is_err());
         assert_eq!(d.psk_key(b"id-ep1"), Some(vec![1]), "nothing changed");
         assert!(d.modify(&["nope".to_string()], |_, e| e.clone()).is_err());
+    }
+
+    /// The index kept up to date change by change equals one built from
+    /// scratch, and the change log names exactly the identities whose
+    /// credentials changed (old and new).
+    #[test]
+    fn incremental_index_and_psk_change_log() {
+        use crate::io::dtls::Credentials as _;
+        use crate::proto::lwm2m::endpoint::Secret;
+        let d = Directory::default();
+        let with_psk = |dev: &str, id: &str, key: &str| {
+            let mut e = entry(dev);
+            e.psk_identity = Some(id.into());
+            e.psk_key_hex = Some(Secret(key.into()));
+            e
+        };
+        let (v0, c) = d.psk_changes_since(0);
+        assert_eq!((v0, c), (0, Some(vec![])));
+        d.upsert("ep1", with_psk("d1", "id-1", "01")).unwrap();
+        d.upsert("ep2", with_psk("d2", "id-2", "02")).unwrap();
+        let (v, c) = d.psk_changes_since(0);
+        assert_eq!(v, 2);
+        let mut c = c.unwrap();
+        c.sort();
+        assert_eq!(c, vec![b"id-1".to_vec(), b"id-2".to_vec()]);
+        // A change that leaves the credentials alone logs nothing.
+        let mut same = with_psk("d1", "id-1", "01");
+        same.profile = "other".into();
+        d.upsert("ep1", same).unwrap();
+        assert_eq!(d.psk_changes_since(2), (3, Some(vec![])));
+        // A new identity: the old and the new one are both re-checked.
+        d.upsert("ep1", with_psk("d1", "id-1b", "01")).unwrap();
+        let mut c = d.psk_changes_since(3).1.unwrap();
+        c.sort();
+        assert_eq!(c, vec![b"id-1".to_vec(), b"id-1b".to_vec()]);
+        // A new key for the same identity.
+        d.upsert("ep2", with_psk("d2", "id-2", "03")).unwrap();
+        assert_eq!(d.psk_changes_since(4), (5, Some(vec![b"id-2".to_vec()])));
+        d.remove("ep2").unwrap();
+        assert_eq!(d.psk_changes_since(5), (6, Some(vec![b"id-2".to_vec()])));
+        // The index: the old identity is gone, the new one maps to ep1, the
+        // removed endpoint left nothing behind.
+        let ix = d.credentials();
+        assert_eq!(d.psk_key(b"id-1"), None);
+        assert_eq!(d.psk_key(b"id-1b"), Some(vec![1]));
+        assert_eq!(d.psk_key(b"id-2"), None);
+        assert!(d.by_device("d2").is_none());
+        assert_eq!(d.by_device("d1").unwrap().0, "ep1");
+        let rebuilt = CredentialIndex::build(&d.all());
+        let keys = |m: &PMap<Vec<u8>, (String, Arc<EndpointEntry>)>| {
+            let mut v: Vec<(Vec<u8>, String)> = m
+                .iter()
+                .map(|(k, (ep, _))| (k.clone(), ep.clone()))
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(keys(&ix.psk), keys(&rebuilt.psk));
+        assert_eq!(
+            ix.devices.keys().collect::<Vec<_>>(),
+            rebuilt.devices.keys().collect::<Vec<_>>()
+        );
+        // A reader further behind than the log reaches: check everything.
+        {
+            let mut log = d.psk_changes.lock().unwrap();
+            log.floor = 4;
+        }
+        assert_eq!(d.psk_changes_since(3), (6, None));
     }
 
     #[test]

@@ -19,3 +19,5 @@ pub mod lwm2m;
 /// addresses, tokens, ids) and seeded per process, so keys a sender chooses
 /// cannot be aimed at one bucket.
 pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+/// The hasher of [`FastMap`].
+pub type FastHasher = foldhash::fast::RandomState;

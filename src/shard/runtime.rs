@@ -175,6 +175,9 @@ struct State {
     nudge: LocalSender<()>,
     fd: RawFd,
     stopping: bool,
+    /// The directory version whose PSK changes this shard's sessions were
+    /// last checked against (0: check them all at the first change).
+    creds_seen: u64,
     /// Kafka poll interval while records await the broker.
     poll: Duration,
     /// Reports for the RPC control plane.
@@ -314,21 +317,41 @@ impl State {
     /// Ends DTLS sessions whose PSK no longer is the directory's (changed
     /// or removed), registered or not.
     fn revoke_stale_sessions(&mut self) {
+        // Only the sessions of identities whose credentials changed since
+        // the last look (all of them when the change log no longer reaches
+        // back that far).
+        let (seen, changed) = self.directory.psk_changes_since(self.creds_seen);
+        self.creds_seen = seen;
+        if changed.as_ref().is_some_and(|c| c.is_empty()) {
+            return;
+        }
         let creds = self.directory.credentials();
         if let Some(d) = self.bs.as_mut().and_then(|b| b.dtls.as_mut()) {
-            d.close_where(CloseReason::Revoked, |id, tag| match id {
-                Identity::Psk(i) => creds.bs_psk_key(i).map(|k| credential_tag(&k)) != Some(tag),
-                Identity::X509 { .. } => false,
-            });
+            let stale =
+                |i: &[u8], tag| creds.bs_psk_key(i).map(|k| credential_tag(&k)) != Some(tag);
+            match &changed {
+                Some(c) => {
+                    d.close_psk_where(CloseReason::Revoked, c.iter().map(|v| v.as_slice()), stale)
+                }
+                None => d.close_where(CloseReason::Revoked, |id, tag| match id {
+                    Identity::Psk(i) => stale(i, tag),
+                    Identity::X509 { .. } => false,
+                }),
+            };
         }
         let Some(dtls) = self.dtls.as_mut() else {
             return;
         };
-        let creds = self.directory.credentials();
-        let n = dtls.close_where(CloseReason::Revoked, |id, tag| match id {
-            Identity::Psk(i) => creds.psk_key(i).map(|k| credential_tag(&k)) != Some(tag),
-            Identity::X509 { .. } => false,
-        });
+        let stale = |i: &[u8], tag| creds.psk_key(i).map(|k| credential_tag(&k)) != Some(tag);
+        let n = match &changed {
+            Some(c) => {
+                dtls.close_psk_where(CloseReason::Revoked, c.iter().map(|v| v.as_slice()), stale)
+            }
+            None => dtls.close_where(CloseReason::Revoked, |id, tag| match id {
+                Identity::Psk(i) => stale(i, tag),
+                Identity::X509 { .. } => false,
+            }),
+        };
         if n > 0 {
             tracing::info!(
                 sessions = n,
@@ -889,6 +912,7 @@ async fn run_shard(a: ShardArgs) {
         dtls,
         dtls_fd,
         stopping: false,
+        creds_seen: 0,
         poll,
         rpc_events,
         bs,

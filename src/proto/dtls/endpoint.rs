@@ -139,6 +139,9 @@ pub struct DtlsEndpoint<A: Acceptor> {
     cipher: RecordCipher,
     handshakes: FastMap<SocketAddr, Pending<A::H>>,
     sessions: FastMap<SocketAddr, (Session, u64)>,
+    /// PSK identity → the peers with a session on it (credential changes
+    /// re-check those sessions only).
+    by_psk: FastMap<Vec<u8>, smallvec::SmallVec<[SocketAddr; 1]>>,
     rate: FastMap<IpAddr, u32>,
     rate_window: Option<Instant>,
     timers: BinaryHeap<Reverse<(Instant, SocketAddr)>>,
@@ -174,6 +177,7 @@ impl<A: Acceptor> DtlsEndpoint<A> {
             cipher: RecordCipher::new().map_err(|e| e.to_string())?,
             handshakes: FastMap::default(),
             sessions: FastMap::default(),
+            by_psk: FastMap::default(),
             rate: FastMap::default(),
             rate_window: None,
             timers: BinaryHeap::new(),
@@ -507,8 +511,10 @@ impl<A: Acceptor> DtlsEndpoint<A> {
                 };
                 tracing::debug!(%peer, identity = %session.identity.describe(), suite = ?session.keys.suite, "DTLS session established");
                 ShardMetrics::inc(&self.metrics.dtls_handshakes_completed);
+                self.index(peer, &session.identity, true);
                 if let Some((old, _)) = self.sessions.insert(peer, (session, p.hello_tag)) {
                     ShardMetrics::inc(&self.metrics.dtls_sessions_replaced);
+                    self.unindex_replaced(peer, &old.identity);
                     self.closed
                         .push((peer, old.identity, CloseReason::Replaced));
                 }
@@ -606,8 +612,66 @@ impl<A: Acceptor> DtlsEndpoint<A> {
         peers.len()
     }
 
+    /// Ends the PSK sessions of `identities` that `f` selects (identity,
+    /// credential tag): a credential change costs the sessions it concerns,
+    /// not a walk over every session.
+    pub fn close_psk_where<'a>(
+        &mut self,
+        reason: CloseReason,
+        identities: impl IntoIterator<Item = &'a [u8]>,
+        mut f: impl FnMut(&[u8], u64) -> bool,
+    ) -> usize {
+        let mut peers: Vec<SocketAddr> = Vec::new();
+        for id in identities {
+            for p in self.by_psk.get(id).into_iter().flatten() {
+                if let Some((s, _)) = self.sessions.get(p) {
+                    if matches!(&s.identity, Identity::Psk(i) if i == id) && f(id, s.cred_tag) {
+                        peers.push(*p);
+                    }
+                }
+            }
+        }
+        peers.sort_unstable();
+        peers.dedup();
+        for p in &peers {
+            self.close(*p, reason);
+        }
+        peers.len()
+    }
+
+    /// Adds (or removes) `peer` under its PSK identity in `by_psk`.
+    fn index(&mut self, peer: SocketAddr, identity: &Identity, add: bool) {
+        let Identity::Psk(id) = identity else {
+            return;
+        };
+        if add {
+            let v = self.by_psk.entry(id.clone()).or_default();
+            if !v.contains(&peer) {
+                v.push(peer);
+            }
+        } else if let Some(v) = self.by_psk.get_mut(id.as_slice()) {
+            v.retain(|p| *p != peer);
+            if v.is_empty() {
+                self.by_psk.remove(id.as_slice());
+            }
+        }
+    }
+
+    /// A session replaced at `peer`: its identity's entry goes unless the
+    /// new session has the same identity.
+    fn unindex_replaced(&mut self, peer: SocketAddr, old: &Identity) {
+        let same = self
+            .sessions
+            .get(&peer)
+            .is_some_and(|(s, _)| s.identity == *old);
+        if !same {
+            self.index(peer, old, false);
+        }
+    }
+
     fn end(&mut self, peer: SocketAddr, reason: CloseReason) {
         if let Some((s, _)) = self.sessions.remove(&peer) {
+            self.index(peer, &s.identity, false);
             ShardMetrics::set(&self.metrics.dtls_sessions, self.sessions.len() as i64);
             ShardMetrics::inc(&self.metrics.dtls_sessions_closed);
             tracing::debug!(%peer, identity = %s.identity.describe(), reason = reason.as_str(), "DTLS session ended");
@@ -694,7 +758,10 @@ impl<A: Acceptor> DtlsEndpoint<A> {
     pub fn import_session(&mut self, peer: SocketAddr, mut s: Session) {
         s.write_seq += 64;
         s.final_flight = None;
-        self.sessions.insert(peer, (s, 0));
+        self.index(peer, &s.identity, true);
+        if let Some((old, _)) = self.sessions.insert(peer, (s, 0)) {
+            self.unindex_replaced(peer, &old.identity);
+        }
         ShardMetrics::inc(&self.metrics.dtls_sessions_restored);
         self.gauges();
     }
@@ -802,6 +869,61 @@ mod tests {
         let h = handshake::parse_header(rec.fragment).unwrap();
         let cookie = &h.fragment[3..];
         testing::client_hello_with(random, 1, 1, cookie, &[0xc0a8])
+    }
+
+    /// `close_psk_where` looks only at the sessions of the identities it is
+    /// given; the identity index follows sessions that end.
+    #[test]
+    fn credential_changes_close_the_sessions_of_their_identities() {
+        let (mut e, _m, _t) = endpoint(DtlsConfig::default());
+        let mut s = Session {
+            keys: Keys::derive(Suite::PskAes128Ccm8, &[1; 48], &[2; 32], &[3; 32]),
+            identity: Identity::Psk(Vec::new()),
+            epoch: 1,
+            write_seq: 1,
+            replay: ReplayWindow::default(),
+            last_rx_ms: 0,
+            final_flight: None,
+            cred_tag: 0,
+            idle_s: 0,
+        };
+        let peers: Vec<SocketAddr> = (0..4)
+            .map(|i| SocketAddr::from(([10, 0, 0, 9], 4000 + i)))
+            .collect();
+        for (i, p) in peers.iter().enumerate() {
+            s.identity = Identity::Psk(if i < 2 { b"a".to_vec() } else { b"b".to_vec() });
+            s.cred_tag = i as u64;
+            e.import_session(*p, s.clone());
+        }
+        let mut looked = Vec::new();
+        let n = e.close_psk_where(CloseReason::Revoked, [b"a".as_slice()], |id, tag| {
+            looked.push((id.to_vec(), tag));
+            tag == 1
+        });
+        assert_eq!(n, 1);
+        looked.sort();
+        assert_eq!(looked, vec![(b"a".to_vec(), 0), (b"a".to_vec(), 1)]);
+        assert_eq!(e.session_count(), 3);
+        // The ended session left the index; unknown identities cost nothing.
+        let n = e.close_psk_where(CloseReason::Revoked, [b"a".as_slice(), b"zz"], |_, _| true);
+        assert_eq!(n, 1);
+        assert_eq!(
+            e.close_psk_where(CloseReason::Revoked, [b"a".as_slice()], |_, _| true),
+            0
+        );
+        // A session replaced at the same address with another identity moves
+        // in the index.
+        s.identity = Identity::Psk(b"c".to_vec());
+        e.import_session(peers[2], s.clone());
+        assert_eq!(
+            e.close_psk_where(CloseReason::Revoked, [b"b".as_slice()], |_, _| true),
+            1
+        );
+        assert_eq!(
+            e.close_psk_where(CloseReason::Revoked, [b"c".as_slice()], |_, _| true),
+            1
+        );
+        assert_eq!(e.session_count(), 0);
     }
 
     #[test]

@@ -10,7 +10,6 @@
 //! one, or a certificate whose subject CN is the endpoint name); a device
 //! provisioned without credentials may use plain CoAP (NoSec mode).
 
-use crate::proto::FastMap;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
@@ -211,7 +210,14 @@ impl EndpointEntry {
 }
 
 /// A snapshot of the directory: endpoint name → entry.
-pub type EndpointMap = FastMap<String, Arc<EndpointEntry>>;
+/// Persistent (structurally shared): the directory swaps in a changed copy
+/// in O(log n) without copying the other entries.
+pub type EndpointMap = imbl::GenericHashMap<
+    String,
+    Arc<EndpointEntry>,
+    crate::proto::FastHasher,
+    imbl::shared_ptr::DefaultSharedPtr,
+>;
 
 /// The identity a secure transport established for a peer (RFC 7252 §9.1).
 /// Plain UDP peers have none.
