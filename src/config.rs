@@ -23,6 +23,43 @@ pub struct Config {
     pub admin: AdminConfig,
     pub rpc: RpcConfig,
     pub bootstrap: BootstrapSection,
+    pub firmware: FirmwareSection,
+}
+
+/// `[firmware]`: the image store for LwM2M object 5 updates.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FirmwareSection {
+    /// Where images live (default: `firmware/` under
+    /// `directory.snapshot_dir`).
+    pub dir: Option<PathBuf>,
+    /// Largest image accepted (413 above).
+    pub max_image_bytes: u64,
+    /// Images kept in memory for the shards, least recently used first out.
+    pub cache_bytes: usize,
+    /// An upload's body must arrive within this.
+    pub upload_timeout_s: u64,
+}
+
+impl Default for FirmwareSection {
+    fn default() -> Self {
+        FirmwareSection {
+            dir: None,
+            max_image_bytes: 64 << 20,
+            cache_bytes: 256 << 20,
+            upload_timeout_s: 600,
+        }
+    }
+}
+
+impl Config {
+    /// The firmware image directory.
+    pub fn firmware_dir(&self) -> PathBuf {
+        self.firmware
+            .dir
+            .clone()
+            .unwrap_or_else(|| self.directory.snapshot_dir.join("firmware"))
+    }
 }
 
 /// `[bootstrap]`: the LwM2M Bootstrap Server (TS 1.1 Core §6.1) on its own
@@ -511,6 +548,9 @@ impl Config {
             fix(p)
         }
         fix(&mut c.directory.snapshot_dir);
+        if let Some(p) = c.firmware.dir.as_mut() {
+            fix(p)
+        }
         if let Some(p) = c.profiles.dir.as_mut() {
             fix(p)
         }
@@ -637,5 +677,28 @@ impl Config {
             max_body: c.max_body.max(1024),
             max_block1_assemblies: c.max_block1_assemblies.max(1),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The shipped sample configurations parse (every key is known) and
+    /// resolve their relative paths next to themselves.
+    #[test]
+    fn shipped_configs_load() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        for f in ["config/gateway.toml", "config/demo.toml"] {
+            let c = Config::load(&root.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
+            assert!(
+                c.directory.snapshot_dir.starts_with(root.join("config")),
+                "{f}"
+            );
+            assert_eq!(c.firmware_dir(), c.directory.snapshot_dir.join("firmware"));
+        }
+        let demo = Config::load(&root.join("config/demo.toml")).unwrap();
+        assert!(demo.bootstrap.enabled && demo.bootstrap.generate_psk);
+        assert_eq!(demo.firmware.max_image_bytes, 64 << 20);
     }
 }

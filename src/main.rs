@@ -8,6 +8,7 @@ use corem_lwm2m::control::admin::{
 };
 use corem_lwm2m::control::bootstrap::BootstrapStore;
 use corem_lwm2m::control::directory::{Directory, Origin};
+use corem_lwm2m::control::firmware::FirmwareStore;
 use corem_lwm2m::control::profiles::Profiles;
 use corem_lwm2m::control::registrations::RegistrationStore;
 use corem_lwm2m::control::rpc::RpcService;
@@ -194,6 +195,13 @@ fn run(args: Args) -> anyhow::Result<()> {
     )?;
     let control = shards.control();
     let bs_store = BootstrapStore::start(directory.clone(), control.clone(), bs_rx)?;
+    let firmware_dir = cfg.firmware_dir();
+    let firmware = Arc::new(FirmwareStore::open(
+        &firmware_dir,
+        cfg.firmware.max_image_bytes,
+        cfg.firmware.cache_bytes,
+    )?);
+    tracing::info!(dir = %firmware_dir.display(), images = firmware.list().len(), "firmware store");
     let rpc = RpcService::start(
         &cfg,
         directory.clone(),
@@ -228,6 +236,8 @@ fn run(args: Args) -> anyhow::Result<()> {
             rpc: Some(rpc.handle()),
             control: Some(control.clone()),
             counters: None,
+            firmware: Some(firmware.clone()),
+            firmware_upload_timeout: Duration::from_secs(cfg.firmware.upload_timeout_s.max(1)),
         },
     )?;
     tracing::info!(

@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod bootstrap;
 pub mod directory;
+pub mod firmware;
 pub mod profiles;
 pub mod registrations;
 pub mod rpc;

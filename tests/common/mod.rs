@@ -403,13 +403,25 @@ pub fn http_with(
     headers: &str,
     body: &str,
 ) -> std::io::Result<(u16, String)> {
+    http_bytes(addr, method, path, headers, body.as_bytes())
+}
+
+/// [`http_with`] with a binary body.
+pub fn http_bytes(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &str,
+    body: &[u8],
+) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\n{headers}Content-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\n{headers}Content-Length: {}\r\n\r\n",
         body.len()
     )?;
+    s.write_all(body)?;
     let mut resp = String::new();
     s.read_to_string(&mut resp)?;
     let code = resp

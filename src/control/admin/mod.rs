@@ -274,6 +274,10 @@ async fn handle(
             )));
         }
     }
+    if method == "PUT" && path.starts_with("/v1/firmware/") {
+        let name = routes::pct_decode(&path["/v1/firmware/".len()..], false);
+        return Ok(respond(upload_firmware(&sh, name, &query, req).await));
+    }
     let limit = if method == "POST" && path == "/v1/endpoints" {
         sh.max_body
     } else {
@@ -345,6 +349,116 @@ async fn handle(
         Reply::error(500, "internal", "the handler failed")
     });
     Ok(respond(r))
+}
+
+/// What the body reader hands the image writer.
+enum Piece {
+    Chunk(Bytes),
+    /// The whole body arrived: install it.
+    End,
+}
+
+/// `PUT /v1/firmware/{name}?version=…&sha256=…`: the body streams into the
+/// store (hashed as it arrives, never held whole in memory) on a blocking
+/// thread; it is installed only once all of it arrived and, when `sha256`
+/// was given, matched. A body that stops, breaks or times out
+/// (`firmware.upload_timeout_s`) leaves nothing behind.
+async fn upload_firmware(
+    sh: &Arc<Shared>,
+    name: String,
+    query: &str,
+    req: Request<Incoming>,
+) -> Reply {
+    let Some(store) = sh.state.firmware.clone() else {
+        return Reply::unavailable("no firmware store");
+    };
+    let version = routes::query_param(query, "version").unwrap_or_default();
+    let sha256 = routes::query_param(query, "sha256").filter(|s| !s.is_empty());
+    let declared = req
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > store.max_bytes()) {
+        sh.counters.too_large.fetch_add(1, Ordering::Relaxed);
+        return routes::firmware_error(&crate::control::firmware::FirmwareError::TooLarge(
+            store.max_bytes(),
+        ));
+    }
+    let deadline = tokio::time::Instant::now() + sh.state.firmware_upload_timeout;
+    let Ok(Ok(permit)) = tokio::time::timeout_at(deadline, sh.work.clone().acquire_owned()).await
+    else {
+        sh.counters.busy.fetch_add(1, Ordering::Relaxed);
+        return Reply::error(503, "busy", "too many admin requests at once; retry");
+    };
+    let existed = store.meta(&name).is_some();
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Piece>(8);
+    let writer = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        let mut up = store.begin(&name, &version, sha256.as_deref())?;
+        while let Some(p) = rx.blocking_recv() {
+            match p {
+                Piece::Chunk(c) => up.write(&c)?,
+                Piece::End => return up.finish().map(Some),
+            }
+        }
+        // The reader gave up: dropping the upload removes its file.
+        Ok(None)
+    });
+    let mut body = req.into_body();
+    let mut failure: Option<Reply> = None;
+    loop {
+        match tokio::time::timeout_at(deadline, body.frame()).await {
+            Ok(Some(Ok(frame))) => {
+                if let Ok(data) = frame.into_data() {
+                    if tx.send(Piece::Chunk(data)).await.is_err() {
+                        break; // the writer refused (its error is the answer)
+                    }
+                }
+            }
+            Ok(None) => {
+                let _ = tx.send(Piece::End).await;
+                break;
+            }
+            Ok(Some(Err(e))) => {
+                failure = Some(Reply::error(
+                    400,
+                    "bad_request",
+                    &format!("reading the body: {e}"),
+                ));
+                break;
+            }
+            Err(_) => {
+                sh.counters.body_timeouts.fetch_add(1, Ordering::Relaxed);
+                failure = Some(Reply::error(
+                    408,
+                    "request_timeout",
+                    "the image did not arrive within firmware.upload_timeout_s",
+                ));
+                break;
+            }
+        }
+    }
+    drop(tx);
+    let result = writer.await;
+    match (result, failure) {
+        (Ok(Err(e)), _) => {
+            if matches!(e, crate::control::firmware::FirmwareError::TooLarge(_)) {
+                sh.counters.too_large.fetch_add(1, Ordering::Relaxed);
+            }
+            routes::firmware_error(&e)
+        }
+        (_, Some(f)) => f,
+        (Ok(Ok(Some(meta))), None) => {
+            tracing::info!(image = %meta.name, version = %meta.version, size = meta.size, sha256 = %meta.sha256, "firmware image stored (admin API)");
+            Reply::json(if existed { 200 } else { 201 }, &meta)
+        }
+        (Ok(Ok(None)), None) => Reply::error(400, "bad_request", "the body ended early"),
+        (Err(e), None) => {
+            tracing::error!(error = %e, "firmware upload writer failed");
+            Reply::error(500, "internal", "the upload failed")
+        }
+    }
 }
 
 fn too_large(limit: usize) -> Reply {

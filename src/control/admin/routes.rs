@@ -68,6 +68,10 @@ pub struct AdminState {
     pub control: Option<ControlHandle>,
     /// Set by the server.
     pub counters: Option<Arc<AdminCounters>>,
+    /// Firmware images (`/v1/firmware` answers 503 without it).
+    pub firmware: Option<Arc<crate::control::firmware::FirmwareStore>>,
+    /// An image upload's body must arrive within this.
+    pub firmware_upload_timeout: std::time::Duration,
 }
 
 impl AdminState {
@@ -130,11 +134,11 @@ impl Reply {
         Reply::error(404, "not_found", message)
     }
 
-    fn method_not_allowed() -> Reply {
+    pub(super) fn method_not_allowed() -> Reply {
         Reply::error(405, "method_not_allowed", "method not allowed on this path")
     }
 
-    fn unavailable(message: &str) -> Reply {
+    pub(super) fn unavailable(message: &str) -> Reply {
         Reply::error(503, "unavailable", message)
     }
 }
@@ -173,7 +177,7 @@ pub fn pct_decode(s: &str, plus_is_space: bool) -> String {
 }
 
 /// The value of `key` in a query string (last one wins).
-fn query_param(query: &str, key: &str) -> Option<String> {
+pub(super) fn query_param(query: &str, key: &str) -> Option<String> {
     query
         .split('&')
         .filter_map(|kv| {
@@ -262,14 +266,23 @@ pub fn route(st: &AdminState, req: &ApiRequest) -> Reply {
             Err(e) => Reply::error(400, "invalid_profile", &e.to_string()),
         },
         ("GET", "/v1/devices") => list_devices(st, &req.query),
+        ("GET", "/v1/firmware") => match &st.firmware {
+            Some(f) => Reply::json(200, &f.list()),
+            None => Reply::unavailable("no firmware store"),
+        },
         (
             _,
             "/v1/endpoints"
             | "/v1/snapshot"
             | "/v1/profiles"
             | "/v1/profiles/reload"
-            | "/v1/devices",
+            | "/v1/devices"
+            | "/v1/firmware",
         ) => Reply::method_not_allowed(),
+        (_, p) if p.starts_with("/v1/firmware/") => {
+            let name = pct_decode(&p["/v1/firmware/".len()..], false);
+            firmware_image(st, m, &name)
+        }
         (_, p) if p.starts_with("/v1/rpc/") => {
             let Some(rpc) = &st.rpc else {
                 return Reply::unavailable("the RPC service is not running");
@@ -475,6 +488,42 @@ const MAX_PAGE: usize = 1000;
 /// Devices looked at per page when filtering by online state (a page may
 /// come back short with a cursor to go on).
 const MAX_SCAN: usize = 100_000;
+
+/// `GET` / `DELETE /v1/firmware/{name}` (`PUT` streams, in the server).
+fn firmware_image(st: &AdminState, method: &str, name: &str) -> Reply {
+    let Some(f) = &st.firmware else {
+        return Reply::unavailable("no firmware store");
+    };
+    match method {
+        "GET" => match f.meta(name) {
+            Some(m) => Reply::json(200, &m),
+            None => Reply::error(404, "not_found", &format!("no firmware image {name:?}")),
+        },
+        "DELETE" => match f.remove(name) {
+            Ok(true) => {
+                tracing::info!(image = name, "firmware image removed (admin API)");
+                Reply::json(200, &json!({ "removed": name }))
+            }
+            Ok(false) => Reply::error(404, "not_found", &format!("no firmware image {name:?}")),
+            Err(e) => Reply::error(500, "storage", &e.to_string()),
+        },
+        _ => Reply::method_not_allowed(),
+    }
+}
+
+/// How a refused or failed image upload is answered.
+pub(super) fn firmware_error(e: &crate::control::firmware::FirmwareError) -> Reply {
+    use crate::control::firmware::FirmwareError as E;
+    match e {
+        E::BadName(_) | E::BadVersion | E::BadChecksum(_) | E::Empty => {
+            Reply::error(400, "invalid_image", &e.to_string())
+        }
+        E::TooLarge(_) => Reply::error(413, "too_large", &e.to_string()),
+        E::Mismatch { .. } => Reply::error(422, "checksum_mismatch", &e.to_string()),
+        E::NotFound(_) => Reply::error(404, "not_found", &e.to_string()),
+        E::Io { .. } => Reply::error(500, "storage", &e.to_string()),
+    }
+}
 
 fn list_devices(st: &AdminState, query: &str) -> Reply {
     let Some(rpc) = &st.rpc else {
