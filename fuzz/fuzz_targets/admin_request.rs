@@ -22,6 +22,8 @@ fn state() -> &'static AdminState {
         rpc: None,
         control: None,
         counters: None,
+        firmware: None,
+        firmware_upload_timeout: std::time::Duration::from_secs(1),
     })
 }
 

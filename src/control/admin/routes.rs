@@ -299,8 +299,8 @@ pub fn route(st: &AdminState, req: &ApiRequest) -> Reply {
                 None => Reply::not_found("no such rpc"),
             }
         }
-        (_, p) if p.starts_with("/v1/devices/") && p.ends_with("/rpc") => {
-            let device = pct_decode(&p["/v1/devices/".len()..p.len() - "/rpc".len()], false);
+        (_, p) if between(p, "/v1/devices/", "/rpc").is_some() => {
+            let device = pct_decode(between(p, "/v1/devices/", "/rpc").unwrap_or(""), false);
             device_rpc(st, m, &device, &req.body)
         }
         (_, p) if p.starts_with("/v1/devices/") => {
@@ -310,9 +310,9 @@ pub fn route(st: &AdminState, req: &ApiRequest) -> Reply {
             }
             show_device(st, &device)
         }
-        (_, p) if p.starts_with("/v1/endpoints/") && p.ends_with("/bootstrap") => {
+        (_, p) if between(p, "/v1/endpoints/", "/bootstrap").is_some() => {
             let ep = pct_decode(
-                &p["/v1/endpoints/".len()..p.len() - "/bootstrap".len()],
+                between(p, "/v1/endpoints/", "/bootstrap").unwrap_or(""),
                 false,
             );
             endpoint_bootstrap(st, m, &ep, &req.body)
@@ -488,6 +488,13 @@ const MAX_PAGE: usize = 1000;
 /// Devices looked at per page when filtering by online state (a page may
 /// come back short with a cursor to go on).
 const MAX_SCAN: usize = 100_000;
+
+/// The part of `p` between `prefix` and `suffix`, when both are there and
+/// do not overlap (`/v1/endpoints/bootstrap` is the endpoint `bootstrap`,
+/// not an empty name with a `/bootstrap` suffix).
+fn between<'a>(p: &'a str, prefix: &str, suffix: &str) -> Option<&'a str> {
+    p.strip_prefix(prefix)?.strip_suffix(suffix)
+}
 
 /// `GET` / `DELETE /v1/firmware/{name}` (`PUT` streams, in the server).
 fn firmware_image(st: &AdminState, method: &str, name: &str) -> Reply {
@@ -667,7 +674,48 @@ fn new_rpc_id() -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{pct_decode, query_param};
+    use super::*;
+
+    /// Paths whose prefix and suffix overlap once sliced the path out of
+    /// range (found by the `admin_request` fuzz target): they are names.
+    #[test]
+    fn overlapping_prefix_and_suffix_are_names() {
+        let st = AdminState {
+            directory: Arc::new(Directory::default()),
+            profiles: Arc::new(Profiles::load(None).unwrap()),
+            metrics: Vec::new(),
+            snapshot_dir: std::env::temp_dir(),
+            on_tenants: None,
+            on_endpoints: None,
+            on_profiles: None,
+            rpc: None,
+            control: None,
+            counters: None,
+            firmware: None,
+            firmware_upload_timeout: std::time::Duration::from_secs(1),
+        };
+        let req = |m: &str, p: &str| ApiRequest {
+            method: m.into(),
+            path: p.into(),
+            query: String::new(),
+            body: Bytes::new(),
+        };
+        assert_eq!(
+            route(&st, &req("GET", "/v1/endpoints/bootstrap")).status,
+            404
+        );
+        assert_eq!(
+            route(&st, &req("PUT", "/v1/endpoints//bootstrap")).status,
+            400
+        );
+        assert_eq!(route(&st, &req("POST", "/v1/devices/rpc")).status, 405);
+        assert_eq!(route(&st, &req("GET", "/v1/devices/rpc")).status, 404);
+        assert_eq!(
+            between("/v1/devices/x/rpc", "/v1/devices/", "/rpc"),
+            Some("x")
+        );
+        assert_eq!(between("/v1/devices/rpc", "/v1/devices/", "/rpc"), None);
+    }
 
     #[test]
     fn percent_decoding() {
