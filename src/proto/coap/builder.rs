@@ -204,6 +204,11 @@ impl<'a> MessageBuilder<'a> {
         self.uint_option(opt::SIZE1, n)
     }
 
+    /// The whole size of a Block2 body (RFC 7959 §4).
+    pub fn size2(self, n: u32) -> Self {
+        self.uint_option(opt::SIZE2, n)
+    }
+
     pub fn payload(mut self, p: &'a [u8]) -> Self {
         self.payload = p;
         self

@@ -52,6 +52,7 @@ impl Server {
                     self.plan_observations(now, ctx, id);
                 }
             }
+            ControlMsg::Firmware { name, image } => self.set_firmware(name, image),
         }
         self.drain_failures(now);
         self.update_gauges();

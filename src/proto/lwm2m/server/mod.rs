@@ -190,6 +190,12 @@ pub enum ControlMsg {
     Endpoints(Arc<[String]>),
     /// Profiles were reloaded: observation sets follow.
     ProfilesChanged,
+    /// Serve (or, with `None`, stop serving) a firmware image at
+    /// `/fw/{name}`.
+    Firmware {
+        name: Arc<str>,
+        image: Option<FwImage>,
+    },
 }
 
 /// A shard's registrations as plain data (crash-safe snapshot contents).
@@ -387,6 +393,8 @@ pub struct Server {
     composite: FastMap<Token, Box<[ResourcePath]>>,
     /// Block1 request bodies being received (Register, Send).
     blocks_in: Block1Table,
+    /// Firmware images served at `/fw/{name}`.
+    images: FastMap<Arc<str>, FwImage>,
 }
 
 /// The server's decisions about DTLS sessions, for the DTLS layer.
@@ -440,6 +448,7 @@ impl Server {
             rpc_events: VecDeque::new(),
             composite: FastMap::default(),
             blocks_in,
+            images: FastMap::default(),
         }
     }
 
@@ -662,8 +671,11 @@ fn loc_string(id: RegId) -> String {
     String::from_utf8_lossy(&registration::location(id)).into_owned()
 }
 
+pub use firmware::FwImage;
+
 mod control;
 mod dm;
+mod firmware;
 mod query;
 mod register;
 mod report;

@@ -2002,3 +2002,182 @@ mod dm {
         }
     }
 }
+
+/// `GET /fw/{name}` (a pull firmware update, TS 1.1 Core §E.6): Block2
+/// blocks in the device's size, any block on request, ETag and Size2;
+/// 4.01 (no payload) to a sender the shard does not know, 4.04 for an image
+/// not handed to the shard, 4.02 past the end.
+#[test]
+fn firmware_images_are_served_in_blocks_to_known_devices() {
+    use crate::proto::coap::{opt, Block};
+    let mut h = H::new();
+    let image: Vec<u8> = (0..5000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let sha = openssl::sha::sha256(&image);
+    let out = h.gw.control(
+        h.now(),
+        ControlMsg::Firmware {
+            name: Arc::from("fw-1"),
+            image: Some(FwImage::new(Arc::from(image.as_slice()), &sha)),
+        },
+    );
+    assert!(out.is_empty());
+    let get = |mid: u16, name: &str, block: Option<Block>| {
+        let mut b = MessageBuilder::new(MsgType::Con, Code::GET)
+            .mid(mid)
+            .token(&[9, 9])
+            .path("fw")
+            .path_segment(name.as_bytes());
+        if let Some(bl) = block {
+            b = b.block2(bl);
+        }
+        b.to_vec()
+    };
+    // Not registered: 4.01, no larger than the request.
+    let req = get(1, "fw-1", None);
+    let r = h.input(addr(1500), &req);
+    assert_eq!(r.len(), 1);
+    assert_eq!(code_of(&r[0]), Code::UNAUTHORIZED);
+    assert!(r[0].len() <= req.len());
+
+    let mut dev = SimDevice::new("urn:imei:123", 1);
+    assert!(h.register(addr(1000), &mut dev).registered);
+    // The first block, our size (1024), ETag, Size2.
+    let r = h.input(addr(1000), &get(2, "fw-1", None));
+    let m = msg(&r[0]);
+    assert_eq!(m.code, Code::CONTENT);
+    assert_eq!(
+        m.block2(),
+        Some(Block {
+            num: 0,
+            more: true,
+            szx: 6
+        })
+    );
+    assert_eq!(m.payload, &image[..1024]);
+    let etag: Vec<&[u8]> = m
+        .options()
+        .filter(|o| o.number == opt::ETAG)
+        .map(|o| o.value)
+        .collect();
+    assert_eq!(etag, vec![&sha[..8]]);
+    assert!(m.options().any(|o| o.number == opt::SIZE2));
+    // The device asks for 256-byte blocks (SZX 4): block 5 is bytes 1280..1536.
+    let r = h.input(
+        addr(1000),
+        &get(
+            3,
+            "fw-1",
+            Some(Block {
+                num: 5,
+                more: false,
+                szx: 4,
+            }),
+        ),
+    );
+    let m = msg(&r[0]);
+    assert_eq!(
+        m.block2(),
+        Some(Block {
+            num: 5,
+            more: true,
+            szx: 4
+        })
+    );
+    assert_eq!(m.payload, &image[1280..1536]);
+    // Any block again (a resumed download), the last one short.
+    let r = h.input(
+        addr(1000),
+        &get(
+            4,
+            "fw-1",
+            Some(Block {
+                num: 4,
+                more: false,
+                szx: 6,
+            }),
+        ),
+    );
+    let m = msg(&r[0]);
+    assert_eq!(
+        m.block2(),
+        Some(Block {
+            num: 4,
+            more: false,
+            szx: 6
+        })
+    );
+    assert_eq!(m.payload, &image[4096..]);
+    // The whole image, block by block in the device's size, is the image.
+    let mut got = Vec::new();
+    for n in 0..100u32 {
+        let r = h.input(
+            addr(1000),
+            &get(
+                10 + n as u16,
+                "fw-1",
+                Some(Block {
+                    num: n,
+                    more: false,
+                    szx: 5,
+                }),
+            ),
+        );
+        let m = msg(&r[0]);
+        got.extend_from_slice(m.payload);
+        if !m.block2().unwrap().more {
+            break;
+        }
+    }
+    assert_eq!(got, image);
+    // Past the end: 4.02; unknown image: 4.04; another method: 4.05.
+    let r = h.input(
+        addr(1000),
+        &get(
+            200,
+            "fw-1",
+            Some(Block {
+                num: 5,
+                more: false,
+                szx: 6,
+            }),
+        ),
+    );
+    assert_eq!(code_of(&r[0]), Code::BAD_OPTION);
+    let r = h.input(addr(1000), &get(201, "nope", None));
+    assert_eq!(code_of(&r[0]), Code::NOT_FOUND);
+    let put = MessageBuilder::new(MsgType::Con, Code::PUT)
+        .mid(202)
+        .token(&[1])
+        .path("fw/fw-1")
+        .to_vec();
+    assert_eq!(
+        code_of(&h.input(addr(1000), &put)[0]),
+        Code::METHOD_NOT_ALLOWED
+    );
+    // A retransmitted GET is served again, not from a cache.
+    let again = h.input(
+        addr(1000),
+        &get(
+            3,
+            "fw-1",
+            Some(Block {
+                num: 5,
+                more: false,
+                szx: 4,
+            }),
+        ),
+    );
+    assert_eq!(msg(&again[0]).payload, &image[1280..1536]);
+    // Withdrawn: 4.04.
+    h.gw.control(
+        h.now(),
+        ControlMsg::Firmware {
+            name: Arc::from("fw-1"),
+            image: None,
+        },
+    );
+    let r = h.input(addr(1000), &get(300, "fw-1", None));
+    assert_eq!(code_of(&r[0]), Code::NOT_FOUND);
+    assert!(h.metric("firmware_blocks_served") >= 8);
+    assert_eq!(h.metric("firmware_refused"), 2);
+}

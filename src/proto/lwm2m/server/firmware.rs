@@ -1,0 +1,112 @@
+//! Firmware images served to devices for a pull update (LwM2M TS 1.1 Core
+//! §E.6: the device downloads the Package URI written to /5/0/1 itself):
+//! `GET /fw/{name}` answered in Block2 blocks (RFC 7959 §2.4), any block
+//! number the device asks for, in the device's block size when it is
+//! smaller than ours, so a download that stopped (sleep, new address,
+//! reboot) resumes where the device wants.
+//!
+//! The control plane hands images to the shards by message
+//! ([`ControlMsg::Firmware`]) before it writes a Package URI; a shard never
+//! reads the image store. Every response carries an ETag (the first 8
+//! bytes of the image's SHA-256, RFC 7252 §5.10.6) so a device notices an
+//! image replaced mid-download (§2.4).
+//!
+//! Blocks go only to peers this shard knows: a registration at that
+//! address, or an authenticated DTLS session. An unknown plain-UDP sender
+//! gets 4.01 with no payload: a spoofed 20-byte GET must not draw a
+//! 1 KiB block at a victim (RFC 7252 §11.3, amplification).
+
+use super::*;
+use crate::proto::coap::block::{block2_slice, MAX_SZX};
+use crate::proto::coap::opt;
+
+/// An image the shards serve.
+#[derive(Clone)]
+pub struct FwImage {
+    pub bytes: Arc<[u8]>,
+    /// The first 8 bytes of its SHA-256 (the ETag).
+    pub etag: [u8; 8],
+}
+
+impl FwImage {
+    /// `sha256` is the image's digest (32 bytes).
+    pub fn new(bytes: Arc<[u8]>, sha256: &[u8; 32]) -> FwImage {
+        let mut etag = [0u8; 8];
+        etag.copy_from_slice(&sha256[..8]);
+        FwImage { bytes, etag }
+    }
+}
+
+impl std::fmt::Debug for FwImage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FwImage")
+            .field("len", &self.bytes.len())
+            .field("etag", &self.etag)
+            .finish()
+    }
+}
+
+impl Server {
+    /// Installs (or, with `None`, removes) an image under `name`.
+    pub(super) fn set_firmware(&mut self, name: Arc<str>, image: Option<FwImage>) {
+        match image {
+            Some(i) => {
+                self.images.insert(name, i);
+            }
+            None => {
+                self.images.remove(&*name);
+            }
+        }
+    }
+
+    /// `GET /fw/{name}` (with or without Block2).
+    pub(super) fn serve_firmware(
+        &mut self,
+        now: Now,
+        peer: PeerId,
+        identity: Option<&Identity>,
+        msg: &Message<'_>,
+        name: &[u8],
+        protected: bool,
+    ) {
+        if !(protected || identity.is_some()) {
+            ShardMetrics::inc(&self.metrics.firmware_refused);
+            let r = MessageBuilder::new(MsgType::Ack, Code::UNAUTHORIZED).token(msg.token);
+            return self.ex.respond(now.instant, peer, msg, r, true, false);
+        }
+        let image = std::str::from_utf8(name)
+            .ok()
+            .and_then(|n| self.images.get(n))
+            .cloned();
+        let Some(image) = image else {
+            ShardMetrics::inc(&self.metrics.requests_not_found);
+            return self.reply_error(now, peer, msg, Code::NOT_FOUND, "no such image", true);
+        };
+        let max_szx = self.cfg.block_szx.min(MAX_SZX);
+        let Some((range, block)) = block2_slice(image.bytes.len(), msg.block2(), max_szx) else {
+            // RFC 7959 §2.4: a block past the end is a bad option.
+            ShardMetrics::inc(&self.metrics.firmware_refused);
+            return self.reply_error(now, peer, msg, Code::BAD_OPTION, "block past the end", true);
+        };
+        ShardMetrics::inc(&self.metrics.firmware_blocks_served);
+        ShardMetrics::add(
+            &self.metrics.firmware_bytes_served,
+            (range.end - range.start) as u64,
+        );
+        let mut r = MessageBuilder::new(MsgType::Ack, Code::CONTENT)
+            .token(msg.token)
+            .option(opt::ETAG, &image.etag)
+            .content_format(crate::proto::lwm2m::content::CF_OPAQUE)
+            .block2(block);
+        if block.num == 0 {
+            // §4: Size2 tells the device the whole size up front.
+            r = r.size2(image.bytes.len() as u32);
+        }
+        let r = r.payload(&image.bytes[range]);
+        // Not kept for duplicate detection: a retransmitted GET is served
+        // again (RFC 7252 §4.5 lets a server relax this for idempotent
+        // requests); caching every 1 KiB block of a 2 MiB download for
+        // EXCHANGE_LIFETIME would cost 2 MiB per device.
+        self.ex.respond(now.instant, peer, msg, r, false, true);
+    }
+}
