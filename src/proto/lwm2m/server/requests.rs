@@ -140,27 +140,13 @@ impl Server {
                     self.deregister(now, ctx, peer, identity, msg, id)
                 }
             }
-            (Some(b"rd"), _, None, _) => self.reply_error(
-                now,
-                peer,
-                msg,
-                Code::METHOD_NOT_ALLOWED,
-                "method not allowed",
-                protected,
-            ),
             (Some(b"dp"), None, None, Code::POST) => self.send(now, ctx, peer, identity, msg),
             (Some(b"fw"), Some(name), None, Code::GET) => {
                 self.serve_firmware(now, peer, identity, msg, name, protected)
             }
-            (Some(b"fw"), Some(_), None, _) => self.reply_error(
-                now,
-                peer,
-                msg,
-                Code::METHOD_NOT_ALLOWED,
-                "method not allowed",
-                protected,
-            ),
-            (Some(b"dp"), None, None, _) => self.reply_error(
+            (Some(b"rd"), _, None, _)
+            | (Some(b"dp"), None, None, _)
+            | (Some(b"fw"), Some(_), None, _) => self.reply_error(
                 now,
                 peer,
                 msg,
