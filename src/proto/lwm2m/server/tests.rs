@@ -2181,3 +2181,49 @@ fn firmware_images_are_served_in_blocks_to_known_devices() {
     assert!(h.metric("firmware_blocks_served") >= 8);
     assert_eq!(h.metric("firmware_refused"), 2);
 }
+
+/// Two shards: a device's GET /fw from its registered address is served
+/// whichever shard holds it; the same device asking from a new source port
+/// (a new 4-tuple, possibly another shard, no registration there) gets 4.01
+/// without payload until it updates from that address.
+#[test]
+fn firmware_blocks_follow_the_registration_across_shards() {
+    use crate::proto::coap::Block;
+    let mut h = H::shards(2);
+    let image: Vec<u8> = (0..3000u32).map(|i| (i % 253) as u8).collect();
+    let sha = openssl::sha::sha256(&image);
+    let _ = h.gw.control(
+        h.now(),
+        ControlMsg::Firmware {
+            name: Arc::from("fw-2"),
+            image: Some(FwImage::new(Arc::from(image.as_slice()), &sha)),
+        },
+    );
+    let get = |mid: u16| {
+        MessageBuilder::new(MsgType::Con, Code::GET)
+            .mid(mid)
+            .token(&[4])
+            .path("fw/fw-2")
+            .block2(Block {
+                num: 1,
+                more: false,
+                szx: 6,
+            })
+            .to_vec()
+    };
+    let a = addr(port_on(&h, 0, 2000));
+    let b = addr(port_on(&h, 1, 3000));
+    let mut dev = SimDevice::new("urn:imei:123", 1);
+    assert!(h.register(a, &mut dev).registered);
+    let r = h.input(a, &get(1));
+    assert_eq!(msg(&r[0]).payload, &image[1024..2048]);
+    let r = h.input(b, &get(2));
+    assert_eq!(code_of(&r[0]), Code::UNAUTHORIZED);
+    assert!(msg(&r[0]).payload.is_empty());
+    // The device's Update from the new port moves its registration there.
+    let u = dev.update(None, false);
+    let out = h.input(b, &u);
+    h.pump(b, &mut dev, out);
+    let r = h.input(b, &get(3));
+    assert_eq!(msg(&r[0]).payload, &image[1024..2048]);
+}
