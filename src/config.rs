@@ -39,6 +39,20 @@ pub struct FirmwareSection {
     pub cache_bytes: usize,
     /// An upload's body must arrive within this.
     pub upload_timeout_s: u64,
+    /// The Package URI base a pull update writes for plain CoAP devices
+    /// (`coap://gw.example.net:5683`; `/fw/{name}` is appended). Unset: the
+    /// plain listen address, when it is a specific IP.
+    pub coap_uri: Option<String>,
+    /// The same for DTLS devices (`coaps://…:5684`). Unset: the DTLS
+    /// listen address, when it is a specific IP.
+    pub coaps_uri: Option<String>,
+    /// A firmware update without news from the device (notification,
+    /// block fetched) for this long reads /5/0 (lost notifications, devices
+    /// without Observe).
+    pub poll_s: u64,
+    /// Default `timeout_ms` of a `firmware_update` RPC that gives none
+    /// (downloads and reboots take minutes, not the 60 s of other RPCs).
+    pub default_timeout_s: u64,
 }
 
 impl Default for FirmwareSection {
@@ -48,6 +62,10 @@ impl Default for FirmwareSection {
             max_image_bytes: 64 << 20,
             cache_bytes: 256 << 20,
             upload_timeout_s: 600,
+            coap_uri: None,
+            coaps_uri: None,
+            poll_s: 30,
+            default_timeout_s: 3600,
         }
     }
 }

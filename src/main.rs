@@ -11,9 +11,11 @@ use corem_lwm2m::control::directory::{Directory, Origin};
 use corem_lwm2m::control::firmware::FirmwareStore;
 use corem_lwm2m::control::profiles::Profiles;
 use corem_lwm2m::control::registrations::RegistrationStore;
+use corem_lwm2m::control::rpc::Resolver;
 use corem_lwm2m::control::rpc::RpcService;
 use corem_lwm2m::control::sessions::SessionStore;
 use corem_lwm2m::control::topics::TopicManager;
+use corem_lwm2m::proto::lwm2m::firmware::UriBases;
 use corem_lwm2m::proto::lwm2m::server::ControlMsg;
 use corem_lwm2m::shard::runtime;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
@@ -202,10 +204,12 @@ fn run(args: Args) -> anyhow::Result<()> {
         cfg.firmware.cache_bytes,
     )?);
     tracing::info!(dir = %firmware_dir.display(), images = firmware.list().len(), "firmware store");
+    let fw_bases = firmware_uri_bases(&cfg, shards.local_addr, shards.dtls_addr);
+    tracing::info!(coap = ?fw_bases.coap, coaps = ?fw_bases.coaps, "firmware package URIs");
     let rpc = RpcService::start(
         &cfg,
-        directory.clone(),
-        profiles.clone(),
+        Resolver::new(directory.clone(), profiles.clone(), Some(firmware.clone())),
+        fw_bases,
         control.clone(),
         rpc_rx,
     )?;
@@ -337,5 +341,28 @@ fn session_store(cfg: &corem_lwm2m::config::Config) -> Option<std::sync::Arc<Ses
             tracing::error!(error = %e, "DTLS session key refused: DTLS sessions will not survive a restart");
             None
         }
+    }
+}
+
+/// Where devices reach the gateway's firmware images: `firmware.coap_uri`
+/// / `coaps_uri`, else the listen address when it names one IP (a
+/// wildcard bind says nothing a device could use).
+fn firmware_uri_bases(
+    cfg: &corem_lwm2m::config::Config,
+    plain: Option<std::net::SocketAddr>,
+    dtls: Option<std::net::SocketAddr>,
+) -> UriBases {
+    let from = |configured: &Option<String>, addr: Option<std::net::SocketAddr>, scheme: &str| {
+        configured
+            .as_ref()
+            .map(|u| u.trim_end_matches('/').to_string())
+            .or_else(|| {
+                addr.filter(|a| !a.ip().is_unspecified())
+                    .map(|a| format!("{scheme}://{a}"))
+            })
+    };
+    UriBases {
+        coap: from(&cfg.firmware.coap_uri, plain, "coap"),
+        coaps: from(&cfg.firmware.coaps_uri, dtls, "coaps"),
     }
 }

@@ -13,18 +13,24 @@
 //! are not sent twice).
 
 use super::directory::Directory;
+use super::firmware::FirmwareStore;
 use super::profiles::Profiles;
-use super::rpc_book::{LogRecord, Refusal, Resolved, RpcBook, RpcRecord};
+use super::rpc_book::{LogRecord, Refusal, Resolved, RpcBook, RpcRecord, Work};
 use super::rpc_log::{RpcLog, WalLine};
 use crate::config::Config;
+use crate::proto::lwm2m::firmware::{FirmwareParams, FirmwarePlan, FwImage, ImageRef, UriBases};
 use crate::proto::lwm2m::profile::Profile;
 use crate::proto::lwm2m::rpc::{self, Presence, RpcEvent, RpcRequest};
+use crate::proto::lwm2m::server::ControlMsg;
 use crate::shard::runtime::ControlHandle;
 use crate::sink::topic_for;
 use crossbeam_channel::{Receiver, Sender};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::Weak;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 fn wall_ms() -> i64 {
@@ -144,27 +150,106 @@ pub enum RpcServiceError {
     Kafka(String),
 }
 
-/// The operation a request means, and the endpoint it goes to.
-pub fn resolve(directory: &Directory, profiles: &Profiles, req: &RpcRequest) -> Resolved {
-    let (endpoint, entry) = directory
-        .by_device(&req.device_id)
-        .ok_or_else(|| format!("unknown device_id {:?}", req.device_id))?;
-    if entry.tenant_id != req.tenant_id {
-        return Err("the device belongs to another tenant".into());
-    }
-    let set = profiles.snapshot();
-    let profile = Profile::lookup(&set, &entry.profile);
-    let op = rpc::resolve(&req.method, &req.params, profile.map(|p| &**p))?;
-    Ok((endpoint, op))
+/// Turns requests into what they do on the device: the endpoint, the
+/// operation through the device's profile, or for `firmware_update` the
+/// plan with its image (loaded once and shared by every update using it).
+pub struct Resolver {
+    pub directory: Arc<Directory>,
+    pub profiles: Arc<Profiles>,
+    pub firmware: Option<Arc<FirmwareStore>>,
+    /// Images loaded for updates, by name (sha256, bytes): a campaign of
+    /// a thousand devices shares one copy.
+    loaded: RefCell<HashMap<String, LoadedImage>>,
 }
+
+impl Resolver {
+    pub fn new(
+        directory: Arc<Directory>,
+        profiles: Arc<Profiles>,
+        firmware: Option<Arc<FirmwareStore>>,
+    ) -> Resolver {
+        Resolver {
+            directory,
+            profiles,
+            firmware,
+            loaded: RefCell::new(HashMap::new()),
+        }
+    }
+
+    pub fn resolve(&self, req: &RpcRequest) -> Resolved {
+        let (endpoint, entry) = self
+            .directory
+            .by_device(&req.device_id)
+            .ok_or_else(|| format!("unknown device_id {:?}", req.device_id))?;
+        if entry.tenant_id != req.tenant_id {
+            return Err("the device belongs to another tenant".into());
+        }
+        if req.method == FIRMWARE_UPDATE {
+            let params = FirmwareParams::parse(&req.params)?;
+            let image = match &params.image {
+                Some(name) => Some(self.image(name)?),
+                None => None,
+            };
+            return Ok((
+                endpoint,
+                Work::Firmware(Box::new(FirmwarePlan { params, image })),
+            ));
+        }
+        let set = self.profiles.snapshot();
+        let profile = Profile::lookup(&set, &entry.profile);
+        let op = rpc::resolve(&req.method, &req.params, profile.map(|p| &**p))?;
+        Ok((endpoint, Work::Op(op)))
+    }
+
+    fn image(&self, name: &str) -> Result<ImageRef, String> {
+        let store = self
+            .firmware
+            .as_ref()
+            .ok_or("this gateway has no firmware image store")?;
+        let meta = store.meta(name).ok_or_else(|| {
+            format!("no firmware image {name:?} (upload it with PUT /v1/firmware/{name})")
+        })?;
+        let mut loaded = self.loaded.borrow_mut();
+        let cached = loaded
+            .get(name)
+            .filter(|(sha, _)| *sha == meta.sha256)
+            .and_then(|(_, w)| w.upgrade());
+        let bytes = match cached {
+            Some(b) => b,
+            None => {
+                let (b, sha) = store.bytes(name).map_err(|e| e.to_string())?;
+                loaded.retain(|_, (_, w)| w.strong_count() > 0);
+                loaded.insert(name.to_string(), (sha, Arc::downgrade(&b)));
+                b
+            }
+        };
+        let mut digest = [0u8; 32];
+        for (i, d) in digest.iter_mut().enumerate() {
+            *d = u8::from_str_radix(meta.sha256.get(2 * i..2 * i + 2).unwrap_or("00"), 16)
+                .unwrap_or(0);
+        }
+        Ok(ImageRef {
+            name: Arc::from(name),
+            version: meta.version,
+            sha256: meta.sha256,
+            image: FwImage::new(bytes, &digest),
+        })
+    }
+}
+
+/// An image loaded for updates: its sha256 and its bytes while in use.
+type LoadedImage = (String, Weak<[u8]>);
+
+/// The method of a firmware update RPC.
+pub const FIRMWARE_UPDATE: &str = "firmware_update";
 
 impl RpcService {
     /// Opens the log, replays it, starts the thread. Shard reports arrive
     /// on `events`; executions leave through `control`.
     pub fn start(
         cfg: &Config,
-        directory: Arc<Directory>,
-        profiles: Arc<Profiles>,
+        resolver: Resolver,
+        fw_bases: UriBases,
         control: ControlHandle,
         events: Receiver<RpcEvent>,
     ) -> Result<RpcService, RpcServiceError> {
@@ -172,6 +257,7 @@ impl RpcService {
         let (log, lines) = RpcLog::open(&dir).map_err(|e| RpcServiceError::Log(dir.clone(), e))?;
         let mut book = RpcBook::new(cfg.rpc.retention_s as i64 * 1000);
         book.set_max_finished(cfg.rpc.max_finished);
+        book.set_firmware(fw_bases, cfg.firmware.poll_s.max(1) as i64 * 1000);
         let mut offsets = std::collections::BTreeMap::new();
         let records: Vec<LogRecord> = lines
             .into_iter()
@@ -184,10 +270,7 @@ impl RpcService {
                 WalLine::Covers { .. } => None,
             })
             .collect();
-        let (resumed, interrupted) = {
-            let (d, p) = (directory.clone(), profiles.clone());
-            book.replay(wall_ms(), records, &move |r| resolve(&d, &p, r))
-        };
+        let (resumed, interrupted) = book.replay(wall_ms(), records, &|r| resolver.resolve(r));
         if resumed + interrupted > 0 {
             tracing::info!(
                 resumed,
@@ -208,10 +291,10 @@ impl RpcService {
             log,
             producer,
             control,
-            directory,
-            profiles,
+            resolver,
             status_topic: cfg.kafka.rpc_status_topic.clone(),
             default_timeout_ms: cfg.rpc.default_timeout_ms,
+            firmware_timeout_ms: cfg.firmware.default_timeout_s.max(1) * 1000,
             compact_bytes: cfg.rpc.log_compact_bytes.max(1024),
             unpublished: Vec::new(),
             offsets: offsets.clone(),
@@ -263,10 +346,10 @@ struct Worker {
     log: RpcLog,
     producer: BaseProducer,
     control: ControlHandle,
-    directory: Arc<Directory>,
-    profiles: Arc<Profiles>,
+    resolver: Resolver,
     status_topic: String,
     default_timeout_ms: u64,
+    firmware_timeout_ms: u64,
     compact_bytes: u64,
     /// Statuses the producer could not queue yet (queue full).
     unpublished: Vec<(String, String, Vec<u8>)>,
@@ -390,6 +473,11 @@ impl Worker {
     }
 
     fn submit(&mut self, req: RpcRequest) -> Result<RpcRecord, Refusal> {
+        let default_timeout = if req.method == FIRMWARE_UPDATE {
+            self.firmware_timeout_ms
+        } else {
+            self.default_timeout_ms
+        };
         if let Err(e) = req.validate() {
             use crate::proto::lwm2m::rpc::RpcError;
             // Without usable ids there is no status to publish (nor a key).
@@ -403,14 +491,14 @@ impl Worker {
                     let now = wall_ms();
                     return self
                         .book
-                        .handle_request(now, req, Err(e.to_string()), self.default_timeout_ms)
+                        .handle_request(now, req, Err(e.to_string()), default_timeout)
                         .cloned();
                 }
             }
         }
-        let resolved = resolve(&self.directory, &self.profiles, &req);
+        let resolved = self.resolver.resolve(&req);
         self.book
-            .handle_request(wall_ms(), req, resolved, self.default_timeout_ms)
+            .handle_request(wall_ms(), req, resolved, default_timeout)
             .cloned()
     }
 
@@ -457,6 +545,11 @@ impl Worker {
         }
         self.unpublished = keep;
         self.producer.poll(Duration::ZERO);
+        // Images before the operations that name them.
+        while let Some((name, image)) = self.book.poll_serve() {
+            tracing::info!(image = %name, serving = image.is_some(), "firmware image served to devices");
+            self.control.send(ControlMsg::Firmware { name, image });
+        }
         while let Some((shard, exec)) = self.book.poll_exec() {
             self.control.send_rpc(shard as usize, exec);
         }

@@ -18,6 +18,7 @@
 //!   could be sent).
 
 use crate::proto::lwm2m::dm::Op;
+use crate::proto::lwm2m::firmware::{FirmwarePlan, FirmwareUpdate, FwImage, UriBases};
 use crate::proto::lwm2m::rpc::{
     Presence, PresenceOrder, RpcEvent, RpcExec, RpcOutcome, RpcRequest, RpcStatus,
 };
@@ -46,17 +47,29 @@ pub struct RpcRecord {
     pub response: Option<serde_json::Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// Where a multi-step RPC is (a firmware update's bytes, percent).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub progress: Option<serde_json::Value>,
     #[serde(skip)]
-    op: Option<Op>,
+    op: Option<Work>,
     /// The status last published (a handed-back RPC sent again is not
     /// announced `sent` twice).
     #[serde(skip)]
     published: Option<RpcStatus>,
 }
 
-/// A request resolved to (the device's endpoint, the operation), or why it
+/// What an RPC does on the device.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Work {
+    /// One LwM2M operation.
+    Op(Op),
+    /// A firmware update: a walk of object 5 ([`FirmwareUpdate`]).
+    Firmware(Box<FirmwarePlan>),
+}
+
+/// A request resolved to (the device's endpoint, what it does), or why it
 /// cannot run.
-pub type Resolved = Result<(String, Op), String>;
+pub type Resolved = Result<(String, Work), String>;
 
 fn arc_str<S: serde::Serializer>(v: &Arc<str>, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(v)
@@ -119,6 +132,13 @@ pub struct RpcBook {
     log: VecDeque<LogRecord>,
     statuses: VecDeque<RpcRecord>,
     execs: VecDeque<(u16, RpcExec)>,
+    /// Firmware updates in flight, by rpc_id.
+    jobs: HashMap<Arc<str>, FirmwareUpdate>,
+    /// Images the shards serve, and how many jobs use each.
+    serving: HashMap<Arc<str>, (FwImage, usize)>,
+    serves: VecDeque<(Arc<str>, Option<FwImage>)>,
+    fw_bases: UriBases,
+    fw_poll_ms: i64,
 }
 
 impl RpcBook {
@@ -136,7 +156,19 @@ impl RpcBook {
             log: VecDeque::new(),
             statuses: VecDeque::new(),
             execs: VecDeque::new(),
+            jobs: HashMap::new(),
+            serving: HashMap::new(),
+            serves: VecDeque::new(),
+            fw_bases: UriBases::default(),
+            fw_poll_ms: 30_000,
         }
+    }
+
+    /// Where the gateway serves firmware images, and how long a firmware
+    /// update waits without news before it reads /5/0.
+    pub fn set_firmware(&mut self, bases: UriBases, poll_ms: i64) {
+        self.fw_bases = bases;
+        self.fw_poll_ms = poll_ms.max(100);
     }
 
     /// Keeps at most `n` finished records (oldest dropped first).
@@ -210,17 +242,36 @@ impl RpcBook {
         self.execs.pop_front()
     }
 
+    /// An image the shards must start (`Some`) or stop (`None`) serving.
+    pub fn poll_serve(&mut self) -> Option<(Arc<str>, Option<FwImage>)> {
+        self.serves.pop_front()
+    }
+
+    /// Firmware updates in flight.
+    pub fn jobs(&self) -> usize {
+        self.jobs.len()
+    }
+
     /// The next deadline (epoch ms).
     pub fn poll_timeout(&mut self) -> Option<i64> {
+        let jobs = self.jobs.values().filter_map(|j| j.poll_timeout()).min();
+        let mut next = None;
         while let Some(Reverse((at, id))) = self.deadlines.peek().cloned() {
             match self.records.get(&id) {
-                Some(r) if r.deadline == at && !r.status.is_terminal() => return Some(at),
+                Some(r) if r.deadline == at && !r.status.is_terminal() => {
+                    next = Some(at);
+                    break;
+                }
                 _ => {
                     self.deadlines.pop();
                 }
             }
         }
-        self.finished.front().map(|(at, _)| at + self.retention_ms)
+        let next = next.or_else(|| self.finished.front().map(|(at, _)| at + self.retention_ms));
+        match (next, jobs) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     // ------------------------------------------------------------ inputs
@@ -271,6 +322,7 @@ impl RpcBook {
             code: None,
             response: None,
             reason: None,
+            progress: None,
             op,
             published: None,
         };
@@ -308,8 +360,60 @@ impl RpcBook {
                     return;
                 }
                 let dev = p.device_id.clone();
+                if let Some(job) = self.job_of(&dev) {
+                    if let Some(j) = self.jobs.get_mut(&job) {
+                        j.handle_presence(now, &p.registration_id, p.online);
+                    }
+                }
                 self.presence.insert(dev.clone(), p);
                 self.dispatch(now, &dev);
+            }
+            RpcEvent::Returned { rpc_id } if self.jobs.contains_key(&rpc_id) => {
+                let Some(dev) = self.records.get(&rpc_id).map(|r| r.device_id.clone()) else {
+                    return;
+                };
+                if let Some(j) = self.jobs.get_mut(&rpc_id) {
+                    j.handle_returned();
+                }
+                let sent_on = self.inflight.get(&dev).map(|(_, o)| *o);
+                match self.presence.get_mut(&dev) {
+                    Some(p) if sent_on.is_some_and(|o| p.order > o) => self.dispatch(now, &dev),
+                    Some(p) => p.reachable = false,
+                    None => {}
+                }
+            }
+            RpcEvent::Done { rpc_id, outcome } if self.jobs.contains_key(&rpc_id) => {
+                if let Some(j) = self.jobs.get_mut(&rpc_id) {
+                    j.handle_done(now, &outcome);
+                }
+                self.job_moved(now, &rpc_id);
+            }
+            RpcEvent::Notified { rpc_id, values } => {
+                if let Some(j) = self.jobs.get_mut(&rpc_id) {
+                    j.handle_values(now, &values);
+                    self.job_moved(now, &rpc_id);
+                }
+            }
+            RpcEvent::Progress {
+                device_id,
+                rpc_id,
+                image,
+                bytes,
+            } => {
+                let id = match rpc_id {
+                    Some(id) => Some(id),
+                    None => self.job_of(&device_id).filter(|id| {
+                        self.jobs.get(id).is_some_and(|j| {
+                            j.plan().served_image().map(|i| &i.name) == image.as_ref()
+                        })
+                    }),
+                };
+                if let Some(id) = id {
+                    if let Some(j) = self.jobs.get_mut(&id) {
+                        j.handle_progress(now, bytes);
+                        self.job_moved(now, &id);
+                    }
+                }
             }
             RpcEvent::Returned { rpc_id } => {
                 let Some(r) = self.records.get_mut(&rpc_id) else {
@@ -361,8 +465,21 @@ impl RpcBook {
     }
 
     /// Deadlines: a queued RPC whose timeout passed ends `expired`; one in
-    /// flight is left to the shard (it times out there and reports).
+    /// flight is left to the shard (it times out there and reports), except
+    /// a firmware update, which ends `timed_out` here wherever it is.
     pub fn handle_timeout(&mut self, now: i64) {
+        let polls: Vec<Arc<str>> = self
+            .jobs
+            .iter()
+            .filter(|(_, j)| j.poll_timeout().is_some_and(|t| t <= now))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in polls {
+            if let Some(j) = self.jobs.get_mut(&id) {
+                j.handle_timeout(now);
+            }
+            self.job_moved(now, &id);
+        }
         while let Some(Reverse((at, id))) = self.deadlines.peek().cloned() {
             if at > now {
                 break;
@@ -371,7 +488,15 @@ impl RpcBook {
             let Some(r) = self.records.get(&id) else {
                 continue;
             };
-            if r.deadline != at || r.status != RpcStatus::Queued {
+            if r.deadline != at {
+                continue;
+            }
+            if let Some(j) = self.jobs.get(&id) {
+                let o = j.timed_out();
+                self.end_job(now, &id, o);
+                continue;
+            }
+            if r.status != RpcStatus::Queued {
                 continue;
             }
             let dev = r.device_id.clone();
@@ -443,6 +568,7 @@ impl RpcBook {
                         code: None,
                         response: None,
                         reason: None,
+                        progress: None,
                         op,
                         published: None,
                     });
@@ -536,7 +662,10 @@ impl RpcBook {
             });
             match r.status {
                 RpcStatus::Queued => {}
-                RpcStatus::Sent => out.push(LogRecord::Sent {
+                RpcStatus::Sent
+                | RpcStatus::Downloading
+                | RpcStatus::Downloaded
+                | RpcStatus::Updating => out.push(LogRecord::Sent {
                     rpc_id: r.rpc_id.to_string(),
                     at: r.updated_at,
                 }),
@@ -590,9 +719,14 @@ impl RpcBook {
         self.status(id);
     }
 
-    /// Sends the device's next RPC when it is reachable and idle.
+    /// Sends the device's next RPC when it is reachable and idle (for a
+    /// firmware update in flight: its next operation).
     fn dispatch(&mut self, now: i64, device_id: &str) {
-        if self.inflight.contains_key(device_id) {
+        if let Some((id, _)) = self.inflight.get(device_id) {
+            let id = id.clone();
+            if self.jobs.contains_key(&id) {
+                self.step_job(now, device_id, &id);
+            }
             return;
         }
         let Some(p) = self.presence.get(device_id) else {
@@ -602,17 +736,18 @@ impl RpcBook {
             return;
         }
         let (shard, endpoint, order) = (p.shard, p.endpoint.clone(), p.order);
-        let Some(q) = self.queues.get_mut(device_id) else {
-            return;
-        };
-        while let Some(id) = q.pop_front() {
+        let (registration, dtls) = (p.registration_id.clone(), p.address.starts_with("coaps://"));
+        loop {
+            let Some(id) = self.queues.get_mut(device_id).and_then(|q| q.pop_front()) else {
+                return;
+            };
             let Some(r) = self.records.get_mut(&id) else {
                 continue;
             };
             if r.status != RpcStatus::Queued {
                 continue;
             }
-            let Some(op) = r.op.clone() else { continue };
+            let Some(work) = r.op.clone() else { continue };
             r.status = RpcStatus::Sent;
             r.updated_at = now;
             let deadline = r.deadline;
@@ -623,21 +758,161 @@ impl RpcBook {
             self.inflight
                 .insert(device_id.to_string(), (id.clone(), order));
             self.status(&id);
-            self.execs.push_back((
-                shard,
-                RpcExec {
-                    rpc_id: id,
-                    endpoint: Arc::from(endpoint.as_str()),
-                    op,
-                    deadline_ms: deadline,
-                },
-            ));
-            // The shard reports again when it is ready for the next one.
-            if let Some(p) = self.presence.get_mut(device_id) {
-                p.reachable = false;
+            match work {
+                Work::Op(op) => {
+                    self.execs.push_back((
+                        shard,
+                        RpcExec {
+                            rpc_id: id,
+                            endpoint: Arc::from(endpoint.as_str()),
+                            op,
+                            deadline_ms: deadline,
+                            job: false,
+                        },
+                    ));
+                    // The shard reports again when it is ready for the next one.
+                    if let Some(p) = self.presence.get_mut(device_id) {
+                        p.reachable = false;
+                    }
+                }
+                Work::Firmware(plan) => {
+                    let started = FirmwareUpdate::start(
+                        now,
+                        *plan,
+                        &registration,
+                        dtls,
+                        &self.fw_bases,
+                        self.fw_poll_ms,
+                    );
+                    match started {
+                        Ok(job) => {
+                            if let Some(img) = job.plan().served_image() {
+                                let e = self
+                                    .serving
+                                    .entry(img.name.clone())
+                                    .or_insert_with(|| (img.image.clone(), 0));
+                                if e.1 == 0 || e.0 != img.image {
+                                    e.0 = img.image.clone();
+                                    self.serves
+                                        .push_back((img.name.clone(), Some(img.image.clone())));
+                                }
+                                e.1 += 1;
+                            }
+                            self.jobs.insert(id.clone(), job);
+                            self.step_job(now, device_id, &id);
+                        }
+                        Err(e) => {
+                            self.inflight.remove(device_id);
+                            self.finish(now, &id, RpcOutcome::failed(e));
+                            continue;
+                        }
+                    }
+                }
             }
             return;
         }
+    }
+
+    /// The RPC of a firmware update in flight on `device_id`.
+    fn job_of(&self, device_id: &str) -> Option<Arc<str>> {
+        self.inflight
+            .get(device_id)
+            .map(|(id, _)| id.clone())
+            .filter(|id| self.jobs.contains_key(id))
+    }
+
+    /// Sends the job's next operation when the device is reachable, then
+    /// takes what the job decided.
+    fn step_job(&mut self, now: i64, device_id: &str, id: &Arc<str>) {
+        if let Some(p) = self.presence.get(device_id) {
+            if p.online && p.reachable {
+                let (shard, endpoint, order) = (p.shard, p.endpoint.clone(), p.order);
+                let deadline = self.records.get(id).map_or(now, |r| r.deadline);
+                let op = self.jobs.get_mut(id).and_then(|j| j.poll_op());
+                if let Some(op) = op {
+                    self.execs.push_back((
+                        shard,
+                        RpcExec {
+                            rpc_id: id.clone(),
+                            endpoint: Arc::from(endpoint.as_str()),
+                            op,
+                            deadline_ms: deadline,
+                            job: true,
+                        },
+                    ));
+                    self.inflight
+                        .insert(device_id.to_string(), (id.clone(), order));
+                    if let Some(p) = self.presence.get_mut(device_id) {
+                        p.reachable = false;
+                    }
+                }
+            }
+        }
+        self.drain_job(now, id);
+    }
+
+    /// The job took an input: publish its statuses, end it or send its
+    /// next operation.
+    fn job_moved(&mut self, now: i64, id: &Arc<str>) {
+        let Some(dev) = self.records.get(id).map(|r| r.device_id.clone()) else {
+            return;
+        };
+        if self.inflight.get(&dev).is_some_and(|(x, _)| x == id) {
+            self.step_job(now, &dev, id);
+        } else {
+            self.drain_job(now, id);
+        }
+    }
+
+    fn drain_job(&mut self, now: i64, id: &Arc<str>) {
+        let Some(j) = self.jobs.get_mut(id) else {
+            return;
+        };
+        let mut statuses = Vec::new();
+        while let Some(p) = j.poll_status() {
+            statuses.push(p);
+        }
+        let outcome = j.poll_outcome();
+        for p in statuses {
+            if let Some(r) = self.records.get_mut(id) {
+                if r.status.is_terminal() {
+                    break;
+                }
+                r.status = p.status;
+                r.progress = Some(p.progress);
+                r.updated_at = now;
+                r.published = Some(r.status);
+                self.statuses.push_back(r.clone());
+            }
+        }
+        if let Some(o) = outcome {
+            self.end_job(now, id, o);
+        }
+    }
+
+    /// A firmware update ended: its image is no longer served for it, the
+    /// device's queue moves on.
+    fn end_job(&mut self, now: i64, id: &Arc<str>, o: RpcOutcome) {
+        let Some(job) = self.jobs.remove(id) else {
+            return;
+        };
+        if let Some(img) = job.plan().served_image() {
+            if let Some(e) = self.serving.get_mut(&img.name) {
+                e.1 = e.1.saturating_sub(1);
+                if e.1 == 0 {
+                    self.serving.remove(&img.name);
+                    self.serves.push_back((img.name.clone(), None));
+                }
+            }
+        }
+        let Some(dev) = self.records.get(id).map(|r| r.device_id.clone()) else {
+            return;
+        };
+        if self.inflight.get(&dev).is_some_and(|(x, _)| x == id) {
+            self.inflight.remove(&dev);
+        }
+        self.finish(now, id, o);
+        self.dispatch(now, &dev);
     }
 }
 
@@ -703,8 +978,8 @@ mod tests {
         }
     }
 
-    fn ok(dev: &str) -> Result<(String, Op), String> {
-        Ok((format!("ep-{dev}"), reboot()))
+    fn ok(dev: &str) -> Resolved {
+        Ok((format!("ep-{dev}"), Work::Op(reboot())))
     }
 
     #[test]
@@ -880,5 +1155,176 @@ mod tests {
             b2.handle_event(5, presence("d1", 0, 1, true, true));
             assert_eq!(&*b2.poll_exec().unwrap().1.rpc_id, "q");
         }
+    }
+
+    fn fw_plan() -> Resolved {
+        use crate::proto::lwm2m::firmware::*;
+        let bytes: Arc<[u8]> = Arc::from(vec![1u8; 4096]);
+        Ok((
+            "ep-d1".into(),
+            Work::Firmware(Box::new(FirmwarePlan {
+                params: FirmwareParams::parse(&serde_json::json!({"image": "fw"})).unwrap(),
+                image: Some(ImageRef {
+                    name: Arc::from("fw"),
+                    version: "2".into(),
+                    sha256: String::new(),
+                    image: FwImage::new(bytes, &[9u8; 32]),
+                }),
+            })),
+        ))
+    }
+
+    fn answer(id: &str, code: &str, response: Option<serde_json::Value>) -> RpcEvent {
+        RpcEvent::Done {
+            rpc_id: Arc::from(id),
+            outcome: RpcOutcome {
+                status: if code.starts_with('2') {
+                    RpcStatus::Succeeded
+                } else {
+                    RpcStatus::Failed
+                },
+                code: Some(code.into()),
+                response,
+                reason: None,
+            },
+        }
+    }
+
+    fn reg(dev: &str, order: u64, registration: &str) -> RpcEvent {
+        let RpcEvent::Presence(mut p) = presence(dev, 0, order, true, true) else {
+            unreachable!()
+        };
+        p.registration_id = registration.into();
+        RpcEvent::Presence(p)
+    }
+
+    /// A firmware update holds the device's queue slot through its steps,
+    /// each sent only when the shard reports the device ready; the image is
+    /// served while it runs; progress statuses are published in order; the
+    /// deadline ends it wherever it is.
+    #[test]
+    fn firmware_update_steps_through_the_shard() {
+        use crate::proto::lwm2m::firmware::UriBases;
+        use serde_json::json;
+        let mut b = RpcBook::new(60_000);
+        b.set_firmware(
+            UriBases {
+                coap: Some("coap://127.0.0.1:5683".into()),
+                coaps: None,
+            },
+            60_000,
+        );
+        let mut r = req("fw1", "d1");
+        r.method = "firmware_update".into();
+        b.handle_request(0, r, fw_plan(), 60_000).unwrap();
+        let mut after = req("after", "d1");
+        after.timeout_ms = Some(600_000);
+        b.handle_request(1, after, ok("d1"), 60_000).unwrap();
+        b.handle_event(2, reg("d1", 1, "r1"));
+        let (name, img) = b.poll_serve().expect("image served");
+        assert_eq!(&*name, "fw");
+        assert!(img.is_some());
+        let mut order = 1;
+        let mut step = |b: &mut RpcBook, ev: Option<RpcEvent>| -> Option<Op> {
+            if let Some(ev) = ev {
+                b.handle_event(3, ev);
+            }
+            let e = b.poll_exec();
+            // The shard is ready again after each operation.
+            order += 1;
+            b.handle_event(3, reg("d1", order, "r1"));
+            e.map(|(_, e)| {
+                assert!(e.job);
+                assert_eq!(&*e.rpc_id, "fw1");
+                e.op
+            })
+        };
+        assert!(matches!(step(&mut b, None), Some(Op::Observe { .. })));
+        assert!(matches!(
+            step(
+                &mut b,
+                Some(answer("fw1", "2.05", Some(json!({"/5/0/3": 0}))))
+            ),
+            Some(Op::Observe { .. })
+        ));
+        assert!(matches!(
+            step(
+                &mut b,
+                Some(answer("fw1", "2.05", Some(json!({"/5/0/5": 0}))))
+            ),
+            Some(Op::Write { .. })
+        ));
+        assert!(step(&mut b, Some(answer("fw1", "2.04", None))).is_none());
+        // The device downloads from a shard: progress by device and image.
+        b.handle_event(
+            4,
+            RpcEvent::Progress {
+                device_id: "d1".into(),
+                rpc_id: None,
+                image: Some(Arc::from("fw")),
+                bytes: 2048,
+            },
+        );
+        // Another image's progress is not this job's.
+        b.handle_event(
+            4,
+            RpcEvent::Progress {
+                device_id: "d1".into(),
+                rpc_id: None,
+                image: Some(Arc::from("other")),
+                bytes: 4096,
+            },
+        );
+        let st: Vec<RpcRecord> = std::iter::from_fn(|| b.poll_status()).collect();
+        let tail: Vec<_> = st
+            .iter()
+            .filter(|r| &*r.rpc_id == "fw1")
+            .map(|r| (r.status, r.progress.as_ref().map(|p| p["bytes"].clone())))
+            .collect();
+        assert_eq!(
+            tail,
+            vec![
+                (RpcStatus::Queued, None),
+                (RpcStatus::Sent, None),
+                (RpcStatus::Downloading, Some(json!(0))),
+                (RpcStatus::Downloading, Some(json!(2048))),
+            ]
+        );
+        // The next RPC of the device waits for the update.
+        assert_eq!(b.get("after").unwrap().status, RpcStatus::Queued);
+        b.handle_event(
+            5,
+            RpcEvent::Notified {
+                rpc_id: Arc::from("fw1"),
+                values: json!({"/5/0/3": 2}),
+            },
+        );
+        let e = b.poll_exec().unwrap().1;
+        assert!(matches!(e.op, Op::Execute { .. }));
+        assert_eq!(
+            statuses(&mut b),
+            vec![("fw1".into(), RpcStatus::Downloaded)]
+        );
+        // The shard answers; the update is executing; the deadline passes.
+        b.handle_event(6, answer("fw1", "2.04", None));
+        assert_eq!(statuses(&mut b), vec![("fw1".into(), RpcStatus::Updating)]);
+        assert!(b.poll_timeout().unwrap() <= 60_000);
+        b.handle_timeout(60_001);
+        let r = b.get("fw1").unwrap();
+        assert_eq!(r.status, RpcStatus::TimedOut);
+        assert!(r.reason.as_deref().unwrap().contains("updating"), "{r:?}");
+        assert_eq!(b.jobs(), 0);
+        assert_eq!(
+            b.poll_serve().map(|(n, i)| (n, i.is_none())),
+            Some((Arc::from("fw"), true))
+        );
+        // The device's next RPC goes out once the shard reports it ready.
+        b.handle_event(7, reg("d1", 100, "r1"));
+        let (_, e) = b.poll_exec().unwrap();
+        assert_eq!(&*e.rpc_id, "after");
+        assert!(!e.job);
+        // The log shows the update as sent, then finished.
+        let log: Vec<LogRecord> = std::iter::from_fn(|| b.poll_log()).collect();
+        assert!(log.iter().any(|l| matches!(l, LogRecord::Finished { rpc_id, status: RpcStatus::TimedOut, .. } if rpc_id == "fw1")));
     }
 }

@@ -180,6 +180,11 @@ impl Block1Upload {
         self.body.len()
     }
 
+    /// Bytes before the current block (acknowledged by the peer).
+    pub fn offset(&self) -> usize {
+        self.offset
+    }
+
     /// The peer accepted the current block with 2.31 Continue (`ack` is the
     /// Block1 option of its response). Returns true when that was the last
     /// block. A smaller SZX in `ack` applies from the next block on

@@ -40,11 +40,19 @@ pub struct ResourcePath {
 }
 
 impl ResourcePath {
-    pub fn resource(object: u16, instance: u16, resource: u16) -> ResourcePath {
+    pub const fn resource(object: u16, instance: u16, resource: u16) -> ResourcePath {
         ResourcePath {
             object,
             instance: Some(instance),
             resource: Some(resource),
+            resource_instance: None,
+        }
+    }
+    pub const fn instance(object: u16, instance: u16) -> ResourcePath {
+        ResourcePath {
+            object,
+            instance: Some(instance),
+            resource: None,
             resource_instance: None,
         }
     }

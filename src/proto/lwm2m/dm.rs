@@ -82,6 +82,29 @@ pub enum Op {
         entries: Vec<WriteEntry>,
         format: Option<u16>,
     },
+    /// Write of an Opaque resource with a shared body (a firmware package,
+    /// TS 1.1 Core E.6 /5/0/0), sent as application/octet-stream; a large
+    /// one goes in Block1 blocks without being copied.
+    WritePackage {
+        path: ResourcePath,
+        package: Package,
+    },
+}
+
+/// A shared opaque body (shown by its length only).
+#[derive(Clone)]
+pub struct Package(pub std::sync::Arc<[u8]>);
+
+impl std::fmt::Debug for Package {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Package({} bytes)", self.0.len())
+    }
+}
+
+impl PartialEq for Package {
+    fn eq(&self, o: &Package) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &o.0) || self.0 == o.0
+    }
 }
 
 /// The wire form of an operation, before token and Message ID.
@@ -95,6 +118,8 @@ pub struct OpRequest {
     pub content_format: Option<u16>,
     pub accept: Option<u16>,
     pub payload: Vec<u8>,
+    /// A shared body sent instead of `payload` ([`Op::WritePackage`]).
+    pub shared: Option<std::sync::Arc<[u8]>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -178,6 +203,7 @@ impl Op {
             Op::ObserveComposite { .. } => "observe_composite",
             Op::CancelObserveComposite { .. } => "cancel_observe_composite",
             Op::WriteComposite { .. } => "write_composite",
+            Op::WritePackage { .. } => "write_package",
         }
     }
 
@@ -191,7 +217,8 @@ impl Op {
             | Op::Execute { path, .. }
             | Op::Delete { path }
             | Op::Observe { path, .. }
-            | Op::CancelObserve { path } => Some(*path),
+            | Op::CancelObserve { path }
+            | Op::WritePackage { path, .. } => Some(*path),
             Op::Create { object, .. } => Some(*object),
             Op::ReadComposite { paths, .. }
             | Op::ObserveComposite { paths, .. }
@@ -240,6 +267,12 @@ impl Op {
                 "an object instance path /o/i",
                 path,
             ),
+            Op::WritePackage { path, .. } => need(
+                path.resource.is_some() && path.resource_instance.is_none(),
+                "write_package",
+                "a resource path /o/i/r",
+                path,
+            ),
             Op::Write { path, replace, .. } => {
                 need(
                     path.instance.is_some(),
@@ -285,6 +318,7 @@ impl Op {
             content_format: None,
             accept: None,
             payload: Vec::new(),
+            shared: None,
         };
         let composite_cf = |f: Option<u16>| -> Result<u16, OpError> {
             if version == Version::V1_0 {
@@ -384,6 +418,12 @@ impl Op {
                 r.code = Code::IPATCH;
                 encode::encode_composite(cf, entries, &mut r.payload)?;
                 r.content_format = Some(cf);
+            }
+            Op::WritePackage { path, package } => {
+                r.code = Code::PUT;
+                r.path = ids(path);
+                r.content_format = Some(content::CF_OPAQUE);
+                r.shared = Some(package.0.clone());
             }
         }
         Ok(r)

@@ -25,6 +25,7 @@ pub mod content;
 pub mod dm;
 pub mod encode;
 pub mod endpoint;
+pub mod firmware;
 pub mod link_format;
 pub mod observe;
 pub mod output;

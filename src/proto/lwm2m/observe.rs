@@ -144,6 +144,8 @@ pub struct Observation {
     /// Set up by an RPC (kept when the profile changes; ended by
     /// `cancel_observe`), not by the profile.
     pub rpc: bool,
+    /// The multi-step RPC (firmware update) its notifications go to.
+    pub owner: Option<std::sync::Arc<str>>,
 }
 
 /// [`Observation`] as plain data.
@@ -154,6 +156,8 @@ pub struct ObservationState {
     pub window: WindowState,
     #[serde(default)]
     pub rpc: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
     /// The paths of a composite observation (Observe-Composite).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub composite: Vec<String>,

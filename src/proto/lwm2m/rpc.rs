@@ -51,6 +51,12 @@ pub struct RpcRequest {
 pub enum RpcStatus {
     Queued,
     Sent,
+    /// A firmware update: the device is downloading the package.
+    Downloading,
+    /// A firmware update: the package is on the device (State 2).
+    Downloaded,
+    /// A firmware update: Update executed, waiting for its result.
+    Updating,
     Succeeded,
     Failed,
     TimedOut,
@@ -59,12 +65,22 @@ pub enum RpcStatus {
 
 impl RpcStatus {
     pub fn is_terminal(self) -> bool {
-        !matches!(self, RpcStatus::Queued | RpcStatus::Sent)
+        !matches!(
+            self,
+            RpcStatus::Queued
+                | RpcStatus::Sent
+                | RpcStatus::Downloading
+                | RpcStatus::Downloaded
+                | RpcStatus::Updating
+        )
     }
     pub fn as_str(self) -> &'static str {
         match self {
             RpcStatus::Queued => "queued",
             RpcStatus::Sent => "sent",
+            RpcStatus::Downloading => "downloading",
+            RpcStatus::Downloaded => "downloaded",
+            RpcStatus::Updating => "updating",
             RpcStatus::Succeeded => "succeeded",
             RpcStatus::Failed => "failed",
             RpcStatus::TimedOut => "timed_out",
@@ -171,6 +187,11 @@ pub struct RpcExec {
     pub op: Op,
     /// Wall-clock epoch ms after which it ends `timed_out`.
     pub deadline_ms: i64,
+    /// One operation of a multi-step RPC (a firmware update): the
+    /// notifications of an observation it establishes go to the control
+    /// plane ([`RpcEvent::Notified`]), a Block1 write reports its progress
+    /// ([`RpcEvent::Progress`]).
+    pub job: bool,
 }
 
 /// How an RPC ended on the shard.
@@ -234,10 +255,25 @@ pub enum RpcEvent {
     /// The RPC was not sent (no registration here, or the device is not
     /// reachable): it goes back to the device's queue.
     Returned { rpc_id: std::sync::Arc<str> },
-    /// The RPC ended.
+    /// The RPC ended (for a multi-step RPC: its current operation did).
     Done {
         rpc_id: std::sync::Arc<str>,
         outcome: RpcOutcome,
+    },
+    /// A notification of an observation a multi-step RPC established
+    /// (`{path: value}`).
+    Notified {
+        rpc_id: std::sync::Arc<str>,
+        values: J,
+    },
+    /// Bytes of a package transferred: a Block1 write of RPC `rpc_id`
+    /// (acknowledged so far), or a device downloading image `image` from
+    /// this shard (end of the highest block served).
+    Progress {
+        device_id: String,
+        rpc_id: Option<std::sync::Arc<str>>,
+        image: Option<std::sync::Arc<str>>,
+        bytes: u64,
     },
 }
 

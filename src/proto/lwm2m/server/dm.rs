@@ -36,6 +36,10 @@ pub(crate) struct InFlight {
     /// request's).
     first_token: Token,
     transfer: Transfer,
+    /// A step of a multi-step RPC ([`RpcExec::job`]).
+    job: bool,
+    /// When the progress of its Block1 write was last reported.
+    progress_at: Option<Instant>,
 }
 
 impl InFlight {
@@ -247,7 +251,15 @@ impl Server {
         }
         let szx = self.cfg.block_szx.min(block::MAX_SZX);
         let mut req = req;
-        let transfer = if !Block1Upload::fits(req.payload.len(), szx) {
+        let transfer = if let Some(body) = req.shared.take() {
+            // A shared package: Block1 straight from it, no copy.
+            if Block1Upload::fits(body.len(), szx) {
+                req.payload = body.to_vec();
+                Transfer::Single
+            } else {
+                Transfer::Block1(Block1Upload::new(body, szx))
+            }
+        } else if !Block1Upload::fits(req.payload.len(), szx) {
             // The body lives in the upload from here on.
             Transfer::Block1(Block1Upload::new(
                 std::mem::take(&mut req.payload).into(),
@@ -265,6 +277,8 @@ impl Server {
             token: 0,
             first_token: 0,
             transfer,
+            job: exec.job,
+            progress_at: None,
         };
         let token = self.send_rpc_request(now, id, &f, cancel_token, None, true);
         let Some(token) = token else {
@@ -401,7 +415,13 @@ impl Server {
         if let Transfer::Block1(u) = &mut f.transfer {
             if msg.code == Code::CONTINUE {
                 match u.on_continue(msg.block1()) {
-                    Ok(false) => return self.next_block(now, id, f),
+                    Ok(false) => {
+                        if f.job {
+                            let done = u.offset() as u64;
+                            self.job_progress(now, id, &mut f, done);
+                        }
+                        return self.next_block(now, id, f);
+                    }
                     Ok(true) => {}
                     Err(e) => {
                         return self.rpc_finished(
@@ -519,6 +539,24 @@ impl Server {
         self.rpc_finished(now, id, f, outcome);
     }
 
+    /// Reports the bytes of a job's Block1 write acknowledged so far: at
+    /// most every 500 ms per registration.
+    fn job_progress(&mut self, now: Now, id: RegId, f: &mut InFlight, bytes: u64) {
+        if f.progress_at
+            .is_some_and(|t| now.instant < t + Duration::from_millis(500))
+        {
+            return;
+        }
+        let Some(r) = self.regs.get(id) else { return };
+        f.progress_at = Some(now.instant);
+        self.rpc_events.push_back(RpcEvent::Progress {
+            device_id: r.entry.device_id.clone(),
+            rpc_id: Some(f.rpc_id.clone()),
+            image: None,
+            bytes,
+        });
+    }
+
     fn next_block(&mut self, now: Now, id: RegId, mut f: InFlight) {
         match self.send_rpc_request(now, id, &f, None, None, false) {
             Some(t) => {
@@ -541,8 +579,12 @@ impl Server {
         let Some(seq) = msg.observe() else { return };
         let Some(path) = f.op.path() else { return };
         let tok = f.first_token;
+        let owner = f.job.then(|| f.rpc_id.clone());
         if let Some(o) = self.obs.get_mut(&tok) {
             o.rpc = true;
+            if owner.is_some() {
+                o.owner = owner;
+            }
             return;
         }
         let mut window = ObserveWindow::default();
@@ -554,6 +596,7 @@ impl Server {
                 path,
                 window,
                 rpc: true,
+                owner,
             },
         );
         if let Op::ObserveComposite { paths, .. } = &f.op {
@@ -564,6 +607,36 @@ impl Server {
         }
         ShardMetrics::inc(&self.metrics.observe_established);
         self.dirty = true;
+    }
+
+    /// A fresh notification of observation `token`: when a multi-step RPC
+    /// owns it, its values go to the control plane.
+    pub(super) fn forward_notification(
+        &mut self,
+        now: Now,
+        token: Token,
+        path: ResourcePath,
+        msg: &Message<'_>,
+    ) {
+        let Some(owner) = self.obs.get(&token).and_then(|o| o.owner.clone()) else {
+            return;
+        };
+        let read = Op::Read { path, format: None };
+        let types = |p: &ResourcePath| type_of(None, p);
+        if let Ok(Some(values)) = ops::interpret(
+            &read,
+            msg.code,
+            msg.content_format(),
+            msg.payload,
+            &[],
+            now.wall_ms,
+            &types,
+        ) {
+            self.rpc_events.push_back(RpcEvent::Notified {
+                rpc_id: owner,
+                values,
+            });
+        }
     }
 
     /// A request of an RPC failed in the exchange layer (no ACK after the

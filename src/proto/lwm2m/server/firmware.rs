@@ -20,31 +20,18 @@ use super::*;
 use crate::proto::coap::block::{block2_slice, MAX_SZX};
 use crate::proto::coap::opt;
 
-/// An image the shards serve.
-#[derive(Clone)]
-pub struct FwImage {
-    pub bytes: Arc<[u8]>,
-    /// The first 8 bytes of its SHA-256 (the ETag).
-    pub etag: [u8; 8],
+/// How far a registration got downloading an image.
+pub(super) struct Download {
+    name: Arc<str>,
+    /// The end of the highest block served.
+    end: u64,
+    reported: u64,
+    reported_at: Option<Instant>,
 }
 
-impl FwImage {
-    /// `sha256` is the image's digest (32 bytes).
-    pub fn new(bytes: Arc<[u8]>, sha256: &[u8; 32]) -> FwImage {
-        let mut etag = [0u8; 8];
-        etag.copy_from_slice(&sha256[..8]);
-        FwImage { bytes, etag }
-    }
-}
-
-impl std::fmt::Debug for FwImage {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FwImage")
-            .field("len", &self.bytes.len())
-            .field("etag", &self.etag)
-            .finish()
-    }
-}
+/// Downloads tracked per shard at most (a flood of registrations each
+/// fetching a block must not grow the table without bound).
+const MAX_DOWNLOADS: usize = 100_000;
 
 impl Server {
     /// Installs (or, with `None`, removes) an image under `name`.
@@ -88,6 +75,15 @@ impl Server {
             ShardMetrics::inc(&self.metrics.firmware_refused);
             return self.reply_error(now, peer, msg, Code::BAD_OPTION, "block past the end", true);
         };
+        if let Some(reg) = self.regs.by_peer(&peer) {
+            self.download_progress(
+                now,
+                reg,
+                name_arc(&self.images, name),
+                range.end as u64,
+                image.bytes.len() as u64,
+            );
+        }
         ShardMetrics::inc(&self.metrics.firmware_blocks_served);
         ShardMetrics::add(
             &self.metrics.firmware_bytes_served,
@@ -109,4 +105,62 @@ impl Server {
         // EXCHANGE_LIFETIME would cost 2 MiB per device.
         self.ex.respond(now.instant, peer, msg, r, false, true);
     }
+
+    /// Reports how far registration `reg` got downloading `name`: at most
+    /// every 500 ms, and when it has the last block.
+    fn download_progress(
+        &mut self,
+        now: Now,
+        reg: RegId,
+        name: Option<Arc<str>>,
+        end: u64,
+        total: u64,
+    ) {
+        let Some(name) = name else { return };
+        let Some(device_id) = self.regs.get(reg).map(|r| r.entry.device_id.clone()) else {
+            return;
+        };
+        if self.downloads.len() >= MAX_DOWNLOADS && !self.downloads.contains_key(&reg) {
+            self.downloads.clear();
+        }
+        let d = self.downloads.entry(reg).or_insert_with(|| Download {
+            name: name.clone(),
+            end: 0,
+            reported: 0,
+            reported_at: None,
+        });
+        if d.name != name {
+            *d = Download {
+                name: name.clone(),
+                end: 0,
+                reported: 0,
+                reported_at: None,
+            };
+        }
+        d.end = d.end.max(end);
+        let complete = d.end >= total;
+        let due = d
+            .reported_at
+            .is_none_or(|t| now.instant >= t + Duration::from_millis(500));
+        if d.end > d.reported && (due || complete) {
+            d.reported = d.end;
+            d.reported_at = Some(now.instant);
+            let bytes = d.end;
+            if complete {
+                self.downloads.remove(&reg);
+            }
+            self.rpc_events.push_back(RpcEvent::Progress {
+                device_id,
+                rpc_id: None,
+                image: Some(name),
+                bytes,
+            });
+        }
+    }
+}
+
+/// The image's shared name (the key of the images table).
+fn name_arc(images: &FastMap<Arc<str>, FwImage>, name: &[u8]) -> Option<Arc<str>> {
+    let n = std::str::from_utf8(name).ok()?;
+    images.get_key_value(n).map(|(k, _)| k.clone())
 }

@@ -395,6 +395,9 @@ pub struct Server {
     blocks_in: Block1Table,
     /// Firmware images served at `/fw/{name}`.
     images: FastMap<Arc<str>, FwImage>,
+    /// Downloads of those images in progress, by registration (progress
+    /// reports for the firmware update RPC).
+    downloads: FastMap<RegId, firmware::Download>,
 }
 
 /// The server's decisions about DTLS sessions, for the DTLS layer.
@@ -449,6 +452,7 @@ impl Server {
             composite: FastMap::default(),
             blocks_in,
             images: FastMap::default(),
+            downloads: FastMap::default(),
         }
     }
 
@@ -671,7 +675,7 @@ fn loc_string(id: RegId) -> String {
     String::from_utf8_lossy(&registration::location(id)).into_owned()
 }
 
-pub use firmware::FwImage;
+pub use crate::proto::lwm2m::firmware::FwImage;
 
 mod control;
 mod dm;

@@ -345,6 +345,7 @@ impl Server {
                             path: p.path,
                             window,
                             rpc: false,
+                            owner: None,
                         },
                     );
                     if let Some(r) = self.regs.get_mut(p.reg) {
@@ -468,6 +469,7 @@ impl Server {
         if reg.queue_mode {
             self.device_awake(now, reg_id);
         }
+        self.forward_notification(now, token, path, msg);
         let tag = self.tag_for(msg.mtype);
         let outcome = self.publish(now, ctx, reg_id, path, msg, Operation::Notify, tag);
         let record = |s: &mut Server| {

@@ -156,6 +156,7 @@ impl Server {
                     path: o.path.to_string(),
                     window: o.window.to_state(now.instant),
                     rpc: o.rpc,
+                    owner: o.owner.as_ref().map(|x| x.to_string()),
                     composite: self
                         .composite
                         .get(t)
@@ -204,6 +205,7 @@ impl Server {
                     path,
                     window: ObserveWindow::from_state(&o.window, now.instant),
                     rpc: o.rpc,
+                    owner: o.owner.as_deref().map(Arc::from),
                 },
             );
             if !o.composite.is_empty() {

@@ -1291,6 +1291,7 @@ mod dm {
             endpoint: Arc::from("urn:imei:123"),
             op,
             deadline_ms: h.now().wall_ms + 600_000,
+            job: false,
         };
         let out = h.gw.exec(h.now(), shard, exec);
         let mine = h.split(peer, out);
@@ -1851,6 +1852,7 @@ mod dm {
                     args: None,
                 },
                 deadline_ms: h.now().wall_ms + 60_000,
+                job: false,
             },
         );
         assert!(
@@ -1882,6 +1884,7 @@ mod dm {
                 args: None,
             },
             deadline_ms: h.now().wall_ms + 600_000,
+            job: false,
         };
         let out = h.gw.exec(h.now(), shard, exec);
         assert_eq!(h.split(peer, out).len(), 1, "the request (lost)");
@@ -1984,6 +1987,7 @@ mod dm {
                     args: None,
                 },
                 deadline_ms: h.now().wall_ms + 600_000,
+                job: false,
             },
         );
         assert_eq!(h.split(p0, out).len(), 1, "sent (and lost)");
