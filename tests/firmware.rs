@@ -1,14 +1,341 @@
 //! Firmware updates over LwM2M object 5 (TS 1.1 Core §E.6), end to end
-//! against the gateway binary. So far: the image store behind the admin API
-//! (`PUT /v1/firmware/{name}` streamed and checksum-verified, `GET`,
-//! `DELETE`), surviving a restart.
+//! against the gateway binary with two shards and a real broker: the image
+//! store behind the admin API (`PUT /v1/firmware/{name}` streamed and
+//! checksum-verified, `GET`, `DELETE`, kept across restarts), and the
+//! `firmware_update` RPC walking simulated devices through pull (the
+//! gateway serves `/fw/{name}` in Block2) and push (Block1 writes of
+//! /5/0/0), plain and over DTLS, with the statuses consumed back from
+//! `device.rpc.status.acme`.
 
 mod common;
 
 use common::*;
+use corem_lwm2m::proto::coap::Code;
+use corem_lwm2m::proto::lwm2m::content::ResourcePath;
 use std::io::Write;
 use std::net::TcpStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+const DEV: &str = "d7b1c0e2-3f44-4a91-9b2e-2c5a1f0e9d33";
+
+fn upload(gw: &Gateway, name: &str, version: &str, img: &[u8]) {
+    let (code, body) = http_bytes(
+        gw.admin,
+        "PUT",
+        &format!(
+            "/v1/firmware/{name}?version={version}&sha256={}",
+            sha256_hex(img)
+        ),
+        "",
+        img,
+    )
+    .unwrap();
+    assert_eq!(code, 201, "{body}");
+}
+
+fn rpc(gw: &Gateway, device: &str, body: &str) -> String {
+    let (code, b) = http(gw.admin, "POST", &format!("/v1/devices/{device}/rpc"), body).unwrap();
+    assert_eq!(code, 202, "{b}");
+    serde_json::from_str::<serde_json::Value>(&b).unwrap()["rpc_id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+fn rpc_status(gw: &Gateway, id: &str) -> serde_json::Value {
+    let (code, b) = http(gw.admin, "GET", &format!("/v1/rpc/{id}"), "").unwrap();
+    assert_eq!(code, 200, "{b}");
+    serde_json::from_str(&b).unwrap()
+}
+
+const TERMINAL: [&str; 4] = ["succeeded", "failed", "timed_out", "expired"];
+
+/// Answers the gateway (the device downloads by itself) until the RPC
+/// ends; `on_update` runs once when the device executes Update /5/0/2 (the
+/// test reboots it there).
+fn drive(
+    gw: &Gateway,
+    dev: &mut Device,
+    id: &str,
+    within: Duration,
+    mut on_update: impl FnMut(&mut Device),
+) -> serde_json::Value {
+    let deadline = Instant::now() + within;
+    let mut last_poll = Instant::now();
+    let mut updated = false;
+    loop {
+        let (ev, _) = dev.pump(Duration::from_millis(20));
+        if !updated && ev.executed.contains(&ResourcePath::resource(5, 0, 2)) {
+            updated = true;
+            on_update(dev);
+        }
+        if last_poll.elapsed() > Duration::from_millis(200) {
+            last_poll = Instant::now();
+            let s = rpc_status(gw, id);
+            if TERMINAL.contains(&s["status"].as_str().unwrap_or("")) {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "still {s}");
+        }
+    }
+}
+
+/// The statuses of `id` on the topic, in order.
+fn statuses(
+    broker: &Broker,
+    r: &corem_lwm2m::tools::topic_reader::TopicReader,
+    id: &str,
+    device: &str,
+) -> Vec<serde_json::Value> {
+    broker.write_marker("device.rpc.status.acme");
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        let got = read_matching(r, 1, Duration::from_secs(2), |x| x.value["rpc_id"] == id);
+        for x in got {
+            assert_eq!(x.key.as_deref(), Some(device), "keyed by device_id");
+            out.push(x.value);
+        }
+        if out
+            .last()
+            .is_some_and(|v| TERMINAL.contains(&v["status"].as_str().unwrap_or("")))
+        {
+            break;
+        }
+    }
+    out
+}
+
+/// The status sequence with repeats folded (`downloading` comes several
+/// times, with growing bytes).
+fn folded(ev: &[serde_json::Value]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for e in ev {
+        let s = e["status"].as_str().unwrap().to_string();
+        if out.last() != Some(&s) {
+            out.push(s);
+        }
+    }
+    out
+}
+
+/// The device rebooted into `version`: registers again from a new port
+/// (any shard may get it).
+fn reboot_plain(version: &'static str) -> impl FnMut(&mut Device) {
+    move |dev: &mut Device| {
+        dev.sim.fw_reboot(version);
+        dev.new_port();
+        assert_eq!(dev.register(0), Code::CREATED);
+    }
+}
+
+/// Checks a successful update: the walk on the topic in order, the bytes
+/// growing to the image size, the image on the device byte-identical.
+fn check_success(
+    final_status: &serde_json::Value,
+    events: &[serde_json::Value],
+    dev: &Device,
+    img: &[u8],
+    version: &str,
+) {
+    assert_eq!(final_status["status"], "succeeded", "{final_status}");
+    assert_eq!(final_status["response"]["firmware_version"], version);
+    assert_eq!(final_status["response"]["update_result"], 1);
+    assert_eq!(
+        folded(events),
+        [
+            "queued",
+            "sent",
+            "downloading",
+            "downloaded",
+            "updating",
+            "succeeded"
+        ],
+        "{events:?}"
+    );
+    let bytes: Vec<u64> = events
+        .iter()
+        .filter(|e| e["status"] == "downloading")
+        .map(|e| e["progress"]["bytes"].as_u64().unwrap())
+        .collect();
+    assert!(bytes.windows(2).all(|w| w[0] <= w[1]), "{bytes:?}");
+    let last = events
+        .iter()
+        .rfind(|e| e["status"] == "downloaded")
+        .unwrap();
+    assert_eq!(last["progress"]["bytes"], img.len());
+    assert_eq!(last["progress"]["size"], img.len());
+    assert_eq!(last["progress"]["percent"], 100);
+    let done = events.last().unwrap();
+    assert_eq!(done["device_id"], final_status["device_id"]);
+    assert_eq!(done["tenant_id"], "acme");
+    assert_eq!(done["method"], "firmware_update");
+    assert_eq!(done["response"]["firmware_version"], version);
+    assert_eq!(
+        sha256_hex(dev.sim.fw_image()),
+        sha256_hex(img),
+        "the package on the device is byte-identical"
+    );
+}
+
+#[test]
+fn pull_and_push_of_2_mib_over_plain_coap_walk_object_5_to_success() {
+    let broker = Broker::memory();
+    let gw = Gateway::start(
+        &broker,
+        2,
+        PROVISIONING,
+        "[firmware]
+poll_s = 5
+",
+    );
+    let topic = reader(&broker, &["device.rpc.status.acme"]);
+    let img2 = image(2 << 20);
+    let mut img3 = image((2 << 20) + 333);
+    img3[0] ^= 0xff;
+    upload(&gw, "fw-2", "2.0.0", &img2);
+    upload(&gw, "fw-3", "3.0.0", &img3);
+    let mut dev = Device::new("urn:imei:123", gw.coap, 1);
+    dev.sim.enable_firmware("1.0.0");
+    assert_eq!(dev.register(0), Code::CREATED);
+
+    // Pull: the Package URI names the gateway; the device fetches 2 MiB in
+    // 1 KiB Block2 blocks from its shard.
+    let id = rpc(
+        &gw,
+        DEV,
+        r#"{"rpc_id":"fw-pull","method":"firmware_update","params":{"image":"fw-2","method":"pull"},"timeout_ms":120000}"#,
+    );
+    let s = drive(
+        &gw,
+        &mut dev,
+        &id,
+        Duration::from_secs(120),
+        reboot_plain("2.0.0"),
+    );
+    let ev = statuses(&broker, &topic, &id, DEV);
+    check_success(&s, &ev, &dev, &img2, "2.0.0");
+    let uri = dev.sim.bytes_of("/5/0/1").unwrap();
+    assert_eq!(
+        String::from_utf8(uri).unwrap(),
+        format!("coap://{}/fw/fw-2", gw.coap)
+    );
+    let fw = dev.sim.fw.as_ref().unwrap();
+    assert_eq!(fw.blocks.len(), 2048, "1 KiB blocks");
+    assert!(gw.metric("firmware_bytes_served") >= 2 << 20);
+    // The observations the update made are cancelled at the end.
+    assert!(!dev.sim.is_observed("/5/0/3") && !dev.sim.is_observed("/5/0/5"));
+
+    // Push: 2 MiB + 333 bytes written to /5/0/0 in Block1 blocks.
+    let id = rpc(
+        &gw,
+        DEV,
+        r#"{"rpc_id":"fw-push","method":"firmware_update","params":{"image":"fw-3","method":"push"},"timeout_ms":120000}"#,
+    );
+    let s = drive(
+        &gw,
+        &mut dev,
+        &id,
+        Duration::from_secs(120),
+        reboot_plain("3.0.0"),
+    );
+    let ev = statuses(&broker, &topic, &id, DEV);
+    check_success(&s, &ev, &dev, &img3, "3.0.0");
+    assert!(gw.metric("block1_sent") >= 2049);
+
+    // A device asking for 256-byte blocks (SZX 4) gets them.
+    let small = image(64 << 10);
+    upload(&gw, "fw-small", "4.0.0", &small);
+    dev.sim.block_szx = 4;
+    let id = rpc(
+        &gw,
+        DEV,
+        r#"{"rpc_id":"fw-szx4","method":"firmware_update","params":{"image":"fw-small"}}"#,
+    );
+    let s = drive(
+        &gw,
+        &mut dev,
+        &id,
+        Duration::from_secs(60),
+        reboot_plain("4.0.0"),
+    );
+    assert_eq!(s["status"], "succeeded", "{s}");
+    assert_eq!(dev.sim.fw_image(), &small[..]);
+    assert_eq!(
+        dev.sim.fw.as_ref().unwrap().blocks.len(),
+        256,
+        "256-byte blocks"
+    );
+
+    // A device answering 4.13 to a 1024-byte Block1 gets smaller blocks.
+    dev.sim.block1_refuse_large = true;
+    dev.sim.fw.as_mut().unwrap().push_szx.clear();
+    let id = rpc(
+        &gw,
+        DEV,
+        r#"{"rpc_id":"fw-413","method":"firmware_update","params":{"image":"fw-small","method":"push"}}"#,
+    );
+    let s = drive(
+        &gw,
+        &mut dev,
+        &id,
+        Duration::from_secs(60),
+        reboot_plain("4.0.0"),
+    );
+    assert_eq!(s["status"], "succeeded", "{s}");
+    assert_eq!(dev.sim.fw_image(), &small[..]);
+    let fw = dev.sim.fw.as_ref().unwrap();
+    assert_eq!(fw.refused_large, 1, "one 4.13, then the smaller size");
+    assert_eq!(fw.push_szx.len(), 256);
+    assert!(fw.push_szx.iter().all(|s| *s == 4));
+    dev.sim.block1_refuse_large = false;
+    dev.sim.block_szx = 6;
+
+    // Update Result 5 (integrity check failure): failed with that result.
+    dev.sim.fw.as_mut().unwrap().fail_download = Some(5);
+    let id = rpc(
+        &gw,
+        DEV,
+        r#"{"rpc_id":"fw-bad","method":"firmware_update","params":{"image":"fw-small"}}"#,
+    );
+    let s = drive(&gw, &mut dev, &id, Duration::from_secs(60), |_| {
+        panic!("no Update after a failed integrity check")
+    });
+    assert_eq!(s["status"], "failed", "{s}");
+    assert_eq!(s["response"]["update_result"], 5);
+    assert_eq!(
+        s["reason"],
+        "Update Result 5: integrity check failure for the new downloaded package"
+    );
+    let ev = statuses(&broker, &topic, &id, DEV);
+    assert_eq!(
+        folded(&ev),
+        ["queued", "sent", "downloading", "failed"],
+        "{ev:?}"
+    );
+
+    // Refusals before anything is sent: an unknown image, bad params.
+    let id = rpc(
+        &gw,
+        DEV,
+        r#"{"method":"firmware_update","params":{"image":"nope"}}"#,
+    );
+    let s = rpc_status(&gw, &id);
+    assert_eq!(s["status"], "failed");
+    assert!(
+        s["reason"].as_str().unwrap().contains("no firmware image"),
+        "{s}"
+    );
+    let id = rpc(
+        &gw,
+        DEV,
+        r#"{"method":"firmware_update","params":{"image":"fw-2","method":"fax"}}"#,
+    );
+    assert!(rpc_status(&gw, &id)["reason"]
+        .as_str()
+        .unwrap()
+        .contains("pull or push"));
+}
 
 fn image(n: usize) -> Vec<u8> {
     let mut x: u32 = 0x1234_5678;

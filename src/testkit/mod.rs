@@ -9,3 +9,4 @@ pub mod dtls_client;
 pub mod harness;
 pub mod memory_sink;
 pub mod sim;
+pub mod sim_fw;

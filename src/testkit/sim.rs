@@ -96,7 +96,13 @@ pub struct SimDevice {
     pub write_formats: Vec<u16>,
     /// Bootstrap-Finish requests accepted so far.
     pub bootstraps_finished: u32,
+    /// The Firmware Update object (object 5), when the device has one.
+    pub fw: Option<super::sim_fw::SimFirmware>,
 }
+
+const FW_PACKAGE: ResourcePath = ResourcePath::resource(5, 0, 0);
+const FW_URI: ResourcePath = ResourcePath::resource(5, 0, 1);
+const FW_UPDATE: ResourcePath = ResourcePath::resource(5, 0, 2);
 
 fn p(s: &str) -> ResourcePath {
     ResourcePath::parse(s).unwrap_or(ResourcePath {
@@ -154,6 +160,7 @@ impl SimDevice {
             fail_finish: None,
             write_formats: Vec::new(),
             bootstraps_finished: 0,
+            fw: None,
         }
     }
 
@@ -488,6 +495,9 @@ impl SimDevice {
         let Ok(m) = Message::decode(data) else {
             return ev;
         };
+        if m.code.is_response() && self.fw_response(&m, &mut ev.replies) {
+            return ev;
+        }
         if m.code.is_response() || (m.code.is_empty() && m.mtype != MsgType::Con) {
             if m.mtype == MsgType::Ack && Some(m.message_id) == self.outstanding {
                 self.outstanding = None;
@@ -579,6 +589,9 @@ impl SimDevice {
         let mut whole = None;
         if let Some(b1) = m.block1() {
             if b1.szx > self.block_szx && self.block1_refuse_large {
+                if let (true, Some(fw)) = (path == FW_PACKAGE, self.fw.as_mut()) {
+                    fw.refused_large += 1;
+                }
                 {
                     let hint = crate::proto::coap::Block {
                         num: 0,
@@ -597,11 +610,18 @@ impl SimDevice {
             }
             if b1.num == 0 {
                 self.block1_body.clear();
+                if path == FW_PACKAGE && self.fw.is_some() {
+                    // E.6: a push started: Downloading.
+                    self.fw_set(1, 0, &mut ev.replies);
+                }
             }
             if b1.num as usize * b1.size() != self.block1_body.len() {
                 return reply_with(Code::REQUEST_ENTITY_INCOMPLETE, None, None, &[], &[], ev);
             }
             self.block1_body.extend_from_slice(m.payload);
+            if let (true, Some(fw)) = (path == FW_PACKAGE, self.fw.as_mut()) {
+                fw.push_szx.push(b1.szx);
+            }
             if b1.more {
                 let szx = b1.szx.min(self.block_szx);
                 let ack = crate::proto::coap::Block {
@@ -621,6 +641,40 @@ impl SimDevice {
             whole = Some(std::mem::take(&mut self.block1_body));
         }
         let body: &[u8] = whole.as_deref().unwrap_or(m.payload);
+        if self.fw.is_some() {
+            // Object 5 (TS 1.1 Core E.6): the package, its URI, Update.
+            let mut notes = Vec::new();
+            let code = match m.code {
+                Code::PUT if path == FW_PACKAGE => {
+                    if body.is_empty() {
+                        self.fw_set(0, 0, &mut notes);
+                    } else {
+                        if whole.is_none() {
+                            self.fw_set(1, 0, &mut notes);
+                        }
+                        self.fw_package_complete(body.to_vec(), &mut notes);
+                    }
+                    Some(Code::CHANGED)
+                }
+                Code::PUT if path == FW_URI => {
+                    let c = self.write(path, m.content_format(), body, true);
+                    if c == Code::CHANGED {
+                        self.fw_uri_written(&mut notes);
+                    }
+                    Some(c)
+                }
+                Code::POST if path == FW_UPDATE => {
+                    ev.executed.push(path);
+                    Some(self.fw_update(&mut notes))
+                }
+                _ => None,
+            };
+            if let Some(code) = code {
+                reply_with(code, None, None, &[], &[], ev);
+                ev.replies.extend(notes);
+                return;
+            }
+        }
         match m.code {
             Code::GET if m.accept() == Some(content::CF_LINK) => {
                 // Discover (TS 1.1 Core §5.4.2): the resources under the path.

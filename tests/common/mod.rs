@@ -513,6 +513,9 @@ impl Device {
         let deadline = Instant::now() + dur;
         let mut buf = [0u8; 2048];
         while Instant::now() < deadline {
+            if let Some(g) = self.sim.fw_tick(Instant::now()) {
+                self.send(&g);
+            }
             if let Some(n) = self.recv_one(&mut buf) {
                 let d = buf[..n].to_vec();
                 if let Ok(m) = Message::decode(&d) {
