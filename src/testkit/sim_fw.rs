@@ -206,10 +206,7 @@ impl SimDevice {
                 Some(m.clone())
             }
             Some(_) => None,
-            None => {
-                let g = self.fw_next_get(Some(now));
-                g
-            }
+            None => self.fw_next_get(Some(now)),
         }
     }
 
