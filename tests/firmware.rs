@@ -529,3 +529,172 @@ fn images_upload_streamed_verified_listed_removed_and_kept_across_restarts() {
         "[]"
     );
 }
+
+#[test]
+fn a_pull_resumes_after_a_new_registration_from_a_new_address_and_silence_times_out() {
+    let broker = Broker::memory();
+    let gw = Gateway::start(&broker, 2, PROVISIONING, "[firmware]\npoll_s = 5\n");
+    let topic = reader(&broker, &["device.rpc.status.acme"]);
+    let img = image(2 << 20);
+    upload(&gw, "fw-2", "2.0.0", &img);
+    let mut dev = Device::new("urn:imei:123", gw.coap, 1);
+    dev.sim.enable_firmware("1.0.0");
+    assert_eq!(dev.register(0), Code::CREATED);
+
+    // The download stops half-way (the device sleeps)...
+    dev.sim.fw.as_mut().unwrap().stall_at = Some(1 << 20);
+    let id = rpc(
+        &gw,
+        DEV,
+        r#"{"rpc_id":"fw-resume","method":"firmware_update","params":{"image":"fw-2"},"timeout_ms":120000}"#,
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while dev
+        .sim
+        .fw
+        .as_ref()
+        .unwrap()
+        .download
+        .as_ref()
+        .is_none_or(|d| d.body.len() < 1 << 20)
+    {
+        dev.pump(Duration::from_millis(20));
+        assert!(Instant::now() < deadline, "download did not start");
+    }
+    // ... and wakes up behind a new address, registering again (any shard
+    // may get it). It asks for the blocks it lacks; the update goes on.
+    dev.new_port();
+    assert_eq!(dev.register(0), Code::CREATED);
+    dev.sim.fw.as_mut().unwrap().stall_at = None;
+    let s = drive(
+        &gw,
+        &mut dev,
+        &id,
+        Duration::from_secs(120),
+        reboot_plain("2.0.0"),
+    );
+    let ev = statuses(&broker, &topic, &id, DEV);
+    check_success(&s, &ev, &dev, &img, "2.0.0");
+    let blocks = &dev.sim.fw.as_ref().unwrap().blocks;
+    assert_eq!(
+        blocks.len(),
+        2048,
+        "no block fetched twice: {}",
+        blocks.len()
+    );
+    assert!(blocks.windows(2).all(|w| w[1] == w[0] + 1));
+
+    // A device that goes silent mid-transfer: timed_out at timeout_ms,
+    // saying where it was.
+    dev.sim.fw.as_mut().unwrap().stall_at = Some(256 << 10);
+    let id = rpc(
+        &gw,
+        DEV,
+        r#"{"rpc_id":"fw-silent","method":"firmware_update","params":{"image":"fw-2"},"timeout_ms":6000}"#,
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        dev.pump(Duration::from_millis(20));
+        let d = dev
+            .sim
+            .fw
+            .as_ref()
+            .unwrap()
+            .download
+            .as_ref()
+            .map(|d| d.body.len());
+        if d.is_some_and(|n| n >= 256 << 10) {
+            break;
+        }
+        assert!(Instant::now() < deadline);
+    }
+    dev.sim.silent = true;
+    let s = drive(&gw, &mut dev, &id, Duration::from_secs(30), |_| {
+        panic!("a silent device does not update")
+    });
+    assert_eq!(s["status"], "timed_out", "{s}");
+    let reason = s["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("downloading, 262144 of 2097152 bytes (12%)"),
+        "{reason}"
+    );
+    let ev = statuses(&broker, &topic, &id, DEV);
+    assert_eq!(
+        folded(&ev),
+        ["queued", "sent", "downloading", "timed_out"],
+        "{ev:?}"
+    );
+}
+
+#[test]
+fn pull_and_push_of_2_mib_over_dtls() {
+    use corem_lwm2m::testkit::dtls_client::ClientAuth;
+    const KEY: &str = "000102030405060708090a0b0c0d0e0f";
+    let prov = format!(
+        "[[endpoint]]\nendpoint = \"urn:imei:psk\"\ndevice_id = \"psk-device\"\ntenant_id = \"acme\"\npsk_identity = \"psk-1\"\npsk_key_hex = \"{KEY}\"\n"
+    );
+    let broker = Broker::memory();
+    let gw = Gateway::start(&broker, 2, &prov, "[firmware]\npoll_s = 5\n");
+    let topic = reader(&broker, &["device.rpc.status.acme"]);
+    let img2 = image(2 << 20);
+    let img3 = image((2 << 20) - 1);
+    upload(&gw, "fw-2", "2.0.0", &img2);
+    upload(&gw, "fw-3", "3.0.0", &img3);
+    let auth = ClientAuth::Psk {
+        identity: b"psk-1".to_vec(),
+        key: corem_lwm2m::proto::lwm2m::endpoint::decode_hex(KEY).unwrap(),
+    };
+    let mut dev = Device::new_dtls("urn:imei:psk", gw.coaps, 3, &auth, "PSK-AES128-CCM8").unwrap();
+    dev.sim.enable_firmware("1.0.0");
+    assert_eq!(dev.register(0), Code::CREATED);
+    let coaps = gw.coaps;
+    let reboot_dtls = |version: &'static str| {
+        let auth = auth.clone();
+        move |dev: &mut Device| {
+            dev.sim.fw_reboot(version);
+            // A new handshake after the reboot, then Register.
+            dev.dtls = Some(std::cell::RefCell::new(
+                dtls_connect(coaps, &auth, "PSK-AES128-CCM8").unwrap(),
+            ));
+            assert_eq!(dev.register(0), Code::CREATED);
+        }
+    };
+
+    // Pull over the device's own DTLS session: a coaps:// Package URI.
+    let id = rpc(
+        &gw,
+        "psk-device",
+        r#"{"rpc_id":"d-pull","method":"firmware_update","params":{"image":"fw-2"},"timeout_ms":120000}"#,
+    );
+    let s = drive(
+        &gw,
+        &mut dev,
+        &id,
+        Duration::from_secs(120),
+        reboot_dtls("2.0.0"),
+    );
+    let ev = statuses(&broker, &topic, &id, "psk-device");
+    check_success(&s, &ev, &dev, &img2, "2.0.0");
+    assert_eq!(
+        String::from_utf8(dev.sim.bytes_of("/5/0/1").unwrap()).unwrap(),
+        format!("coaps://{}/fw/fw-2", gw.coaps)
+    );
+
+    // Push in Block1 blocks through DTLS records.
+    let id = rpc(
+        &gw,
+        "psk-device",
+        r#"{"rpc_id":"d-push","method":"firmware_update","params":{"image":"fw-3","method":"push"},"timeout_ms":120000}"#,
+    );
+    let s = drive(
+        &gw,
+        &mut dev,
+        &id,
+        Duration::from_secs(120),
+        reboot_dtls("3.0.0"),
+    );
+    let ev = statuses(&broker, &topic, &id, "psk-device");
+    check_success(&s, &ev, &dev, &img3, "3.0.0");
+    // Nothing went out in the clear.
+    assert_eq!(gw.metric("dtls_tx_no_session"), 0);
+}

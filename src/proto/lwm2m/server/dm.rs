@@ -675,15 +675,14 @@ impl Server {
         }
         let a = self.rpc_timers.peek().map(|r| r.0 .0);
         let b = self.awake_timers.peek().map(|r| r.0 .0);
-        match (a, b) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let c = self.next_download_timer();
+        [a, b, c].into_iter().flatten().min()
     }
 
     /// RPC deadlines (`timed_out`, the CoAP request is abandoned) and
     /// queue-mode devices falling asleep (reported unreachable).
     pub(super) fn rpc_timeouts(&mut self, now: Now) {
+        self.download_timeouts(now);
         while let Some(Reverse((at, id))) = self.rpc_timers.peek().copied() {
             if at > now.instant {
                 break;

@@ -27,6 +27,8 @@ pub(super) struct Download {
     end: u64,
     reported: u64,
     reported_at: Option<Instant>,
+    /// A throttled report is due at this time (the trailing one).
+    flush_at: Option<Instant>,
 }
 
 /// Downloads tracked per shard at most (a flood of registrations each
@@ -128,6 +130,7 @@ impl Server {
             end: 0,
             reported: 0,
             reported_at: None,
+            flush_at: None,
         });
         if d.name != name {
             *d = Download {
@@ -135,6 +138,7 @@ impl Server {
                 end: 0,
                 reported: 0,
                 reported_at: None,
+                flush_at: None,
             };
         }
         d.end = d.end.max(end);
@@ -145,10 +149,67 @@ impl Server {
         if d.end > d.reported && (due || complete) {
             d.reported = d.end;
             d.reported_at = Some(now.instant);
+            d.flush_at = None;
             let bytes = d.end;
             if complete {
                 self.downloads.remove(&reg);
             }
+            self.rpc_events.push_back(RpcEvent::Progress {
+                device_id,
+                rpc_id: None,
+                image: Some(name),
+                bytes,
+            });
+        } else if d.end > d.reported && d.flush_at.is_none() {
+            // Throttled: the bytes are reported when the 500 ms are up,
+            // even if the device stops asking (it sleeps, it went silent).
+            let at = d
+                .reported_at
+                .map_or(now.instant, |t| t + Duration::from_millis(500));
+            d.flush_at = Some(at);
+            self.download_timers.push(Reverse((at, reg)));
+        }
+    }
+
+    /// The next trailing download report.
+    pub(super) fn next_download_timer(&mut self) -> Option<Instant> {
+        while let Some(Reverse((at, reg))) = self.download_timers.peek().copied() {
+            if self
+                .downloads
+                .get(&reg)
+                .is_some_and(|d| d.flush_at == Some(at))
+            {
+                return Some(at);
+            }
+            self.download_timers.pop();
+        }
+        None
+    }
+
+    /// Trailing download reports that are due.
+    pub(super) fn download_timeouts(&mut self, now: Now) {
+        while let Some(Reverse((at, reg))) = self.download_timers.peek().copied() {
+            if at > now.instant {
+                break;
+            }
+            self.download_timers.pop();
+            let Some(d) = self.downloads.get_mut(&reg) else {
+                continue;
+            };
+            if d.flush_at != Some(at) {
+                continue;
+            }
+            d.flush_at = None;
+            if d.end <= d.reported {
+                continue;
+            }
+            d.reported = d.end;
+            d.reported_at = Some(now.instant);
+            let (bytes, name) = (d.end, d.name.clone());
+            let Some(device_id) = self.regs.get(reg).map(|r| r.entry.device_id.clone()) else {
+                self.downloads.remove(&reg);
+                continue;
+            };
             self.rpc_events.push_back(RpcEvent::Progress {
                 device_id,
                 rpc_id: None,

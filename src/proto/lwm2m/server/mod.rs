@@ -398,6 +398,8 @@ pub struct Server {
     /// Downloads of those images in progress, by registration (progress
     /// reports for the firmware update RPC).
     downloads: FastMap<RegId, firmware::Download>,
+    /// Trailing download progress reports (lazy, like `rpc_timers`).
+    download_timers: BinaryHeap<Reverse<(Instant, RegId)>>,
 }
 
 /// The server's decisions about DTLS sessions, for the DTLS layer.
@@ -453,6 +455,7 @@ impl Server {
             blocks_in,
             images: FastMap::default(),
             downloads: FastMap::default(),
+            download_timers: BinaryHeap::new(),
         }
     }
 
