@@ -698,3 +698,214 @@ fn pull_and_push_of_2_mib_over_dtls() {
     // Nothing went out in the clear.
     assert_eq!(gw.metric("dtls_tx_no_session"), 0);
 }
+
+/// The fleet: `lwm2m-loadgen --firmware` (one process, its own sockets),
+/// idle devices that download, report and reboot like the sim device.
+struct Fleet {
+    child: std::process::Child,
+    registered: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Fleet {
+    fn start(gw: &Gateway, n: usize, fail_every: usize) -> Fleet {
+        use std::io::BufRead;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_lwm2m-loadgen"))
+            .args(["--server", &gw.coap.to_string()])
+            .args([
+                "--devices",
+                &n.to_string(),
+                "--tenant",
+                "fleet",
+                "--workers",
+                "1",
+            ])
+            .args([
+                "--idle",
+                "--no-deregister",
+                "--duration",
+                "600",
+                "--lifetime",
+                "600",
+            ])
+            .args(["--firmware", "--fw-fail-every", &fail_every.to_string()])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let registered = std::sync::Arc::new(AtomicU64::new(0));
+        let out = child.stdout.take().unwrap();
+        let r = registered.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if let Some(p) = line.strip_prefix("P ") {
+                    if let Ok(v) = serde_json::from_str::<serde_json::Value>(p) {
+                        r.fetch_max(v["registered"].as_u64().unwrap_or(0), Ordering::Relaxed);
+                    }
+                }
+            }
+        });
+        Fleet { child, registered }
+    }
+
+    fn wait_registered(&self, n: u64) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.registered.load(std::sync::atomic::Ordering::Relaxed) < n {
+            assert!(Instant::now() < deadline, "fleet did not register");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn campaign(gw: &Gateway, id: &str) -> serde_json::Value {
+    let (code, b) = http(gw.admin, "GET", &format!("/v1/firmware/campaigns/{id}"), "").unwrap();
+    assert_eq!(code, 200, "{b}");
+    serde_json::from_str(&b).unwrap()
+}
+
+/// Campaigns over 1,000 devices (every tenth reports Update Result 5): one
+/// with concurrency 100 and no threshold runs to the end with the counts
+/// right and never more than 100 updates unfinished; one with a 5%
+/// threshold pauses.
+#[test]
+fn campaigns_over_1000_devices_complete_and_pause_past_the_failure_threshold() {
+    let n = 1000;
+    let dir = tempdir();
+    let prov = dir.join("fleet.toml");
+    let st = std::process::Command::new(env!("CARGO_BIN_EXE_lwm2m-loadgen"))
+        .args([
+            "--devices",
+            &n.to_string(),
+            "--tenant",
+            "fleet",
+            "--write-provisioning",
+        ])
+        .arg(&prov)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let broker = Broker::memory();
+    let gw = Gateway::start(
+        &broker,
+        2,
+        &std::fs::read_to_string(&prov).unwrap(),
+        "[firmware]\npoll_s = 10\n",
+    );
+    let img = image(8 << 10);
+    upload(&gw, "fw-small", "2.0", &img);
+    let fleet = Fleet::start(&gw, n, 10);
+    fleet.wait_registered(n as u64);
+
+    // Refusals: no devices, unknown ones, an unknown image, bad settings.
+    for (body, code) in [
+        (r#"{"image":"fw-small"}"#, 400),
+        (r#"{"image":"fw-small","devices":["nope"]}"#, 422),
+        (r#"{"image":"gone","selector":{"tenant_id":"fleet"}}"#, 422),
+        (
+            r#"{"image":"fw-small","selector":{"tenant_id":"fleet"},"concurrency":0}"#,
+            400,
+        ),
+        (
+            r#"{"image":"fw-small","selector":{"tenant_id":"nobody"}}"#,
+            422,
+        ),
+        (r#"{"imag":"fw-small"}"#, 400),
+    ] {
+        let (c, b) = http(gw.admin, "POST", "/v1/firmware/campaigns", body).unwrap();
+        assert_eq!(c, code, "{body}: {b}");
+    }
+
+    let (code, b) = http(
+        gw.admin,
+        "POST",
+        "/v1/firmware/campaigns",
+        r#"{"campaign_id":"all","image":"fw-small","selector":{"tenant_id":"fleet"},"concurrency":100,"timeout_ms":120000}"#,
+    )
+    .unwrap();
+    assert_eq!(code, 201, "{b}");
+    let (code, _) = http(
+        gw.admin,
+        "POST",
+        "/v1/firmware/campaigns",
+        r#"{"campaign_id":"all","image":"fw-small","devices":["lg-00000001"]}"#,
+    )
+    .unwrap();
+    assert_eq!(code, 409, "the same campaign_id again");
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let v = loop {
+        let v = campaign(&gw, "all");
+        let c = &v["counts"];
+        let unfinished: u64 = ["queued", "sent", "downloading", "downloaded", "updating"]
+            .iter()
+            .map(|k| c[*k].as_u64().unwrap())
+            .sum();
+        assert!(unfinished <= 100, "concurrency exceeded: {v}");
+        if v["state"] != "running" {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "campaign not done: {v}");
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert_eq!(v["state"], "completed", "{v}");
+    assert_eq!(v["devices"], 1000);
+    assert_eq!(v["finished"], 1000);
+    assert_eq!(v["counts"]["succeeded"], 900, "{v}");
+    assert_eq!(v["counts"]["failed"], 100, "{v}");
+    assert_eq!(v["counts"]["pending"], 0);
+    assert_eq!(v["failures"].as_array().unwrap().len(), 20);
+    // One of them, as an ordinary RPC.
+    let f = &v["failures"][0];
+    let r = rpc_status(&gw, f["rpc_id"].as_str().unwrap());
+    assert_eq!(r["response"]["update_result"], 5, "{r}");
+    let ok = rpc_status(&gw, "all:1");
+    assert_eq!(ok["status"], "succeeded", "{ok}");
+    assert_eq!(ok["response"]["firmware_version"], "2.0");
+
+    // 10% failing, threshold 5%: paused, and nothing new starts.
+    let (code, b) = http(
+        gw.admin,
+        "POST",
+        "/v1/firmware/campaigns",
+        r#"{"campaign_id":"strict","image":"fw-small","selector":{"tenant_id":"fleet"},"concurrency":100,"failure_threshold_percent":5,"timeout_ms":120000}"#,
+    )
+    .unwrap();
+    assert_eq!(code, 201, "{b}");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let v = loop {
+        let v = campaign(&gw, "strict");
+        if v["state"] != "running" {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "{v}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(v["state"], "paused", "{v}");
+    assert!(
+        v["reason"].as_str().unwrap().contains("5% threshold"),
+        "{v}"
+    );
+    // The updates already started finish; no others start.
+    std::thread::sleep(Duration::from_secs(5));
+    let v = campaign(&gw, "strict");
+    let pending = v["counts"]["pending"].as_u64().unwrap();
+    assert!(pending >= 700, "{v}");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(campaign(&gw, "strict")["counts"]["pending"], pending);
+    // Cancelled: it stays cancelled; the list shows both.
+    let (code, b) = http(gw.admin, "POST", "/v1/firmware/campaigns/strict/cancel", "").unwrap();
+    assert_eq!(code, 200, "{b}");
+    let (code, b) = http(gw.admin, "POST", "/v1/firmware/campaigns/strict/resume", "").unwrap();
+    assert_eq!(code, 409, "{b}");
+    let (_, b) = http(gw.admin, "GET", "/v1/firmware/campaigns", "").unwrap();
+    let list: Vec<serde_json::Value> = serde_json::from_str(&b).unwrap();
+    let states: Vec<&str> = list.iter().map(|c| c["state"].as_str().unwrap()).collect();
+    assert_eq!(states, ["completed", "cancelled"]);
+    drop(fleet);
+}

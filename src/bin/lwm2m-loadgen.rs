@@ -160,12 +160,27 @@ struct Args {
     /// gateway runs `[bootstrap] generate_psk = true`).
     #[arg(long)]
     bootstrap: Option<SocketAddr>,
+    /// Devices have the Firmware Update object (object 5, version
+    /// `1.0`): a `firmware_update` RPC or campaign finds them Idle; a pull
+    /// downloads the Package URI in Block2 blocks, a push is taken in
+    /// Block1; Update reboots the device (after `--fw-reboot-ms`) into
+    /// version `2.0`, and it registers again.
+    #[arg(long)]
+    firmware: bool,
+    /// With --firmware: every Nth device reports Update Result 5
+    /// (integrity check failure) after downloading (0: none).
+    #[arg(long, default_value_t = 0)]
+    fw_fail_every: usize,
+    #[arg(long, default_value_t = 200)]
+    fw_reboot_ms: u64,
     /// Internal: run as worker I of the fleet.
     #[arg(long, hide = true)]
     worker_index: Option<usize>,
     #[arg(long, hide = true)]
     worker_count: Option<usize>,
 }
+
+const FW_UPDATE: ResourcePath = ResourcePath::resource(5, 0, 2);
 
 const TEMPERATURE: ResourcePath = ResourcePath {
     object: 3303,
@@ -241,6 +256,10 @@ struct WorkerReport {
     bootstrap_seconds: f64,
     #[serde(default)]
     bs_hist: String,
+    #[serde(default)]
+    fw_updated: u64,
+    #[serde(default)]
+    fw_bytes: u64,
 }
 
 /// One device of the bootstrap phase.
@@ -465,6 +484,8 @@ struct Dev {
     registered_at: Instant,
     last_update: Instant,
     pending_msg: Vec<u8>,
+    /// Update /5/0/2 executed at: reboots after --fw-reboot-ms.
+    reboot_at: Option<Instant>,
 }
 
 #[derive(PartialEq, Eq, Clone, Copy, Debug)]
@@ -578,6 +599,14 @@ fn run_worker(a: &Args, index: usize, count: usize) -> anyhow::Result<()> {
         sim.format = fmt;
         // Only the temperature object: one observation per device.
         sim.objects = vec!["/1/0".into(), "/3/0".into(), "/3303/0".into()];
+        if a.firmware {
+            sim.enable_firmware("1.0");
+            if a.fw_fail_every > 0 && g % a.fw_fail_every == 0 {
+                if let Some(fw) = sim.fw.as_mut() {
+                    fw.fail_download = Some(5);
+                }
+            }
+        }
         if a.baseline {
             // No gateway to observe us: notification-sized datagrams on a
             // fixed token.
@@ -597,6 +626,7 @@ fn run_worker(a: &Args, index: usize, count: usize) -> anyhow::Result<()> {
             registered_at: Instant::now(),
             last_update: Instant::now(),
             pending_msg: Vec::new(),
+            reboot_at: None,
         });
     }
     let n = devs.len();
@@ -696,11 +726,22 @@ fn run_worker(a: &Args, index: usize, count: usize) -> anyhow::Result<()> {
                 return;
             }
         }
+        if m.code.is_response() {
+            // A block of a firmware download (or a late answer).
+            let ev = d.sim.handle(data);
+            for r in &ev.replies {
+                let _ = d.sock.send_to(r, server);
+            }
+            return;
+        }
         if m.code.is_request() {
             rep.server_requests += 1;
             let ev = d.sim.handle(data);
             for r in &ev.replies {
                 let _ = d.sock.send_to(r, server);
+            }
+            if ev.executed.contains(&FW_UPDATE) {
+                d.reboot_at = Some(Instant::now());
             }
             if !ev.observed.is_empty() {
                 if let Some(o) = d.sim.observations.iter().find(|o| o.path.object == 3303) {
@@ -965,8 +1006,28 @@ fn run_worker(a: &Args, index: usize, count: usize) -> anyhow::Result<()> {
             }
         }
         drain!(Duration::from_micros(if a.rate == 0 { 0 } else { 500 }));
+        let now = Instant::now();
         for d in devs.iter_mut() {
             retransmit(d, &mut rep);
+            if a.firmware {
+                if let Some(g) = d.sim.fw_tick(now) {
+                    let _ = d.sock.send_to(&g, server);
+                }
+                if d.reboot_at
+                    .is_some_and(|t| now >= t + Duration::from_millis(a.fw_reboot_ms))
+                    && d.outstanding.is_none()
+                {
+                    // The update ran: reboot into 2.0 and register again.
+                    d.reboot_at = None;
+                    rep.fw_updated += 1;
+                    rep.fw_bytes += d.sim.fw_image().len() as u64;
+                    d.sim.fw_reboot("2.0");
+                    d.obs_token = None;
+                    let msg = d.sim.register();
+                    d.start_request(msg, K_REGISTER, server);
+                    d.state = DevState::Registering;
+                }
+            }
             // Update at 2/3 of the lifetime (LwM2M client behaviour).
             if !a.baseline
                 && d.state == DevState::Registered
@@ -1514,6 +1575,8 @@ fn main() -> anyhow::Result<()> {
         total.bootstrapped += r.bootstrapped;
         total.bootstrap_failed += r.bootstrap_failed;
         total.bootstrap_seconds = total.bootstrap_seconds.max(r.bootstrap_seconds);
+        total.fw_updated += r.fw_updated;
+        total.fw_bytes += r.fw_bytes;
         if !r.bs_hist.is_empty() {
             let _ = bs_h.add(de(&r.bs_hist));
         }
@@ -1600,6 +1663,9 @@ fn main() -> anyhow::Result<()> {
             "e2e_latency": pct(&e2e_h),
         }) } else { serde_json::json!(null) },
         "updates": total.updates, "deregistered": total.deregistered,
+        "firmware": a.firmware.then(|| serde_json::json!({
+            "updated": total.fw_updated, "package_bytes": total.fw_bytes,
+        })),
         "server_requests": total.server_requests,
         "rpc": rpc_report.as_ref().map(|r| serde_json::json!({
             "method": a.rpc_method, "rate": a.rpc_rate, "report": r,

@@ -75,7 +75,9 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> FirmwareError + '_ {
 /// `[A-Za-z0-9._-]{1,128}`, not starting with a dot (no hidden or
 /// temporary names, no path separators).
 pub fn valid_name(name: &str) -> bool {
+    // `campaigns` names the campaigns API under /v1/firmware/.
     !name.is_empty()
+        && name != "campaigns"
         && name.len() <= MAX_NAME
         && !name.starts_with('.')
         && name

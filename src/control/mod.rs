@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod bootstrap;
+pub mod campaign;
 pub mod directory;
 pub mod firmware;
 pub mod profiles;

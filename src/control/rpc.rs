@@ -12,6 +12,7 @@
 //! sent without a final answer end `failed` (the outcome is unknown, they
 //! are not sent twice).
 
+use super::campaign::{Campaign, CampaignSpec, Campaigns};
 use super::directory::Directory;
 use super::firmware::FirmwareStore;
 use super::profiles::Profiles;
@@ -26,6 +27,7 @@ use crate::shard::runtime::ControlHandle;
 use crate::sink::topic_for;
 use crossbeam_channel::{Receiver, Sender};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use serde_json::Value as J;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -61,6 +63,20 @@ enum Cmd {
         device_ids: Vec<String>,
         reply: Sender<Vec<Option<Presence>>>,
     },
+    CampaignCreate {
+        spec: Box<CampaignSpec>,
+        reply: Sender<Result<J, (u16, String)>>,
+    },
+    CampaignGet {
+        id: Option<String>,
+        reply: Sender<Vec<J>>,
+    },
+    CampaignAct {
+        id: String,
+        action: String,
+        threshold: Option<f64>,
+        reply: Sender<Result<J, (u16, String)>>,
+    },
     /// A record of the request topic: the request (or why it is unusable)
     /// and the next offset of its partition, logged with its acceptance.
     Consumed {
@@ -78,6 +94,55 @@ pub struct RpcHandle(Sender<Cmd>);
 const ANSWER: Duration = Duration::from_secs(10);
 
 impl RpcHandle {
+    /// Creates a firmware campaign; its view, or (HTTP status, why not).
+    pub fn campaign_create(&self, spec: CampaignSpec) -> Result<J, (u16, String)> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.0
+            .send(Cmd::CampaignCreate {
+                spec: Box::new(spec),
+                reply: tx,
+            })
+            .map_err(|_| (503, "the RPC service is stopped".to_string()))?;
+        rx.recv_timeout(ANSWER)
+            .map_err(|_| (503, "the RPC service did not answer".to_string()))?
+    }
+
+    /// One campaign's view (`Some(id)`), or all of them.
+    pub fn campaigns(&self, id: Option<&str>) -> Vec<J> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        if self
+            .0
+            .send(Cmd::CampaignGet {
+                id: id.map(str::to_string),
+                reply: tx,
+            })
+            .is_err()
+        {
+            return Vec::new();
+        }
+        rx.recv_timeout(ANSWER).unwrap_or_default()
+    }
+
+    /// `pause`, `resume` or `cancel` a campaign.
+    pub fn campaign_act(
+        &self,
+        id: &str,
+        action: &str,
+        threshold: Option<f64>,
+    ) -> Result<J, (u16, String)> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.0
+            .send(Cmd::CampaignAct {
+                id: id.to_string(),
+                action: action.to_string(),
+                threshold,
+                reply: tx,
+            })
+            .map_err(|_| (503, "the RPC service is stopped".to_string()))?;
+        rx.recv_timeout(ANSWER)
+            .map_err(|_| (503, "the RPC service did not answer".to_string()))?
+    }
+
     /// Submits a request; returns once it is durable (or refused).
     pub fn submit(&self, req: RpcRequest) -> Result<RpcRecord, Refusal> {
         let (tx, rx) = crossbeam_channel::bounded(1);
@@ -299,7 +364,12 @@ impl RpcService {
             unpublished: Vec::new(),
             offsets: offsets.clone(),
             offset_lines: Vec::new(),
+            campaigns: Campaigns::default(),
+            campaigns_file: dir.join("campaigns.json"),
+            campaigns_saved: Instant::now(),
         };
+        let mut st = st;
+        st.load_campaigns();
         let stop = Arc::new(AtomicBool::new(false));
         let mut intake_thread = None;
         if cfg.rpc.kafka_intake {
@@ -357,11 +427,16 @@ struct Worker {
     /// requests they follow).
     offsets: std::collections::BTreeMap<i32, i64>,
     offset_lines: Vec<WalLine>,
+    campaigns: Campaigns,
+    /// `{snapshot_dir}/campaigns.json`.
+    campaigns_file: std::path::PathBuf,
+    campaigns_saved: Instant,
 }
 
 impl Worker {
     fn run(mut self, cmds: Receiver<Cmd>, events: Receiver<RpcEvent>) {
         let mut replies: Replies = Vec::new();
+        self.resubmit_campaigns();
         // Statuses from the replay (interrupted RPCs).
         self.flush(&mut replies);
         loop {
@@ -408,11 +483,13 @@ impl Worker {
                 }
             }
             self.book.handle_timeout(wall_ms());
+            self.start_campaign_rpcs();
             self.flush(&mut replies);
             if stop {
                 break;
             }
         }
+        self.save_campaigns();
         if let Err(e) = self.producer.flush(Duration::from_secs(5)) {
             tracing::warn!(error = %e, "rpc status producer did not flush");
         }
@@ -467,9 +544,173 @@ impl Worker {
                 self.offsets.insert(partition, next);
                 self.offset_lines.push(WalLine::Offset { partition, next });
             }
+            Cmd::CampaignCreate { spec, reply } => {
+                let r = self.create_campaign(&spec);
+                let _ = reply.send(r);
+            }
+            Cmd::CampaignGet { id, reply } => {
+                let v = match id {
+                    Some(id) => self
+                        .campaigns
+                        .get(&id)
+                        .map(Campaign::view)
+                        .into_iter()
+                        .collect(),
+                    None => self.campaigns.all().map(Campaign::view).collect(),
+                };
+                let _ = reply.send(v);
+            }
+            Cmd::CampaignAct {
+                id,
+                action,
+                threshold,
+                reply,
+            } => {
+                let r = match self.campaigns.act(wall_ms(), &id, &action, threshold) {
+                    Ok(c) => Ok(c.view()),
+                    Err(e) if e.starts_with("no campaign") => Err((404, e)),
+                    Err(e) if e.starts_with("unknown action") => Err((400, e)),
+                    Err(e) => Err((409, e)),
+                };
+                let _ = reply.send(r);
+            }
             Cmd::Stop => return true,
         }
         false
+    }
+
+    /// The devices a campaign selects, and the checks of its params.
+    fn create_campaign(&mut self, spec: &CampaignSpec) -> Result<J, (u16, String)> {
+        spec.validate().map_err(|e| (400, e))?;
+        let params = FirmwareParams::parse(&spec.params()).map_err(|e| (400, e))?;
+        if let Some(image) = &params.image {
+            let known = self
+                .resolver
+                .firmware
+                .as_ref()
+                .is_some_and(|f| f.meta(image).is_some());
+            if !known {
+                return Err((422, format!("no firmware image {image:?}")));
+            }
+        }
+        let dir = &self.resolver.directory;
+        let targets: Vec<(String, String)> = match &spec.selector {
+            Some(sel) => {
+                let mut v: Vec<(String, String)> = dir
+                    .all()
+                    .values()
+                    .filter(|e| {
+                        e.tenant_id == sel.tenant_id
+                            && sel.profile.as_ref().is_none_or(|p| *p == e.profile)
+                    })
+                    .map(|e| (e.device_id.clone(), e.tenant_id.clone()))
+                    .collect();
+                v.sort();
+                v.dedup();
+                v
+            }
+            None => {
+                let mut seen = std::collections::HashSet::new();
+                let mut v = Vec::new();
+                let mut unknown = Vec::new();
+                for d in &spec.devices {
+                    if !seen.insert(d.clone()) {
+                        continue;
+                    }
+                    match dir.by_device(d) {
+                        Some((_, e)) => v.push((d.clone(), e.tenant_id.clone())),
+                        None => unknown.push(d.clone()),
+                    }
+                }
+                if !unknown.is_empty() {
+                    unknown.truncate(10);
+                    return Err((422, format!("unknown device ids: {unknown:?}")));
+                }
+                v
+            }
+        };
+        let now = wall_ms();
+        let view = match self.campaigns.create(now, spec, targets) {
+            Ok(c) => c.view(),
+            Err(e) if e.ends_with("exists") => return Err((409, e)),
+            Err(e) => return Err((422, e)),
+        };
+        self.save_campaigns();
+        Ok(view)
+    }
+
+    /// Submits what the running campaigns may start now.
+    fn start_campaign_rpcs(&mut self) {
+        let now = wall_ms();
+        while let Some(req) = self.campaigns.poll_request(now) {
+            self.submit_campaign_rpc(req);
+        }
+    }
+
+    fn submit_campaign_rpc(&mut self, req: RpcRequest) {
+        let id = req.rpc_id.clone();
+        match self.submit(req) {
+            Ok(_) => {}
+            Err(Refusal::Duplicate(r)) => self.campaigns.handle_status(wall_ms(), &id, r.status),
+            Err(Refusal::Invalid(e)) => {
+                tracing::warn!(rpc_id = %id, error = %e, "campaign RPC refused");
+                self.campaigns.handle_status(
+                    wall_ms(),
+                    &id,
+                    crate::proto::lwm2m::rpc::RpcStatus::Failed,
+                );
+            }
+        }
+    }
+
+    fn load_campaigns(&mut self) {
+        let list: Vec<Campaign> = match std::fs::read(&self.campaigns_file) {
+            Ok(b) => match serde_json::from_slice(&b) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!(file = %self.campaigns_file.display(), error = %e, "campaigns file unreadable; campaigns not resumed");
+                    return;
+                }
+            },
+            Err(_) => return,
+        };
+        self.campaigns = Campaigns::load(list);
+    }
+
+    /// After a restart: the statuses the book holds for the campaigns'
+    /// started RPCs; those it never accepted are submitted again.
+    fn resubmit_campaigns(&mut self) {
+        let now = wall_ms();
+        for id in self.campaigns.unfinished() {
+            match self.book.get(&id).map(|r| r.status) {
+                Some(s) => self.campaigns.handle_status(now, &id, s),
+                None => {
+                    if let Some(req) = self.campaigns.request_for(&id) {
+                        self.submit_campaign_rpc(req);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes the campaigns file (temp file, fsync, rename).
+    fn save_campaigns(&mut self) {
+        if !self.campaigns.dirty {
+            return;
+        }
+        self.campaigns.dirty = false;
+        self.campaigns_saved = Instant::now();
+        let tmp = self.campaigns_file.with_extension("json.tmp");
+        let r = (|| -> std::io::Result<()> {
+            let mut f = std::fs::File::create(&tmp)?;
+            std::io::Write::write_all(&mut f, &self.campaigns.to_json())?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &self.campaigns_file)
+        })();
+        if let Err(e) = r {
+            self.campaigns.dirty = true;
+            tracing::error!(file = %self.campaigns_file.display(), error = %e, "campaigns not saved");
+        }
     }
 
     fn submit(&mut self, req: RpcRequest) -> Result<RpcRecord, Refusal> {
@@ -524,6 +765,8 @@ impl Worker {
             let _ = tx.send(r);
         }
         while let Some(rec) = self.book.poll_status() {
+            self.campaigns
+                .handle_status(rec.updated_at, &rec.rpc_id, rec.status);
             let topic = topic_for(&self.status_topic, &rec.tenant_id);
             let mut v = serde_json::to_value(&rec).unwrap_or_default();
             if let Some(o) = v.as_object_mut() {
@@ -552,6 +795,9 @@ impl Worker {
         }
         while let Some((shard, exec)) = self.book.poll_exec() {
             self.control.send_rpc(shard as usize, exec);
+        }
+        if self.campaigns.dirty && self.campaigns_saved.elapsed() >= Duration::from_secs(1) {
+            self.save_campaigns();
         }
         if self.log.needs_compaction(self.compact_bytes) {
             // The state after everything appended so far; written in the

@@ -278,7 +278,8 @@ async fn handle(
         let name = routes::pct_decode(&path["/v1/firmware/".len()..], false);
         return Ok(respond(upload_firmware(&sh, name, &query, req).await));
     }
-    let limit = if method == "POST" && path == "/v1/endpoints" {
+    let limit = if method == "POST" && (path == "/v1/endpoints" || path == "/v1/firmware/campaigns")
+    {
         sh.max_body
     } else {
         SMALL_BODY

@@ -25,6 +25,12 @@
 //!   reason).
 //! * `GET /v1/devices/{device_id}/rpc` — the device's RPCs and its last
 //!   reported registration state.
+//! * `GET /v1/firmware`, `GET|DELETE /v1/firmware/{name}` — firmware images
+//!   (`PUT` streams an upload, see [`super`]).
+//! * `POST /v1/firmware/campaigns` — a firmware campaign
+//!   ([`crate::control::campaign::CampaignSpec`]) → 201 with its view;
+//!   `GET /v1/firmware/campaigns[/{id}]` — counts per state;
+//!   `POST /v1/firmware/campaigns/{id}/pause|resume|cancel`.
 //!
 //! Directory writes are durable (logged and fsynced) before they are
 //! answered, and reach the shards at once: a removed endpoint's registration
@@ -279,6 +285,9 @@ pub fn route(st: &AdminState, req: &ApiRequest) -> Reply {
             | "/v1/devices"
             | "/v1/firmware",
         ) => Reply::method_not_allowed(),
+        (_, p) if p == "/v1/firmware/campaigns" || p.starts_with("/v1/firmware/campaigns/") => {
+            campaigns(st, m, &p["/v1/firmware/campaigns".len()..], &req.body)
+        }
         (_, p) if p.starts_with("/v1/firmware/") => {
             let name = pct_decode(&p["/v1/firmware/".len()..], false);
             firmware_image(st, m, &name)
@@ -494,6 +503,58 @@ const MAX_SCAN: usize = 100_000;
 /// not an empty name with a `/bootstrap` suffix).
 fn between<'a>(p: &'a str, prefix: &str, suffix: &str) -> Option<&'a str> {
     p.strip_prefix(prefix)?.strip_suffix(suffix)
+}
+
+/// `/v1/firmware/campaigns[/{id}[/{action}]]`: create (POST), list, show,
+/// `pause` / `resume` / `cancel` (POST).
+fn campaigns(st: &AdminState, method: &str, rest: &str, body: &[u8]) -> Reply {
+    let Some(rpc) = &st.rpc else {
+        return Reply::unavailable("the RPC service is not running");
+    };
+    let parts: Vec<String> = rest
+        .trim_start_matches('/')
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .map(|s| pct_decode(s, false))
+        .collect();
+    let fail = |(code, msg): (u16, String)| {
+        let c = match code {
+            404 => "not_found",
+            409 => "conflict",
+            422 => "unprocessable",
+            503 => "unavailable",
+            _ => "bad_request",
+        };
+        Reply::error(code, c, &msg)
+    };
+    match (method, parts.as_slice()) {
+        ("POST", []) => {
+            let spec: crate::control::campaign::CampaignSpec = match serde_json::from_slice(body) {
+                Ok(s) => s,
+                Err(e) => return Reply::bad(&format!("not a campaign: {e}")),
+            };
+            match rpc.campaign_create(spec) {
+                Ok(v) => Reply::json(201, &v),
+                Err(e) => fail(e),
+            }
+        }
+        ("GET", []) => Reply::json(200, &rpc.campaigns(None)),
+        ("GET", [id]) => match rpc.campaigns(Some(id)).pop() {
+            Some(v) => Reply::json(200, &v),
+            None => Reply::not_found("no such campaign"),
+        },
+        ("POST", [id, action]) => {
+            let threshold = serde_json::from_slice::<Value>(body)
+                .ok()
+                .and_then(|v| v.get("failure_threshold_percent").and_then(|t| t.as_f64()));
+            match rpc.campaign_act(id, action, threshold) {
+                Ok(v) => Reply::json(200, &v),
+                Err(e) => fail(e),
+            }
+        }
+        (_, [] | [_] | [_, _]) => Reply::method_not_allowed(),
+        _ => Reply::not_found("no such route"),
+    }
 }
 
 /// `GET` / `DELETE /v1/firmware/{name}` (`PUT` streams, in the server).
