@@ -145,6 +145,13 @@ pub struct Exchanges {
     pending: FastMap<Token, Pending>,
     by_mid: FastMap<(PeerId, u16), Token>,
     peers: FastMap<PeerId, PeerOut>,
+    /// The next MID of peers whose state was dropped (the registration
+    /// ended, the device registers again from the same address), kept for
+    /// EXCHANGE_LIFETIME: RFC 7252 §4.4 forbids reusing a MID towards the
+    /// same endpoint within it, and a fresh random start could (the device
+    /// would answer a new request with an old cached response).
+    retired: FastMap<PeerId, (u16, Instant)>,
+    retired_fifo: VecDeque<(Instant, PeerId)>,
     timers: BinaryHeap<Reverse<(Instant, Token)>>,
     failed: VecDeque<Failed>,
     /// MIDs for NON responses to peers we keep no state for.
@@ -155,6 +162,10 @@ pub struct Exchanges {
     /// of a block-wise request (RFC 7959 §2.3).
     echo: SmallVec<[(PeerId, u16, Block); 2]>,
 }
+
+/// Peers whose next MID is remembered after their state went (bounded
+/// memory under registration churn; the oldest go first).
+const MAX_RETIRED: usize = 262_144;
 
 /// Dedup sweep period.
 const SWEEP: Duration = Duration::from_secs(5);
@@ -176,6 +187,8 @@ impl Exchanges {
             pending: FastMap::default(),
             by_mid: FastMap::default(),
             peers: FastMap::default(),
+            retired: FastMap::default(),
+            retired_fifo: VecDeque::new(),
             timers: BinaryHeap::new(),
             failed: VecDeque::new(),
             spare_mid,
@@ -499,8 +512,9 @@ impl Exchanges {
 
     fn peer_out(&mut self, peer: PeerId) -> &mut PeerOut {
         let rng = &mut self.rng;
+        let retired = &mut self.retired;
         self.peers.entry(peer).or_insert_with(|| PeerOut {
-            next_mid: rng.gen(),
+            next_mid: retired.remove(&peer).map_or_else(|| rng.gen(), |(m, _)| m),
             in_flight: 0,
             queue: VecDeque::new(),
             tokens: SmallVec::new(),
@@ -662,8 +676,21 @@ impl Exchanges {
 
     /// Drops every request and the outbound state of `peer` (it moved to
     /// another shard or went away). Nothing is reported.
-    pub fn forget_peer(&mut self, peer: &PeerId) {
+    pub fn forget_peer(&mut self, now: Instant, peer: &PeerId) {
+        // Retired MIDs older than EXCHANGE_LIFETIME may be used again.
+        let life = self.cfg.exchange_lifetime;
+        while let Some((at, p)) = self.retired_fifo.front().copied() {
+            if at + life > now && self.retired_fifo.len() < MAX_RETIRED {
+                break;
+            }
+            self.retired_fifo.pop_front();
+            if self.retired.get(&p).is_some_and(|(_, t)| *t == at) {
+                self.retired.remove(&p);
+            }
+        }
         if let Some(po) = self.peers.remove(peer) {
+            self.retired.insert(*peer, (po.next_mid, now));
+            self.retired_fifo.push_back((now, *peer));
             for t in po.tokens {
                 if let Some(p) = self.pending.remove(&t) {
                     if p.state != State::Queued {
@@ -850,6 +877,28 @@ mod tests {
                 separate: true
             }
         );
+    }
+
+    /// RFC 7252 §4.4: a peer whose state was dropped (its registration
+    /// ended, it registered again from the same address) gets the MIDs
+    /// after its last ones, not a fresh random start that could repeat a
+    /// recent one; after EXCHANGE_LIFETIME anything goes.
+    #[test]
+    fn mids_continue_after_the_peer_state_is_dropped() {
+        let t0 = Instant::now();
+        let mut e = ex();
+        let p = peer(1);
+        get(&mut e, t0, p, 1);
+        let m1 = Message::decode(&sent(&mut e)[0].1).unwrap().message_id;
+        e.forget_peer(t0, &p);
+        get(&mut e, t0, p, 2);
+        let m2 = Message::decode(&sent(&mut e)[0].1).unwrap().message_id;
+        assert_eq!(m2, m1.wrapping_add(1));
+        // Another peer's retirement long after sweeps this one out.
+        e.forget_peer(t0, &p);
+        e.forget_peer(t0 + Duration::from_secs(300), &peer(2));
+        assert!(!e.retired.contains_key(&p));
+        assert!(e.retired.len() <= 1);
     }
 
     #[test]

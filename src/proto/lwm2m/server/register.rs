@@ -339,7 +339,7 @@ impl Server {
         for (tok, _) in self.ex.pending_for(&reg.peer) {
             self.requests.remove(&tok);
         }
-        self.ex.forget_peer(&reg.peer);
+        self.ex.forget_peer(now.instant, &reg.peer);
         self.dirty = true;
         if reg.peer.is_dtls() && matches!(why, End::Deprovisioned | End::CredentialsChanged) {
             // The session authenticated with credentials that no longer
