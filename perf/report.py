@@ -175,5 +175,23 @@ if "rpc-10k" in rows:
                f"request→status p50 {ms(lat.get('p50_us'))} ms, **p99 {ms(lat.get('p99_us'))} ms** (target ≥ 10,000/s, p99 ≤ 50 ms); "
                f"inside the gateway (accepted→finished, ms resolution) p50 {ms(ing.get('p50_us'))} ms, p99 {ms(ing.get('p99_us'))} ms; "
                f"beside {n.get('acked_per_second', 0):,.0f} CON points/s acked; gateway CPU {r.get('gw_cpu_s', 0):.1f} s")
+for name in ["firmware-pull", "firmware-pull-dtls"]:
+    if name not in rows:
+        continue
+    r = rows[name]
+    c = r.get("campaign") or {}
+    counts = c.get("counts") or {}
+    mib = r["bytes_served"] / 1048576
+    wall = r["fw_wall_s"] or 1
+    base_rate = r["base_cpu_s"] / (r["base_wall_s"] or 1)
+    extra = r["fw_cpu_s"] - base_rate * wall
+    out.append(f"* **Firmware pull{' over DTLS-PSK' if r.get('dtls') else ''}**: a campaign over {c.get('devices', 0):,} devices "
+               f"(concurrency {c.get('concurrency')}, {r['image_bytes'] // 1024:,} KiB image) {c.get('state')} in {wall:.1f} s "
+               f"({counts.get('succeeded', 0):,} succeeded, {counts.get('failed', 0)} failed, {counts.get('timed_out', 0)} timed out); "
+               f"the gateway served {mib:,.0f} MiB in Block2 blocks = **{mib / wall:,.1f} MiB/s**; "
+               f"telemetry beside it: {r['base_points'] / (r['base_wall_s'] or 1):,.0f} points/s before, {r['fw_points'] / wall:,.0f} during "
+               f"(offered {r['telemetry_rate']:,} CON/s); gateway CPU {base_rate * 100:.0f}% of a core for telemetry alone, "
+               f"{r['fw_cpu_s'] / wall * 100:.0f}% during the campaign = **{extra * 1000 / max(mib, 1e-9):,.1f} ms of CPU per MiB served** "
+               f"(each update: observe ×2, URI write, the blocks, Execute, re-registration, /3/0/3 read, cancels)")
 out.append("")
 print("\n".join(out))
