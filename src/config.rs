@@ -641,6 +641,25 @@ impl Config {
         }
     }
 
+    /// Checks `[firmware]`: the Package URI bases name their scheme and a
+    /// host (a device is written `{base}/fw/{name}`).
+    pub fn check_firmware(&self) -> Result<(), String> {
+        for (key, uri, scheme) in [
+            ("coap_uri", &self.firmware.coap_uri, "coap://"),
+            ("coaps_uri", &self.firmware.coaps_uri, "coaps://"),
+        ] {
+            if let Some(u) = uri {
+                let host = u.strip_prefix(scheme).unwrap_or("");
+                if host.is_empty() || host.contains(['/', '?', '#', ' ']) || u.len() > 200 {
+                    return Err(format!(
+                        "firmware.{key} {u:?}: {scheme}host[:port], nothing after (the gateway appends /fw/{{name}})"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Checks `[bootstrap]` (URIs, the defaults' account).
     pub fn check_bootstrap(&self) -> Result<(), String> {
         let b = &self.bootstrap;
@@ -714,9 +733,17 @@ mod tests {
                 "{f}"
             );
             assert_eq!(c.firmware_dir(), c.directory.snapshot_dir.join("firmware"));
+            c.check_firmware().unwrap();
         }
         let demo = Config::load(&root.join("config/demo.toml")).unwrap();
         assert!(demo.bootstrap.enabled && demo.bootstrap.generate_psk);
         assert_eq!(demo.firmware.max_image_bytes, 64 << 20);
+        let mut c = demo.clone();
+        c.firmware.coaps_uri = Some("coaps://gw.example.net:5684".into());
+        c.check_firmware().unwrap();
+        for bad in ["https://gw", "coaps://", "coaps://gw/fw", "coap://gw:5683"] {
+            c.firmware.coaps_uri = Some(bad.into());
+            assert!(c.check_firmware().is_err(), "{bad}");
+        }
     }
 }

@@ -136,6 +136,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         cfg.gateway.shards = s;
     }
     cfg.check_bootstrap().map_err(anyhow::Error::msg)?;
+    cfg.check_firmware().map_err(anyhow::Error::msg)?;
     let profiles = Arc::new(Profiles::load(cfg.profiles.dir.as_deref())?);
     let directory = Arc::new(load_directory(&cfg)?);
     if args.check {
