@@ -55,6 +55,9 @@ out.append(f"* machine: {cpu}, {os.cpu_count()} cores, {mem}, Linux {platform.re
 rpc_env = ""
 if "rpc-10k" in args.split():
     rpc_env = f" RPC_RATE={os.environ.get('RPC_RATE', '1000')} TELEMETRY_RATE={os.environ.get('TELEMETRY_RATE', '2000')}"
+if "firmware" in args:
+    rpc_env += (f" TELEMETRY_RATE={os.environ.get('TELEMETRY_RATE', '2000')} FW_DEVICES={os.environ.get('FW_DEVICES', '1000')}"
+                f" FW_CONCURRENCY={os.environ.get('FW_CONCURRENCY', '100')} FW_IMAGE_KIB={os.environ.get('FW_IMAGE_KIB', '1024')}")
 out.append(f"* command: `ACK_AFTER={os.environ.get('ACK_AFTER', 'delivered')} DURATION={duration} DEVICES={devices} BIG={big}{rpc_env} perf/run-scenarios {args}`".replace("  ", " "))
 ack_after = os.environ.get("ACK_AFTER", "delivered")
 out.append(f"* gateway: release build, shards = one per core, `coalesce_us` 1000, kafka linger 5 ms, idempotent, acks=all, `ack_after = \"{ack_after}\"`; tansu 0.6.0 memory storage, a fresh broker per scenario; loopback UDP; host tuned with `tuning/apply`\n")

@@ -535,6 +535,16 @@ fn fd_limit() -> usize {
 }
 
 fn run_worker(a: &Args, index: usize, count: usize) -> anyhow::Result<()> {
+    // A worker dies with its parent (a killed load generator must not
+    // leave its fleet running). Linux: PR_SET_PDEATHSIG; the parent may
+    // already be gone by then.
+    // SAFETY: prctl with PR_SET_PDEATHSIG takes a signal number and no pointers.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+    }
+    if std::os::unix::process::parent_id() == 1 {
+        anyhow::bail!("the parent load generator is gone");
+    }
     raise_nofile();
     let lo = a.devices * index / count;
     let hi = a.devices * (index + 1) / count;
