@@ -531,7 +531,7 @@ fn images_upload_streamed_verified_listed_removed_and_kept_across_restarts() {
 }
 
 #[test]
-fn a_pull_resumes_after_a_new_registration_from_a_new_address_and_silence_times_out() {
+fn pull_and_push_resume_after_a_new_registration_from_a_new_address_and_silence_times_out() {
     let broker = Broker::memory();
     let gw = Gateway::start(&broker, 2, PROVISIONING, "[firmware]\npoll_s = 5\n");
     let topic = reader(&broker, &["device.rpc.status.acme"]);
@@ -583,6 +583,39 @@ fn a_pull_resumes_after_a_new_registration_from_a_new_address_and_silence_times_
         blocks.len()
     );
     assert!(blocks.windows(2).all(|w| w[1] == w[0] + 1));
+
+    // A push interrupted by a new registration from a new address starts
+    // again on the new registration and succeeds.
+    let img3 = image(300_000);
+    upload(&gw, "fw-3", "3.0.0", &img3);
+    dev.sim.fw.as_mut().unwrap().push_stall_at = Some(100_000);
+    let id = rpc(
+        &gw,
+        DEV,
+        r#"{"rpc_id":"fw-push-again","method":"firmware_update","params":{"image":"fw-3","method":"push"},"timeout_ms":120000}"#,
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while dev.sim.fw.as_ref().unwrap().push_szx.len() < 90 {
+        dev.pump(Duration::from_millis(20));
+        assert!(Instant::now() < deadline, "push did not start");
+    }
+    dev.new_port();
+    assert_eq!(dev.register(0), Code::CREATED);
+    dev.sim.fw.as_mut().unwrap().push_stall_at = None;
+    let s = drive(
+        &gw,
+        &mut dev,
+        &id,
+        Duration::from_secs(60),
+        reboot_plain("3.0.0"),
+    );
+    assert_eq!(s["status"], "succeeded", "{s}");
+    assert_eq!(dev.sim.fw_image(), &img3[..]);
+    assert_eq!(
+        dev.sim.fw.as_ref().unwrap().pushes_started,
+        2,
+        "restarted once"
+    );
 
     // A device that goes silent mid-transfer: timed_out at timeout_ms,
     // saying where it was.

@@ -608,6 +608,21 @@ impl SimDevice {
                     );
                 }
             }
+            if path == FW_PACKAGE {
+                if let Some(fw) = self.fw.as_mut() {
+                    if b1.num != 0
+                        && fw
+                            .push_stall_at
+                            .is_some_and(|n| self.block1_body.len() >= n)
+                    {
+                        // Gone mid-push: nothing answers.
+                        return;
+                    }
+                    if b1.num == 0 {
+                        fw.pushes_started += 1;
+                    }
+                }
+            }
             if b1.num == 0 {
                 self.block1_body.clear();
                 if path == FW_PACKAGE && self.fw.is_some() {

@@ -44,6 +44,11 @@ pub struct SimFirmware {
     pub fail_download: Option<u8>,
     /// Stop downloading (and answer nothing) once this many bytes are in.
     pub stall_at: Option<usize>,
+    /// Drop pushed blocks once this many bytes of a push are in (the
+    /// device went away mid-push).
+    pub push_stall_at: Option<usize>,
+    /// Pushes started (block 0 received).
+    pub pushes_started: u32,
     /// The Update Result a reboot reports (1 when unset).
     pub reboot_result: Option<u8>,
     /// GETs sent for blocks (retransmissions included).
