@@ -121,6 +121,8 @@ struct Dev {
     rebootstrap: bool,
     registered: bool,
     last_register: Instant,
+    /// Executed Update /5/0/2 at: reboots into the new firmware 1 s later.
+    updating_since: Option<Instant>,
     last_update: Instant,
 }
 
@@ -148,6 +150,8 @@ fn main() -> anyhow::Result<()> {
         let mut sim = SimDevice::new(&endpoint, i as u16);
         sim.format = fmt;
         sim.lifetime_s = a.lifetime;
+        // Object 5 (TS 1.1 Core E.6): a firmware_update RPC finds it Idle.
+        sim.enable_firmware("1.0.0");
         let (sock, server, bs_psk) = if let Some(bs) = a.bootstrap {
             let cred = entry()?
                 .bootstrap
@@ -185,6 +189,7 @@ fn main() -> anyhow::Result<()> {
             rebootstrap: false,
             registered: false,
             last_register: Instant::now() - Duration::from_secs(60),
+            updating_since: None,
             last_update: Instant::now(),
         });
     }
@@ -209,6 +214,24 @@ fn main() -> anyhow::Result<()> {
                         continue;
                     }
                 }
+            }
+            if let Some(g) = d.sim.fw_tick(Instant::now()) {
+                d.sock.send(&g, d.server)?;
+            }
+            if d
+                .updating_since
+                .is_some_and(|t| t.elapsed() > Duration::from_secs(1))
+            {
+                // The update ran: reboot into the new version, register again.
+                d.updating_since = None;
+                let bytes = d.sim.fw_image().len();
+                d.sim.fw_reboot("2.0.0");
+                d.registered = false;
+                d.last_register = Instant::now() - Duration::from_secs(60);
+                println!(
+                    "{} rebooted into firmware 2.0.0 ({bytes} bytes received)",
+                    d.sim.endpoint
+                );
             }
             if !d.registered && d.last_register.elapsed() > Duration::from_secs(3) {
                 d.last_register = Instant::now();
@@ -248,6 +271,10 @@ fn main() -> anyhow::Result<()> {
                     // TS 1.1 Core §E.2: /1/x/9 Bootstrap-Request Trigger.
                     if p.object == 1 && p.resource == Some(9) {
                         d.rebootstrap = d.bs_psk.is_some();
+                    }
+                    // /5/0/2 Update (TS 1.1 Core E.6).
+                    if p.object == 5 && p.resource == Some(2) {
+                        d.updating_since = Some(Instant::now());
                     }
                 }
                 for r in ev.replies {
