@@ -218,8 +218,7 @@ fn main() -> anyhow::Result<()> {
             if let Some(g) = d.sim.fw_tick(Instant::now()) {
                 d.sock.send(&g, d.server)?;
             }
-            if d
-                .updating_since
+            if d.updating_since
                 .is_some_and(|t| t.elapsed() > Duration::from_secs(1))
             {
                 // The update ran: reboot into the new version, register again.
