@@ -659,6 +659,47 @@ fn pull_and_push_resume_after_a_new_registration_from_a_new_address_and_silence_
     );
 }
 
+/// A lossy link (every 9th datagram dropped each way), two shards: the
+/// gateway retransmits its requests and Block1 blocks, the device its block
+/// GETs, lost notifications are made up by the /5/0 poll; pull and push
+/// both end `succeeded` with the image intact.
+#[test]
+fn pull_and_push_survive_a_lossy_link() {
+    let broker = Broker::memory();
+    let gw = Gateway::start(
+        &broker,
+        2,
+        PROVISIONING,
+        "[coap]\nack_timeout_ms = 300\n[firmware]\npoll_s = 2\n",
+    );
+    let img = image(48 << 10);
+    upload(&gw, "fw-l", "2.0.0", &img);
+    let mut dev = Device::new("urn:imei:123", gw.coap, 1);
+    dev.sim.enable_firmware("1.0.0");
+    assert_eq!(dev.register(0), Code::CREATED);
+    dev.loss_every = Some(9);
+    for (id, method) in [("lossy-pull", "pull"), ("lossy-push", "push")] {
+        let id = rpc(
+            &gw,
+            DEV,
+            &format!(
+                r#"{{"rpc_id":"{id}","method":"firmware_update","params":{{"image":"fw-l","method":"{method}"}},"timeout_ms":120000}}"#
+            ),
+        );
+        let s = drive(
+            &gw,
+            &mut dev,
+            &id,
+            Duration::from_secs(120),
+            reboot_plain("2.0.0"),
+        );
+        assert_eq!(s["status"], "succeeded", "{method}: {s}");
+        assert_eq!(s["response"]["firmware_version"], "2.0.0");
+        assert_eq!(sha256_hex(dev.sim.fw_image()), sha256_hex(&img), "{method}");
+    }
+    assert!(gw.metric("retransmissions") > 0, "the loss was felt");
+}
+
 #[test]
 fn pull_and_push_of_2_mib_over_dtls() {
     use corem_lwm2m::testkit::dtls_client::ClientAuth;

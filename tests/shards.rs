@@ -237,6 +237,9 @@ fn thousand_port_register_burst_keeps_exactly_one() {
             server: gw.coap,
             dtls: None,
             requests_seen: Vec::new(),
+            loss_every: None,
+            sent_n: Default::default(),
+            recv_n: Default::default(),
         };
         dev.sock.set_nonblocking(false).unwrap();
         dev.sock

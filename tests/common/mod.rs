@@ -445,6 +445,10 @@ pub struct Device {
     pub dtls: Option<std::cell::RefCell<DtlsClient<Tap>>>,
     /// Requests the gateway sent us (path, code) — to count observations.
     pub requests_seen: Vec<(String, Code, Option<u32>)>,
+    /// Drop every Nth datagram each way (a lossy link), when set.
+    pub loss_every: Option<u64>,
+    pub sent_n: std::cell::Cell<u64>,
+    pub recv_n: std::cell::Cell<u64>,
 }
 
 impl Device {
@@ -458,6 +462,9 @@ impl Device {
             server,
             dtls: None,
             requests_seen: Vec::new(),
+            loss_every: None,
+            sent_n: std::cell::Cell::new(0),
+            recv_n: std::cell::Cell::new(0),
         }
     }
 
@@ -477,6 +484,12 @@ impl Device {
     }
 
     pub fn send(&self, d: &[u8]) {
+        if let Some(n) = self.loss_every {
+            self.sent_n.set(self.sent_n.get() + 1);
+            if self.sent_n.get() % n == 0 {
+                return;
+            }
+        }
         match &self.dtls {
             Some(c) => c.borrow_mut().send(d).unwrap(),
             None => {
@@ -485,8 +498,20 @@ impl Device {
         }
     }
 
-    /// One datagram (plaintext for DTLS), waiting up to ~50 ms.
+    /// One datagram (plaintext for DTLS), waiting up to ~50 ms; with
+    /// `loss_every`, every Nth one is dropped.
     pub fn recv_one(&self, buf: &mut [u8]) -> Option<usize> {
+        let n = self.recv_raw(buf)?;
+        if let Some(k) = self.loss_every {
+            self.recv_n.set(self.recv_n.get() + 1);
+            if self.recv_n.get() % k == 0 {
+                return None;
+            }
+        }
+        Some(n)
+    }
+
+    fn recv_raw(&self, buf: &mut [u8]) -> Option<usize> {
         match &self.dtls {
             Some(c) => {
                 let end = Instant::now() + Duration::from_millis(50);

@@ -34,7 +34,7 @@
 //! The RPC's deadline (`timeout_ms`) is the book's: it ends the job
 //! `timed_out` wherever it is.
 
-use super::content::{ResourcePath, CF_OPAQUE};
+use super::content::ResourcePath;
 use super::dm::{Op, Package};
 use super::encode::{WriteEntry, WriteValue};
 use super::rpc::{RpcOutcome, RpcStatus};
@@ -951,9 +951,6 @@ fn write_uri(u: &str) -> Op {
         format: None,
     }
 }
-
-/// The content format of a pushed package (TS 1.1 Core §7.4.5 opaque).
-pub const PACKAGE_FORMAT: u16 = CF_OPAQUE;
 
 #[cfg(test)]
 mod tests;

@@ -402,10 +402,10 @@ impl Server {
         // One lookup of the observation: its registration, path and what
         // the Observe number means for it.
         let seq = msg.observe();
-        let Some((token, reg_id, path, fresh)) = token_of(msg.token).and_then(|t| {
+        let Some((token, reg_id, path, fresh, owned)) = token_of(msg.token).and_then(|t| {
             self.obs.get(&t).map(|o| {
                 let f = seq.map_or(Freshness::Fresh, |s| o.window.check(now.instant, s));
-                (t, o.reg, o.path, f)
+                (t, o.reg, o.path, f, o.owner.is_some())
             })
         }) else {
             // RFC 7641 §3.6: a notification we have no interest in is
@@ -469,7 +469,9 @@ impl Server {
         if reg.queue_mode {
             self.device_awake(now, reg_id);
         }
-        self.forward_notification(now, token, path, msg);
+        if owned {
+            self.forward_notification(now, token, path, msg);
+        }
         let tag = self.tag_for(msg.mtype);
         let outcome = self.publish(now, ctx, reg_id, path, msg, Operation::Notify, tag);
         let record = |s: &mut Server| {
