@@ -180,6 +180,10 @@ struct State {
     creds_seen: u64,
     /// Kafka poll interval while records await the broker.
     poll: Duration,
+    /// Receive tasks in their coalescing loop: they wake every
+    /// `gateway.coalesce_us` and serve the producer then (see
+    /// [`State::serve_sink`]), so the timer task need not wake for it.
+    rx_coalescing: u32,
     /// Reports for the RPC control plane.
     rpc_events: Option<crossbeam_channel::Sender<RpcEvent>>,
     /// The bootstrap server of this shard (when `bootstrap.enabled`).
@@ -221,13 +225,31 @@ impl State {
         if let Some(d) = self.bs_timeout() {
             due = Some(due.map_or(d, |x| x.min(d)));
         }
-        if self.server.awaiting_delivery() > 0 || self.sink.in_flight() > 0 {
+        if self.needs_sink_poll() {
             let p = Instant::now() + self.poll;
             due = Some(due.map_or(p, |d| d.min(p)));
         }
         if due.is_some_and(|d| d < self.timer_at.get()) {
             let _ = self.nudge.try_send(());
         }
+    }
+
+    /// Whether the timer task must wake every `poll` to serve the producer:
+    /// records await the broker and no receive task is coalescing (one
+    /// that is serves it on its own wake-ups, so a loaded shard wakes once
+    /// per coalescing interval, not twice).
+    fn needs_sink_poll(&self) -> bool {
+        self.rx_coalescing == 0
+            && (self.server.awaiting_delivery() > 0 || self.sink.in_flight() > 0)
+    }
+
+    /// Serves the producer: delivery callbacks, then the answers they
+    /// release (CON ACKs held until the broker has the record).
+    fn serve_sink(&mut self, t: Now) {
+        self.sink.poll();
+        let server = &mut self.server;
+        self.sink
+            .drain_deliveries(|tag, ok| server.handle_delivery(t, tag, ok));
     }
 
     /// Runs `f` on the server with a context holding this batch's directory
@@ -914,6 +936,7 @@ async fn run_shard(a: ShardArgs) {
         stopping: false,
         creds_seen: 0,
         poll,
+        rx_coalescing: 0,
         rpc_events,
         bs,
     }));
@@ -1006,7 +1029,7 @@ async fn run_shard(a: ShardArgs) {
             if let Some(d) = st.bs_timeout() {
                 at = at.min(d);
             }
-            if st.server.awaiting_delivery() > 0 || st.sink.in_flight() > 0 {
+            if st.needs_sink_poll() {
                 at = at.min(t + poll);
             }
             st.timer_at.set(at);
@@ -1026,11 +1049,8 @@ async fn run_shard(a: ShardArgs) {
         }
         let mut st = state.borrow_mut();
         let st = &mut *st;
-        st.sink.poll();
         let t = now();
-        let server = &mut st.server;
-        st.sink
-            .drain_deliveries(|tag, ok| server.handle_delivery(t, tag, ok));
+        st.serve_sink(t);
         st.with_ctx(|srv, ctx| srv.handle_timeout(t, ctx));
         if let Some(d) = st.dtls.as_mut() {
             d.handle_timeout(t);
@@ -1186,6 +1206,7 @@ fn spawn_receiver(
     let batch = gw.recv_batch;
     let max = gw.max_datagram;
     let coalesce = Duration::from_micros(gw.coalesce_us);
+    let coalesce_max = Duration::from_micros(gw.coalesce_max_us.max(gw.coalesce_us));
     glommio::spawn_local(async move {
         // One byte more than the limit: a datagram that fills it is oversized.
         let mut first = vec![0u8; max + 1];
@@ -1295,17 +1316,68 @@ fn spawn_receiver(
                 glommio::yield_if_needed().await;
                 continue;
             }
+            state.borrow_mut().rx_coalescing += 1;
+            let mut interval = coalesce;
             loop {
-                glommio::timer::sleep(coalesce).await;
-                if drain(&mut rb) == 0 {
+                glommio::timer::sleep(interval).await;
+                {
+                    // The producer is served on this wake-up (the timer
+                    // task leaves it to us while we coalesce).
+                    let mut st = state.borrow_mut();
+                    st.serve_sink(now());
+                }
+                let n = drain(&mut rb);
+                if n == 0 {
                     break;
                 }
+                interval = next_interval(interval, n, batch, coalesce, coalesce_max);
             }
+            let mut st = state.borrow_mut();
+            st.rx_coalescing -= 1;
+            // Hand the producer back to the timer task (nudged if its next
+            // wake-up is later than the poll interval).
+            st.flush();
         }
     })
     .detach();
 }
 
+/// The next coalescing interval after a poll that found `n` datagrams: a
+/// wake-up costs about the same whatever it carries (the park, the timer,
+/// a cold cache), so aim at `batch / 2 ..= 2 × batch` datagrams per wake-up
+/// within `[min, max]`.
+fn next_interval(cur: Duration, n: usize, batch: usize, min: Duration, max: Duration) -> Duration {
+    if n < batch / 2 {
+        (cur * 2).min(max)
+    } else if n > batch * 2 {
+        (cur / 2).max(min)
+    } else {
+        cur
+    }
+}
+
 fn cfg_idle_ms(d: &DtlsEndpoint<OpensslAcceptor>) -> i64 {
     d.config().idle_timeout.as_millis() as i64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::next_interval;
+    use std::time::Duration;
+
+    #[test]
+    fn coalescing_interval_adapts_to_datagrams_per_wake() {
+        let ms = Duration::from_millis;
+        let (min, max) = (ms(1), ms(4));
+        // Few datagrams per wake-up: the interval doubles, up to max.
+        assert_eq!(next_interval(ms(1), 10, 64, min, max), ms(2));
+        assert_eq!(next_interval(ms(2), 31, 64, min, max), ms(4));
+        assert_eq!(next_interval(ms(4), 1, 64, min, max), ms(4));
+        // Within [batch/2, 2 × batch]: unchanged.
+        assert_eq!(next_interval(ms(2), 32, 64, min, max), ms(2));
+        assert_eq!(next_interval(ms(2), 128, 64, min, max), ms(2));
+        // Many: halves, down to min.
+        assert_eq!(next_interval(ms(4), 129, 64, min, max), ms(2));
+        assert_eq!(next_interval(ms(1), 2048, 64, min, max), ms(1));
+    }
 }

@@ -16,13 +16,13 @@ use super::{json, topic_for, DeliveryTag, Sink, SinkError, StatusEvent, Telemetr
 use crate::config::KafkaConfig;
 use crate::metrics::ShardMetrics;
 use crate::proto::lwm2m::output::BootstrapEvent;
+use crate::proto::FastMap;
 use crossbeam_channel::{Receiver, Sender};
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::DeliveryResult;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
 use rdkafka::ClientContext;
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -173,7 +173,9 @@ pub struct KafkaSink {
     producer: BaseProducer<ShardContext>,
     telemetry_template: String,
     status_template: String,
-    topics: HashMap<String, (String, String)>,
+    /// Telemetry and status topic of each tenant seen (foldhash: one fast
+    /// hash of the tenant per record).
+    topics: FastMap<String, (String, String)>,
     buf: Vec<u8>,
     queue_max: usize,
     metrics: Arc<ShardMetrics>,
@@ -199,7 +201,7 @@ impl KafkaSink {
             producer,
             telemetry_template: k.telemetry_topic.clone(),
             status_template: k.status_topic.clone(),
-            topics: HashMap::new(),
+            topics: FastMap::default(),
             buf: Vec::with_capacity(1024),
             queue_max: k.queue_max_messages as usize,
             metrics,
@@ -230,7 +232,9 @@ impl KafkaSink {
             );
             self.topics.insert(tenant.to_string(), t);
         }
-        let (t, s) = &self.topics[tenant];
+        let Some((t, s)) = self.topics.get(tenant) else {
+            return Err(SinkError::Rejected);
+        };
         let topic: &str = if telemetry { t } else { s };
         let rec = BaseRecord::with_opaque_to(topic, tag)
             .key(key)
