@@ -106,6 +106,13 @@ def cpu_per_point(name):
     return None
 
 
+def steady_cpu_per_point(name):
+    st = (rows.get(name) or {}).get("steady") or {}
+    if st.get("points"):
+        return st["cpu_s"] * 1e6 / st["points"]
+    return None
+
+
 out.append("")
 if "reg-storm-100k" in rows:
     r = rows["reg-storm-100k"]
@@ -137,9 +144,18 @@ if "idle-100k" in rows:
 # from the scenarios run by name: dtls-*, rpc-10k, the idle runs).
 for kind, target in [("non", 2.0), ("con", 4.0)]:
     full, half = cpu_per_point(f"{kind}-10k"), cpu_per_point(f"{kind}-10k-half")
+    sf, sh_ = steady_cpu_per_point(f"{kind}-10k"), steady_cpu_per_point(f"{kind}-10k-half")
+    if sf:
+        verdict = "met" if sf <= target else f"missed by {sf / target:.2f}×"
+        line = (f"* **{kind.upper()} CPU per point, steady state** (the middle half of the load): {sf:.2f} µs at the "
+                f"maximum rate (target ≤ {target:.0f} µs: {verdict})")
+        if sh_:
+            hv = "met" if sh_ / sf <= 1.3 else f"missed by {sh_ / sf / 1.3:.2f}×"
+            line += f"; {sh_:.2f} µs at half of it = **{sh_ / sf:.2f}×** (target ≤ 1.3: {hv})"
+        out.append(line)
     if full:
         verdict = "met" if full <= target else f"missed by {full / target:.2f}×"
-        line = (f"* **{kind.upper()} CPU per point**: {full:.2f} µs at the maximum rate (target ≤ {target:.0f} µs: {verdict})")
+        line = (f"* **{kind.upper()} CPU per point, whole run** (the table's column): {full:.2f} µs at the maximum rate (target ≤ {target:.0f} µs: {verdict})")
         if half:
             hv = "met" if half / full <= 1.3 else f"missed by {half / full / 1.3:.2f}×"
             line += f"; {half:.2f} µs at half of it = **{half / full:.2f}×** the full-rate cost (target ≤ 1.3: {hv})"
