@@ -181,7 +181,7 @@ struct State {
     /// Kafka poll interval while records await the broker.
     poll: Duration,
     /// Receive tasks in their coalescing loop: they wake every
-    /// `gateway.coalesce_us` and serve the producer then (see
+    /// `gateway.coalesce_us` ..= `coalesce_max_us` and serve the producer then (see
     /// [`State::serve_sink`]), so the timer task need not wake for it.
     rx_coalescing: u32,
     /// Reports for the RPC control plane.
