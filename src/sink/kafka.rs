@@ -173,8 +173,8 @@ pub struct KafkaSink {
     producer: BaseProducer<ShardContext>,
     telemetry_template: String,
     status_template: String,
-    /// Telemetry and status topic of each tenant seen (foldhash: one fast
-    /// hash of the tenant per record).
+    /// Telemetry and status topic of each tenant seen (foldhash instead of
+    /// SipHash: the tenant is hashed for every record).
     topics: FastMap<String, (String, String)>,
     buf: Vec<u8>,
     queue_max: usize,
@@ -232,9 +232,7 @@ impl KafkaSink {
             );
             self.topics.insert(tenant.to_string(), t);
         }
-        let Some((t, s)) = self.topics.get(tenant) else {
-            return Err(SinkError::Rejected);
-        };
+        let (t, s) = &self.topics[tenant];
         let topic: &str = if telemetry { t } else { s };
         let rec = BaseRecord::with_opaque_to(topic, tag)
             .key(key)
