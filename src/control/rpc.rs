@@ -21,7 +21,7 @@ use super::rpc_log::{RpcLog, WalLine};
 use crate::config::Config;
 use crate::proto::lwm2m::firmware::{FirmwareParams, FirmwarePlan, FwImage, ImageRef, UriBases};
 use crate::proto::lwm2m::profile::Profile;
-use crate::proto::lwm2m::rpc::{self, Presence, RpcEvent, RpcRequest};
+use crate::proto::lwm2m::rpc::{self, PresenceState, RpcEvent, RpcRequest};
 use crate::proto::lwm2m::server::ControlMsg;
 use crate::shard::runtime::ControlHandle;
 use crate::sink::topic_for;
@@ -57,11 +57,11 @@ enum Cmd {
     },
     OfDevice {
         device_id: String,
-        reply: Sender<(Vec<RpcRecord>, Option<Presence>)>,
+        reply: Sender<(Vec<RpcRecord>, Option<PresenceState>)>,
     },
     Presences {
         device_ids: Vec<String>,
-        reply: Sender<Vec<Option<Presence>>>,
+        reply: Sender<Vec<Option<PresenceState>>>,
     },
     CampaignCreate {
         spec: Box<CampaignSpec>,
@@ -166,7 +166,7 @@ impl RpcHandle {
 
     /// A device's RPCs (oldest first) and what the shards last reported of
     /// its registration.
-    pub fn of_device(&self, device_id: &str) -> (Vec<RpcRecord>, Option<Presence>) {
+    pub fn of_device(&self, device_id: &str) -> (Vec<RpcRecord>, Option<PresenceState>) {
         let (tx, rx) = crossbeam_channel::bounded(1);
         if self
             .0
@@ -183,7 +183,7 @@ impl RpcHandle {
 
     /// What the shards last reported of each device (None: never seen
     /// since the book started, or the service did not answer).
-    pub fn presences(&self, device_ids: Vec<String>) -> Vec<Option<Presence>> {
+    pub fn presences(&self, device_ids: Vec<String>) -> Vec<Option<PresenceState>> {
         let n = device_ids.len();
         let (tx, rx) = crossbeam_channel::bounded(1);
         if self

@@ -20,7 +20,7 @@
 use crate::proto::lwm2m::dm::Op;
 use crate::proto::lwm2m::firmware::{FirmwarePlan, FirmwareUpdate, FwImage, UriBases};
 use crate::proto::lwm2m::rpc::{
-    Presence, PresenceOrder, RpcEvent, RpcExec, RpcOutcome, RpcRequest, RpcStatus,
+    PresenceOrder, PresenceState, RpcEvent, RpcExec, RpcOutcome, RpcRequest, RpcStatus,
 };
 use serde::{Deserialize, Serialize};
 use std::cmp::Reverse;
@@ -122,7 +122,7 @@ pub struct RpcBook {
     /// The RPC each device is executing, and the presence report it was
     /// dispatched on.
     inflight: HashMap<String, (Arc<str>, PresenceOrder)>,
-    presence: HashMap<String, Presence>,
+    presence: HashMap<Box<str>, PresenceState>,
     deadlines: BinaryHeap<Reverse<(i64, Arc<str>)>>,
     /// Terminal records kept this long for duplicates and the API...
     retention_ms: i64,
@@ -213,7 +213,7 @@ impl RpcBook {
         }
     }
 
-    pub fn presence(&self, device_id: &str) -> Option<&Presence> {
+    pub fn presence(&self, device_id: &str) -> Option<&PresenceState> {
         self.presence.get(device_id)
     }
 
@@ -354,7 +354,7 @@ impl RpcBook {
             RpcEvent::Presence(p) => {
                 let newer = self
                     .presence
-                    .get(&p.device_id)
+                    .get(p.device_id.as_str())
                     .is_none_or(|old| p.order >= old.order);
                 if !newer {
                     return;
@@ -365,7 +365,8 @@ impl RpcBook {
                         j.handle_presence(now, &p.registration_id, p.online);
                     }
                 }
-                self.presence.insert(dev.clone(), p);
+                self.presence
+                    .insert(dev.clone().into_boxed_str(), PresenceState::from(p));
                 self.dispatch(now, &dev);
             }
             RpcEvent::Returned { rpc_id } if self.jobs.contains_key(&rpc_id) => {
@@ -376,7 +377,7 @@ impl RpcBook {
                     j.handle_returned();
                 }
                 let sent_on = self.inflight.get(&dev).map(|(_, o)| *o);
-                match self.presence.get_mut(&dev) {
+                match self.presence.get_mut(dev.as_str()) {
                     Some(p) if sent_on.is_some_and(|o| p.order > o) => self.dispatch(now, &dev),
                     Some(p) => p.reachable = false,
                     None => {}
@@ -443,7 +444,7 @@ impl RpcBook {
                 // A report newer than the one it went out on (the device
                 // moved shard, re-registered) still stands: send it there.
                 // Otherwise the shard knows better: wait for its next report.
-                match self.presence.get_mut(&dev) {
+                match self.presence.get_mut(dev.as_str()) {
                     Some(p) if sent_on.is_some_and(|o| p.order > o) => {
                         self.dispatch(now, &dev);
                     }
@@ -736,7 +737,7 @@ impl RpcBook {
             return;
         }
         let (shard, endpoint, order) = (p.shard, p.endpoint.clone(), p.order);
-        let (registration, dtls) = (p.registration_id.clone(), p.address.starts_with("coaps://"));
+        let (registration, dtls) = (p.registration_id.clone(), p.dtls);
         loop {
             let Some(id) = self.queues.get_mut(device_id).and_then(|q| q.pop_front()) else {
                 return;
@@ -764,7 +765,7 @@ impl RpcBook {
                         shard,
                         RpcExec {
                             rpc_id: id,
-                            endpoint: Arc::from(endpoint.as_str()),
+                            endpoint,
                             op,
                             deadline_ms: deadline,
                             job: false,
@@ -834,7 +835,7 @@ impl RpcBook {
                         shard,
                         RpcExec {
                             rpc_id: id.clone(),
-                            endpoint: Arc::from(endpoint.as_str()),
+                            endpoint,
                             op,
                             deadline_ms: deadline,
                             job: true,
@@ -920,6 +921,7 @@ impl RpcBook {
 mod tests {
     use super::*;
     use crate::proto::lwm2m::content::ResourcePath;
+    use crate::proto::lwm2m::rpc::Presence;
 
     fn req(id: &str, dev: &str) -> RpcRequest {
         RpcRequest {
@@ -943,7 +945,7 @@ mod tests {
         RpcEvent::Presence(Presence {
             device_id: dev.into(),
             tenant_id: "acme".into(),
-            endpoint: format!("ep-{dev}"),
+            endpoint: format!("ep-{dev}").into(),
             shard,
             order: (order, shard, 0),
             online,

@@ -166,6 +166,23 @@ impl Dedup {
             self.fifo_unprotected
                 .retain(|p| peers.get(p).is_some_and(|r| !r.protected));
         }
+        // A registration storm leaves a table sized for the whole fleet.
+        crate::proto::heap::shrink_map(&mut self.peers);
+        crate::proto::heap::shrink_deque(&mut self.fifo_all);
+        crate::proto::heap::shrink_deque(&mut self.fifo_unprotected);
+    }
+
+    /// Approximate heap bytes held (the peer table, spilled rings, queues).
+    pub fn heap_estimate(&self) -> usize {
+        use crate::proto::heap;
+        heap::map(&self.peers)
+            + self
+                .peers
+                .values()
+                .filter(|r| r.entries.spilled())
+                .map(|r| heap::buf::<Entry>(r.entries.capacity()))
+                .sum::<usize>()
+            + heap::buf::<PeerId>(self.fifo_all.capacity() + self.fifo_unprotected.capacity())
     }
 
     /// Peers with at least one live entry.

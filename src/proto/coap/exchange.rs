@@ -31,6 +31,7 @@ use super::codec::{Block, Message, MsgType};
 use super::dedup::{Cached, Dedup};
 use super::peer::PeerId;
 use crate::metrics::ShardMetrics;
+use crate::proto::heap;
 use crate::proto::FastMap;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -200,6 +201,38 @@ impl Exchanges {
 
     pub fn config(&self) -> &ExchangeConfig {
         &self.cfg
+    }
+
+    /// Approximate heap bytes of the exchange state, by structure.
+    pub fn heap_estimate(&self, out: &mut Vec<(&'static str, usize)>) {
+        out.push(("exchange: dedup", self.dedup.heap_estimate()));
+        out.push(("exchange: pending", heap::map(&self.pending)));
+        out.push(("exchange: by_mid", heap::map(&self.by_mid)));
+        let queues: usize = self
+            .peers
+            .values()
+            .map(|p| {
+                heap::buf::<Token>(p.queue.capacity())
+                    + if p.tokens.spilled() {
+                        heap::buf::<Token>(p.tokens.capacity())
+                    } else {
+                        0
+                    }
+            })
+            .sum();
+        out.push(("exchange: peers", heap::map(&self.peers) + queues));
+        out.push((
+            "exchange: retired MIDs",
+            heap::map(&self.retired) + heap::buf::<(Instant, PeerId)>(self.retired_fifo.capacity()),
+        ));
+        out.push((
+            "exchange: timers",
+            heap::buf::<Reverse<(Instant, Token)>>(self.timers.capacity()),
+        ));
+        out.push((
+            "exchange: output buffers",
+            self.out.capacity() + heap::buf::<(PeerId, u32, u32)>(self.out_meta.capacity()),
+        ));
     }
 
     // ------------------------------------------------------------ output
@@ -528,11 +561,19 @@ impl Exchanges {
                 p.next_mid = m.wrapping_add(1);
                 m
             }
-            None => {
-                let m = self.spare_mid;
-                self.spare_mid = m.wrapping_add(1);
-                m
-            }
+            // An idle peer continues its retired sequence (§4.4).
+            None => match self.retired.get_mut(&peer) {
+                Some((m, _)) => {
+                    let r = *m;
+                    *m = r.wrapping_add(1);
+                    r
+                }
+                None => {
+                    let m = self.spare_mid;
+                    self.spare_mid = m.wrapping_add(1);
+                    m
+                }
+            },
         }
     }
 
@@ -651,6 +692,15 @@ impl Exchanges {
                 State::Queued => po.queue.retain(|t| *t != tok),
                 State::Acked => {}
             }
+            if po.tokens.is_empty() && po.queue.is_empty() && po.in_flight == 0 {
+                // Nothing outstanding: an idle device costs no outbound
+                // state; only its next MID is remembered, for
+                // EXCHANGE_LIFETIME (RFC 7252 §4.4).
+                let next_mid = po.next_mid;
+                self.peers.remove(&p.peer);
+                self.retire(now, p.peer, next_mid);
+                return Some(p);
+            }
         }
         self.dispatch(now, p.peer);
         Some(p)
@@ -677,7 +727,30 @@ impl Exchanges {
     /// Drops every request and the outbound state of `peer` (it moved to
     /// another shard or went away). Nothing is reported.
     pub fn forget_peer(&mut self, now: Instant, peer: &PeerId) {
-        // Retired MIDs older than EXCHANGE_LIFETIME may be used again.
+        self.prune_retired(now);
+        if let Some(po) = self.peers.remove(peer) {
+            self.retire(now, *peer, po.next_mid);
+            for t in po.tokens {
+                if let Some(p) = self.pending.remove(&t) {
+                    if p.state != State::Queued {
+                        self.by_mid.remove(&(p.peer, p.mid));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Remembers the next MID of a peer whose outbound state went.
+    fn retire(&mut self, now: Instant, peer: PeerId, next_mid: u16) {
+        self.prune_retired(now);
+        self.retired.insert(peer, (next_mid, now));
+        self.retired_fifo.push_back((now, peer));
+        self.schedule_sweep(now);
+    }
+
+    /// Retired MIDs older than EXCHANGE_LIFETIME may be used again (and the
+    /// oldest go first past `MAX_RETIRED`).
+    fn prune_retired(&mut self, now: Instant) {
         let life = self.cfg.exchange_lifetime;
         while let Some((at, p)) = self.retired_fifo.front().copied() {
             if at + life > now && self.retired_fifo.len() < MAX_RETIRED {
@@ -686,17 +759,6 @@ impl Exchanges {
             self.retired_fifo.pop_front();
             if self.retired.get(&p).is_some_and(|(_, t)| *t == at) {
                 self.retired.remove(&p);
-            }
-        }
-        if let Some(po) = self.peers.remove(peer) {
-            self.retired.insert(*peer, (po.next_mid, now));
-            self.retired_fifo.push_back((now, *peer));
-            for t in po.tokens {
-                if let Some(p) = self.pending.remove(&t) {
-                    if p.state != State::Queued {
-                        self.by_mid.remove(&(p.peer, p.mid));
-                    }
-                }
             }
         }
     }
@@ -793,7 +855,16 @@ impl Exchanges {
             let before = self.dedup.evicted();
             self.dedup.sweep(now);
             debug_assert_eq!(before, self.dedup.evicted());
-            self.next_sweep = (self.dedup.peers() > 0).then_some(now + SWEEP);
+            self.prune_retired(now);
+            // Tables a burst grew give their memory back once idle.
+            heap::shrink_map(&mut self.retired);
+            heap::shrink_deque(&mut self.retired_fifo);
+            heap::shrink_map(&mut self.pending);
+            heap::shrink_map(&mut self.by_mid);
+            heap::shrink_map(&mut self.peers);
+            heap::shrink_heap(&mut self.timers);
+            self.next_sweep =
+                (self.dedup.peers() > 0 || !self.retired.is_empty()).then_some(now + SWEEP);
         }
         ShardMetrics::set(&self.metrics.dedup_peers, self.dedup.peers() as i64);
         ShardMetrics::set(&self.metrics.pending_requests, self.pending.len() as i64);
@@ -908,16 +979,18 @@ mod tests {
         let p = peer(1);
         get(&mut e, t0, p, 9);
         assert_eq!(sent(&mut e).len(), 1);
-        let mut now = t0;
         let mut times = Vec::new();
+        let mut failed = None;
         while let Some(t) = e.poll_timeout() {
-            if t > t0 + Duration::from_secs(200) {
+            if t > t0 + Duration::from_secs(400) {
                 break;
             }
-            now = t;
-            e.handle_timeout(now);
+            e.handle_timeout(t);
             if !sent(&mut e).is_empty() {
-                times.push((now - t0).as_secs_f64());
+                times.push((t - t0).as_secs_f64());
+            }
+            if failed.is_none() {
+                failed = e.poll_failed().map(|f| (f, t));
             }
         }
         assert_eq!(times.len(), 4, "MAX_RETRANSMIT = 4");
@@ -925,9 +998,13 @@ mod tests {
         // lands between 30 and 45 s (MAX_TRANSMIT_SPAN, §4.8.2).
         assert!(times[0] >= 2.0 && times[0] <= 3.0, "{times:?}");
         assert!(times[3] >= 30.0 && times[3] <= 45.0, "{times:?}");
-        let f = e.poll_failed().unwrap();
+        let (f, at) = failed.unwrap();
         assert_eq!((f.tag, f.reason), (9, FailReason::Timeout));
-        assert!(now - t0 <= Duration::from_secs(93), "MAX_TRANSMIT_WAIT");
+        assert!(at - t0 <= Duration::from_secs(93), "MAX_TRANSMIT_WAIT");
+        // The failed peer's outbound state is gone; its next MID is kept
+        // for EXCHANGE_LIFETIME only (§4.4), then the sweeps stop.
+        assert!(e.peers.is_empty());
+        assert!(e.retired.is_empty() && e.poll_timeout().is_none());
     }
 
     #[test]
@@ -1002,5 +1079,29 @@ mod tests {
                 separate: false
             }
         );
+    }
+
+    /// An answered peer keeps no outbound state (memory per idle device),
+    /// but its next request continues the MID sequence (RFC 7252 §4.4).
+    #[test]
+    fn idle_peers_are_retired_and_continue_their_mids() {
+        let t0 = Instant::now();
+        let mut e = ex();
+        let p = peer(1);
+        let a = get(&mut e, t0, p, 1);
+        let m1 = Message::decode(&sent(&mut e)[0].1).unwrap().message_id;
+        assert_eq!(e.peers.len(), 1);
+        let tb = a.to_be_bytes();
+        let resp = MessageBuilder::new(MsgType::Ack, Code::CONTENT)
+            .mid(m1)
+            .token(&tb)
+            .to_vec();
+        let m = Message::decode(&resp).unwrap();
+        assert!(matches!(e.handle(t0, p, &m), Inbound::Response { .. }));
+        assert!(e.peers.is_empty(), "no outbound state once answered");
+        assert_eq!(e.retired.get(&p).map(|r| r.0), Some(m1.wrapping_add(1)));
+        get(&mut e, t0 + Duration::from_secs(1), p, 2);
+        let m2 = Message::decode(&sent(&mut e)[0].1).unwrap().message_id;
+        assert_eq!(m2, m1.wrapping_add(1));
     }
 }

@@ -367,7 +367,7 @@ pub struct Registration {
     /// producers).
     pub status_seq: u64,
     /// Tokens of its established observations.
-    pub observations: SmallVec<[u64; 4]>,
+    pub observations: SmallVec<[u64; 2]>,
     /// The content format the device announced first (`ct=` on its root
     /// link, TS 1.1 Transport §6.2.1).
     pub preferred_cf: Option<u16>,
@@ -497,13 +497,48 @@ pub struct RegistrationState {
 /// The registrations of one shard.
 #[derive(Default)]
 pub struct Registry {
-    regs: FastMap<RegId, Registration>,
+    /// Boxed: the table's buckets stay small (an entry is 16 bytes however
+    /// big a registration grows) and a storm's spare capacity costs little.
+    regs: FastMap<RegId, Box<Registration>>,
     by_endpoint: FastMap<Arc<str>, RegId>,
     by_peer: FastMap<PeerId, RegId>,
     expiry: BinaryHeap<Reverse<(Instant, RegId)>>,
 }
 
 impl Registry {
+    /// Approximate heap bytes, by structure.
+    pub fn heap_estimate(&self, out: &mut Vec<(&'static str, usize)>) {
+        use crate::proto::heap;
+        out.push((
+            "registrations: table + boxed entries",
+            heap::map(&self.regs),
+        ));
+        let inner: usize = self
+            .regs
+            .values()
+            .map(|r| {
+                std::mem::size_of::<Registration>()
+                    + r.binding.len()
+                    + r.root_path.len()
+                    + heap::buf::<(u16, Option<u16>)>(r.objects.capacity())
+                    + if r.observations.spilled() {
+                        heap::buf::<u64>(r.observations.capacity())
+                    } else {
+                        0
+                    }
+            })
+            .sum();
+        out.push(("registrations: strings and object lists", inner));
+        out.push((
+            "registrations: indexes",
+            heap::map(&self.by_endpoint) + heap::map(&self.by_peer),
+        ));
+        out.push((
+            "registrations: expiry heap",
+            heap::buf::<Reverse<(Instant, RegId)>>(self.expiry.capacity()),
+        ));
+    }
+
     pub fn len(&self) -> usize {
         self.regs.len()
     }
@@ -511,10 +546,10 @@ impl Registry {
         self.regs.is_empty()
     }
     pub fn get(&self, id: RegId) -> Option<&Registration> {
-        self.regs.get(&id)
+        self.regs.get(&id).map(|r| &**r)
     }
     pub fn get_mut(&mut self, id: RegId) -> Option<&mut Registration> {
-        self.regs.get_mut(&id)
+        self.regs.get_mut(&id).map(|r| &mut **r)
     }
     pub fn contains(&self, id: RegId) -> bool {
         self.regs.contains_key(&id)
@@ -529,7 +564,7 @@ impl Registry {
         self.regs.keys().copied().collect()
     }
     pub fn iter(&self) -> impl Iterator<Item = &Registration> {
-        self.regs.values()
+        self.regs.values().map(|r| &**r)
     }
 
     /// Adds a registration. The caller removed any other registration of
@@ -538,11 +573,11 @@ impl Registry {
         self.expiry.push(Reverse((reg.expires_at, reg.id)));
         self.by_endpoint.insert(reg.endpoint.clone(), reg.id);
         self.by_peer.insert(reg.peer, reg.id);
-        self.regs.insert(reg.id, reg);
+        self.regs.insert(reg.id, Box::new(reg));
     }
 
     pub fn remove(&mut self, id: RegId) -> Option<Registration> {
-        let reg = self.regs.remove(&id)?;
+        let reg = *self.regs.remove(&id)?;
         if self.by_endpoint.get(&reg.endpoint) == Some(&id) {
             self.by_endpoint.remove(&reg.endpoint);
         }

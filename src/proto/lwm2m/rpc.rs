@@ -18,6 +18,7 @@ use super::encode::{WriteEntry, WriteValue};
 use super::profile::{builtin_type, Profile};
 use serde::{Deserialize, Serialize};
 use serde_json::Value as J;
+use std::sync::Arc;
 
 /// Field limits (the request comes from the network; Kafka or HTTP).
 pub const MAX_RPC_ID: usize = 128;
@@ -227,7 +228,9 @@ pub type PresenceOrder = (u64, u16, u32);
 pub struct Presence {
     pub device_id: String,
     pub tenant_id: String,
-    pub endpoint: String,
+    /// The registration's own name (shared, not copied).
+    #[serde(serialize_with = "ser_arc_str")]
+    pub endpoint: Arc<str>,
     pub shard: u16,
     #[serde(skip)]
     pub order: PresenceOrder,
@@ -245,6 +248,46 @@ pub struct Presence {
     pub last_seen: i64,
     /// Why it went offline (`deregistered`, `expired`, ...).
     pub reason: Option<&'static str>,
+}
+
+/// What the RPC book keeps of a device's latest [`Presence`]: what routes
+/// RPCs and what the device list shows (online, last_seen). The rest of a
+/// report describes the registration, which its shard holds and describes
+/// on demand; keeping it here too would cost hundreds of bytes per device.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PresenceState {
+    #[serde(serialize_with = "ser_arc_str")]
+    pub endpoint: Arc<str>,
+    pub shard: u16,
+    #[serde(skip)]
+    pub order: PresenceOrder,
+    pub online: bool,
+    pub reachable: bool,
+    pub registration_id: Box<str>,
+    /// Over a DTLS session.
+    pub dtls: bool,
+    pub last_seen: i64,
+    pub reason: Option<&'static str>,
+}
+
+fn ser_arc_str<S: serde::Serializer>(v: &Arc<str>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(v)
+}
+
+impl From<Presence> for PresenceState {
+    fn from(p: Presence) -> PresenceState {
+        PresenceState {
+            dtls: p.address.starts_with("coaps://"),
+            endpoint: p.endpoint,
+            shard: p.shard,
+            order: p.order,
+            online: p.online,
+            reachable: p.reachable,
+            registration_id: p.registration_id.into_boxed_str(),
+            last_seen: p.last_seen,
+            reason: p.reason,
+        }
+    }
 }
 
 /// What a shard reports to the RPC control plane.

@@ -743,7 +743,7 @@ pub(super) fn presence_of(
     Presence {
         device_id: r.entry.device_id.clone(),
         tenant_id: r.entry.tenant_id.clone(),
-        endpoint: r.endpoint.to_string(),
+        endpoint: r.endpoint.clone(),
         shard,
         order: (r.epoch.counter, r.epoch.shard, r.moves),
         online,

@@ -472,6 +472,37 @@ impl Server {
         self.cfg.shard
     }
 
+    /// Approximate heap bytes of this shard's protocol state, by structure
+    /// (tables at their capacity: what a burst grew stays until shrunk).
+    /// `benches/memory.rs` prints it per device.
+    pub fn heap_estimate(&self) -> Vec<(&'static str, usize)> {
+        use crate::proto::heap;
+        let mut out = Vec::new();
+        self.regs.heap_estimate(&mut out);
+        out.push(("observations", heap::map(&self.obs)));
+        out.push(("server requests", heap::map(&self.requests)));
+        out.push(("acks awaiting delivery", heap::map(&self.acks)));
+        out.push((
+            "homed + tombstones",
+            heap::map(&self.homed) + heap::map(&self.tombstones),
+        ));
+        out.push((
+            "rpc in flight + timers",
+            heap::map(&self.rpcs)
+                + heap::buf::<Reverse<(Instant, RegId)>>(
+                    self.rpc_timers.capacity() + self.awake_timers.capacity(),
+                ),
+        ));
+        out.push((
+            "queues (backlog, shard out, rpc events)",
+            heap::buf::<OwnedStatus>(self.backlog.capacity())
+                + heap::buf::<(Dest, ShardMsg)>(self.shard_out.capacity())
+                + heap::buf::<RpcEvent>(self.rpc_events.capacity()),
+        ));
+        self.ex.heap_estimate(&mut out);
+        out
+    }
+
     pub fn registration_count(&self) -> usize {
         self.regs.len()
     }

@@ -1327,7 +1327,7 @@ mod dm {
                 .unwrap();
         assert!(p.online && p.reachable);
         assert_eq!(
-            (p.device_id.as_str(), p.endpoint.as_str()),
+            (p.device_id.as_str(), &*p.endpoint),
             ("dev-123", "urn:imei:123")
         );
         let out = h.input(peer, &dev.deregister());
