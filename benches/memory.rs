@@ -221,6 +221,13 @@ fn main() {
         );
     }
     println!(
+        "\nsizes: Registration {} B, Observation {} B, PeerId {} B, PresenceState {} B",
+        std::mem::size_of::<corem_lwm2m::proto::lwm2m::registration::Registration>(),
+        std::mem::size_of::<corem_lwm2m::proto::lwm2m::observe::Observation>(),
+        std::mem::size_of::<PeerId>(),
+        std::mem::size_of::<corem_lwm2m::proto::lwm2m::rpc::PresenceState>(),
+    );
+    println!(
         "\n({} registrations, {} observations on the engine; {} presence reports)\n",
         e.registration_count(),
         e.observation_count(),

@@ -133,7 +133,10 @@ if "idle-100k" in rows:
                f"{r['gw_rss_kib_idle'] / 1024:.0f} MiB 10 s after the storm = **{per:,.0f} bytes per device** "
                f"(includes the Register exchanges still held for duplicate detection); "
                f"{r['gw_rss_kib_idle_late'] / 1024:.0f} MiB after EXCHANGE_LIFETIME ({act2:,} still registered) = "
-               f"**{per2:,.0f} bytes per device**")
+               f"**{per2:,.0f} bytes per device** (target ≤ 512 B)")
+    if r.get("reg_wall_s"):
+        out.append(f"* **registered** {act:,} devices in {r['reg_wall_s']} s; duplicate detection evicted "
+                   f"{r.get('dedup_evicted', 0):,} peers (cap: devices ÷ shards × 1.25)")
     if r.get("idle_wall_s"):
         out.append(f"* **idle CPU**: gateway CPU while the {act:,} devices sat idle: {r['idle_cpu_s']:.2f} s over "
                    f"{r['idle_wall_s']:.0f} s = **{100 * r['idle_cpu_s'] / r['idle_wall_s']:.2f}% of one core** "
