@@ -326,8 +326,87 @@ fn engine_benches(c: &mut Criterion) {
     g.finish();
 }
 
+/// One device's whole registration cycle through the engine, as the
+/// registration storm drives it: Register (status event, presence report),
+/// the profile's Observe requests answered with their first values, then
+/// De-register. Devices are pre-built so the device side is not timed; each
+/// iteration uses a fresh endpoint and address.
+fn registration_benches(c: &mut Criterion) {
+    const N: usize = 4096;
+    let d = Directory::default();
+    d.upsert_many((0..N).map(|i| ProvisionedEndpoint {
+        endpoint: format!("urn:imei:{i:015}"),
+        entry: entry(i),
+    }))
+    .unwrap();
+    let endpoints = d.snapshot();
+    let profiles = Profiles::from_profiles(vec![]).snapshot();
+    let mut g = c.benchmark_group("engine");
+    g.throughput(Throughput::Elements(1));
+    let mut e = Server::new(ServerConfig::default(), Arc::new(ShardMetrics::default()));
+    let mut sink = NullSink(Vec::with_capacity(512), Vec::new());
+    let t0 = Instant::now();
+    let mut i = 0usize;
+    g.bench_function("registration_cycle", |b| {
+        b.iter_batched(
+            || {
+                i += 1;
+                let k = i % N;
+                let dev = SimDevice::new(&format!("urn:imei:{k:015}"), k as u16);
+                let peer = PeerId::udp(std::net::SocketAddr::from((
+                    [10, (i >> 16) as u8, (i >> 8) as u8, i as u8],
+                    40_000 + (i % 20_000) as u16,
+                )));
+                (dev, peer, i)
+            },
+            |(mut dev, peer, i)| {
+                let now = Now {
+                    instant: t0 + Duration::from_micros(i as u64),
+                    wall_ms: 1_795_608_634_287 + i as i64 / 1000,
+                };
+                let mut inbound = vec![dev.register()];
+                for round in 0..21 {
+                    if inbound.is_empty() {
+                        if round > 0 {
+                            inbound.push(dev.deregister());
+                        }
+                        if inbound.is_empty() {
+                            break;
+                        }
+                    }
+                    let mut next = Vec::new();
+                    for m in inbound.drain(..) {
+                        let mut ctx = Ctx {
+                            endpoints: &endpoints,
+                            profiles: &profiles,
+                            sink: &mut sink,
+                        };
+                        e.handle_datagram(now, &mut ctx, peer, None, &m);
+                        for t in sink.1.drain(..) {
+                            e.handle_delivery(now, t, true);
+                        }
+                        let out: Vec<Vec<u8>> = e.transmits().map(|(_, d)| d.to_vec()).collect();
+                        e.clear_transmits();
+                        for o in out {
+                            next.extend(dev.handle(&o).replies);
+                        }
+                    }
+                    while e.poll_rpc_event().is_some() {}
+                    inbound = next;
+                    if inbound.is_empty() && e.registration_count() == 0 {
+                        break;
+                    }
+                }
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+}
+
 criterion_group!(
     benches,
+    registration_benches,
     coap_benches,
     payload_benches,
     directory_benches,
