@@ -334,10 +334,14 @@ fn engine_benches(c: &mut Criterion) {
 fn registration_benches(c: &mut Criterion) {
     const N: usize = 4096;
     let d = Directory::default();
-    d.upsert_many((0..N).map(|i| ProvisionedEndpoint {
-        endpoint: format!("urn:imei:{i:015}"),
-        entry: entry(i),
-    }))
+    d.upsert_many(
+        (0..N)
+            .map(|i| ProvisionedEndpoint {
+                endpoint: format!("urn:imei:{i:015}"),
+                entry: entry(i),
+            })
+            .collect(),
+    )
     .unwrap();
     let endpoints = d.snapshot();
     let profiles = Profiles::from_profiles(vec![]).snapshot();

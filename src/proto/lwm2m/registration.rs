@@ -355,7 +355,7 @@ pub struct Registration {
     pub queue_mode: bool,
     /// Alternate path from `</path>;rt="oma.lwm2m"`, `/` by default.
     pub root_path: Box<str>,
-    pub objects: Vec<(u16, Option<u16>)>,
+    pub objects: Box<[(u16, Option<u16>)]>,
     pub registered_at_ms: i64,
     pub last_seen_ms: i64,
     pub expires_at: Instant,
@@ -365,7 +365,9 @@ pub struct Registration {
     /// Status events published for it so far; the next one carries this
     /// number (orders a device's events when they come from several shards'
     /// producers).
-    pub status_seq: u64,
+    /// (u32 keeps the registration in a smaller allocation class; 4 billion
+    /// status events per registration do not happen.)
+    pub status_seq: u32,
     /// Tokens of its established observations.
     pub observations: SmallVec<[u64; 2]>,
     /// The content format the device announced first (`ct=` on its root
@@ -414,13 +416,13 @@ impl Registration {
             version: self.version,
             queue_mode: self.queue_mode,
             root_path: self.root_path.to_string(),
-            objects: self.objects.clone(),
+            objects: self.objects.to_vec(),
             registered_at_ms: self.registered_at_ms,
             last_seen_ms: self.last_seen_ms,
             expires_in_ms: self.expires_at.saturating_duration_since(now).as_millis() as u64,
             epoch: self.epoch,
             moves: self.moves,
-            status_seq: self.status_seq,
+            status_seq: self.status_seq as u64,
             observations,
             preferred_cf: self.preferred_cf,
         }
@@ -446,13 +448,13 @@ impl Registration {
             version: s.version,
             queue_mode: s.queue_mode,
             root_path: s.root_path.clone().into_boxed_str(),
-            objects: s.objects.clone(),
+            objects: s.objects.clone().into_boxed_slice(),
             registered_at_ms: s.registered_at_ms,
             last_seen_ms: s.last_seen_ms,
             expires_at: now + Duration::from_millis(s.expires_in_ms),
             epoch: s.epoch,
             moves: s.moves,
-            status_seq: s.status_seq,
+            status_seq: u32::try_from(s.status_seq).unwrap_or(u32::MAX),
             observations: SmallVec::new(),
             preferred_cf: s.preferred_cf,
             awake_until: None,
@@ -520,7 +522,7 @@ impl Registry {
                 std::mem::size_of::<Registration>()
                     + r.binding.len()
                     + r.root_path.len()
-                    + heap::buf::<(u16, Option<u16>)>(r.objects.capacity())
+                    + heap::buf::<(u16, Option<u16>)>(r.objects.len())
                     + if r.observations.spilled() {
                         heap::buf::<u64>(r.observations.capacity())
                     } else {

@@ -438,7 +438,7 @@ impl Server {
             queue_mode: reg.queue_mode,
             address: reg.peer.to_string(),
             objects: reg.object_links(),
-            seq: reg.status_seq,
+            seq: reg.status_seq as u64,
         });
         self.backlog_retry = Some(now.instant + Duration::from_millis(100));
     }
@@ -469,7 +469,7 @@ fn publish_status(
             queue_mode: reg.queue_mode,
             address: reg.peer.to_string(),
             objects: reg.object_links(),
-            seq: reg.status_seq,
+            seq: reg.status_seq as u64,
         },
     })
     .inspect(|()| reg.status_seq += 1)
