@@ -235,6 +235,8 @@ struct WorkerReport {
     registered: u64,
     register_failed: u64,
     register_retransmits: u64,
+    /// Register exchanges that timed out (the device tries again later).
+    register_timeouts: u64,
     observed: u64,
     notifications_sent: u64,
     notifications_acked: u64,
@@ -823,8 +825,12 @@ fn run_worker(a: &Args, index: usize, count: usize) -> anyhow::Result<()> {
                 if tries >= 4 {
                     d.outstanding = None;
                     if kind == K_REGISTER {
-                        rep.register_failed += 1;
-                        d.state = DevState::Failed;
+                        // As a real client (TS 1.1 Core §6.2.1.1, Server object
+                        // Communication Retry Timer): try again later, here
+                        // after 30 s, rather than give up.
+                        rep.register_timeouts += 1;
+                        d.state = DevState::Busy;
+                        d.registered_at = Instant::now() + Duration::from_secs(29);
                     }
                     if kind == K_DEREGISTER {
                         d.state = DevState::Done;
@@ -1600,6 +1606,7 @@ fn main() -> anyhow::Result<()> {
         total.registered += r.registered;
         total.register_failed += r.register_failed;
         total.register_retransmits += r.register_retransmits;
+        total.register_timeouts += r.register_timeouts;
         total.observed += r.observed;
         total.notifications_sent += r.notifications_sent;
         total.notifications_acked += r.notifications_acked;
@@ -1686,7 +1693,7 @@ fn main() -> anyhow::Result<()> {
         }) } else { serde_json::json!(null) },
         "registration": {
             "registered": total.registered, "failed": total.register_failed,
-            "retransmits": total.register_retransmits, "observed": total.observed,
+            "retransmits": total.register_retransmits, "timeouts": total.register_timeouts, "observed": total.observed,
             "seconds": total.register_seconds, "per_second": reg_rate, "latency": pct(&reg_h),
         },
         "notifications": {
