@@ -58,6 +58,9 @@ if "rpc-10k" in args.split():
 if "firmware" in args:
     rpc_env += (f" TELEMETRY_RATE={os.environ.get('TELEMETRY_RATE', '2000')} FW_DEVICES={os.environ.get('FW_DEVICES', '1000')}"
                 f" FW_CONCURRENCY={os.environ.get('FW_CONCURRENCY', '100')} FW_IMAGE_KIB={os.environ.get('FW_IMAGE_KIB', '1024')}")
+for var in ("SHARDS", "GW_CPUS", "BROKER_CPUS", "SCALE"):
+    if os.environ.get(var):
+        rpc_env += f" {var}={os.environ[var]}"
 out.append(f"* command: `ACK_AFTER={os.environ.get('ACK_AFTER', 'delivered')} DURATION={duration} DEVICES={devices} BIG={big}{rpc_env} perf/run-scenarios {args}`".replace("  ", " "))
 ack_after = os.environ.get("ACK_AFTER", "delivered")
 out.append(f"* gateway: release build, shards = one per core, `coalesce_us` 1000, kafka linger 5 ms, idempotent, acks=all, `ack_after = \"{ack_after}\"`; tansu 0.6.0 memory storage, a fresh broker per scenario; loopback UDP; host tuned with `tuning/apply`\n")
