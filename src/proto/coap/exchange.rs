@@ -749,11 +749,15 @@ impl Exchanges {
     }
 
     /// Retired MIDs older than EXCHANGE_LIFETIME may be used again (and the
-    /// oldest go first past `MAX_RETIRED`).
+    /// oldest go first past the cap: `MAX_RETIRED`, or the dedup cap when an
+    /// operator sized that for a bigger fleet, since every device whose
+    /// exchanges finished within EXCHANGE_LIFETIME is retired, a whole
+    /// registration storm at once).
     fn prune_retired(&mut self, now: Instant) {
         let life = self.cfg.exchange_lifetime;
+        let cap = MAX_RETIRED.max(self.cfg.dedup_max_peers);
         while let Some((at, p)) = self.retired_fifo.front().copied() {
-            if at + life > now && self.retired_fifo.len() < MAX_RETIRED {
+            if at + life > now && self.retired_fifo.len() < cap {
                 break;
             }
             self.retired_fifo.pop_front();
