@@ -668,6 +668,19 @@ impl Config {
         Ok(())
     }
 
+    /// Checks `[admin]`: its token loads, and an API reachable beyond
+    /// loopback has one (the gateway refuses to start otherwise).
+    pub fn check_admin(&self) -> Result<(), String> {
+        let token = self.admin.token()?;
+        if token.is_none() && !self.admin.listen.ip().is_loopback() {
+            return Err(format!(
+                "admin.listen {} is beyond loopback and no admin token is configured: set admin.token_file or admin.token_env, or listen on 127.0.0.1",
+                self.admin.listen
+            ));
+        }
+        Ok(())
+    }
+
     /// Checks `[bootstrap]` (URIs, the defaults' account).
     pub fn check_bootstrap(&self) -> Result<(), String> {
         let b = &self.bootstrap;
@@ -729,6 +742,27 @@ impl Config {
 mod tests {
     use super::*;
 
+    /// An admin API beyond loopback needs a token; on loopback it may be
+    /// open.
+    #[test]
+    fn admin_beyond_loopback_needs_a_token() {
+        let mut c = Config::default();
+        c.check_admin().unwrap();
+        c.admin.listen = "0.0.0.0:8080".parse().unwrap();
+        let e = c.check_admin().unwrap_err();
+        assert!(e.contains("beyond loopback"), "{e}");
+        c.admin.listen = "[::1]:8080".parse().unwrap();
+        c.check_admin().unwrap();
+        let dir = std::env::temp_dir().join(format!("corem-admin-token-{}", std::process::id()));
+        std::fs::write(&dir, "0123456789abcdef0123\n").unwrap();
+        c.admin.listen = "192.0.2.1:8080".parse().unwrap();
+        c.admin.token_file = Some(dir.clone());
+        c.check_admin().unwrap();
+        std::fs::write(&dir, "short").unwrap();
+        assert!(c.check_admin().unwrap_err().contains("16 characters"));
+        let _ = std::fs::remove_file(&dir);
+    }
+
     /// The shipped sample configurations parse (every key is known) and
     /// resolve their relative paths next to themselves.
     #[test]
@@ -742,6 +776,7 @@ mod tests {
             );
             assert_eq!(c.firmware_dir(), c.directory.snapshot_dir.join("firmware"));
             c.check_firmware().unwrap();
+            c.check_admin().unwrap();
         }
         let demo = Config::load(&root.join("config/demo.toml")).unwrap();
         assert!(demo.bootstrap.enabled && demo.bootstrap.generate_psk);

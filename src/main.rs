@@ -135,6 +135,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     if let Some(s) = args.shards {
         cfg.gateway.shards = s;
     }
+    cfg.check_admin().map_err(anyhow::Error::msg)?;
     cfg.check_bootstrap().map_err(anyhow::Error::msg)?;
     cfg.check_firmware().map_err(anyhow::Error::msg)?;
     let profiles = Arc::new(Profiles::load(cfg.profiles.dir.as_deref())?);

@@ -1,40 +1,141 @@
-//! Per-shard counters and gauges, rendered as Prometheus text by the admin
-//! server.
+//! Per-shard counters, gauges and histograms, rendered as Prometheus text
+//! (exposition format 0.0.4) by the admin server.
 //!
 //! Each shard owns one [`ShardMetrics`]; only that shard's thread writes it
 //! (relaxed atomic adds on its own cache lines), the admin thread only reads.
 //! Nothing on the packet path contends.
+//!
+//! Names follow the Prometheus conventions: the `corem_lwm2m_` prefix,
+//! counters end in `_total`, durations are histograms in seconds, sizes in
+//! bytes; `promtool check metrics` passes on the output (tests/metrics.rs).
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Upper bounds of the histogram buckets, in microseconds (rendered in
+/// seconds): 0.5 ms to 2 minutes, covering an in-process step (sub-ms), a
+/// device round trip (tens of ms to seconds with retransmissions) and an
+/// RPC to a sleeping device (minutes end up in `+Inf`).
+pub const BUCKETS_US: [u64; 17] = [
+    500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
+    2_500_000, 5_000_000, 10_000_000, 30_000_000, 60_000_000, 120_000_000,
+];
+
+/// A fixed-bucket latency histogram written by one thread and read by the
+/// admin thread (relaxed atomics; a scrape may see a sample in a bucket but
+/// not yet in the sum, which Prometheus tolerates).
+#[derive(Default, Debug)]
+pub struct Histogram {
+    /// Samples per bucket (not cumulative); the last one is `+Inf`.
+    buckets: [AtomicU64; BUCKETS_US.len() + 1],
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, d: Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        self.observe_us(us);
+    }
+
+    pub fn observe_us(&self, us: u64) {
+        let i = BUCKETS_US
+            .iter()
+            .position(|&b| us <= b)
+            .unwrap_or(BUCKETS_US.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    /// Samples observed so far.
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()
+    }
+
+    /// `name_bucket` / `name_sum` / `name_count` lines with `labels`
+    /// (`shard="0"` or empty) in front of `le`.
+    pub fn render(&self, name: &str, labels: &str, out: &mut String) {
+        let sep = if labels.is_empty() { "" } else { "," };
+        let mut cum = 0u64;
+        for (i, b) in self.buckets.iter().enumerate() {
+            cum += b.load(Ordering::Relaxed);
+            match BUCKETS_US.get(i) {
+                Some(&le) => {
+                    let _ = writeln!(
+                        out,
+                        "{name}_bucket{{{labels}{sep}le=\"{}\"}} {cum}",
+                        le as f64 / 1e6
+                    );
+                }
+                None => {
+                    let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {cum}");
+                }
+            }
+        }
+        let sum = self.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
+        let lb = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{labels}}}")
+        };
+        let _ = writeln!(out, "{name}_sum{lb} {sum}");
+        let _ = writeln!(out, "{name}_count{lb} {cum}");
+    }
+}
+
+/// `# HELP` and `# TYPE` lines of one metric family.
+pub fn family_header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
 
 macro_rules! metrics {
-    (counters { $($c:ident : $chelp:literal,)* } gauges { $($g:ident : $ghelp:literal,)* }) => {
-        /// Counters and gauges of one shard.
+    (counters { $($c:ident : $chelp:literal,)* }
+     gauges { $($g:ident : $ghelp:literal,)* }
+     histograms { $($h:ident : $hhelp:literal,)* }) => {
+        /// Counters, gauges and histograms of one shard.
         #[derive(Default, Debug)]
         #[repr(align(128))]
         pub struct ShardMetrics {
             $(pub $c: AtomicU64,)*
             $(pub $g: AtomicI64,)*
+            $(pub $h: Histogram,)*
         }
 
         impl ShardMetrics {
             /// (name, help, kind, values per shard) for every metric.
             fn render_all(shards: &[&ShardMetrics], out: &mut String) {
                 $(
-                    let _ = writeln!(out, "# HELP corem_lwm2m_{} {}", stringify!($c), $chelp);
-                    let _ = writeln!(out, "# TYPE corem_lwm2m_{} counter", stringify!($c));
+                    let name = concat!("corem_lwm2m_", stringify!($c), "_total");
+                    family_header(out, name, "counter", $chelp);
                     for (i, s) in shards.iter().enumerate() {
-                        let _ = writeln!(out, "corem_lwm2m_{}{{shard=\"{}\"}} {}", stringify!($c), i, s.$c.load(Ordering::Relaxed));
+                        let _ = writeln!(out, "{name}{{shard=\"{}\"}} {}", i, s.$c.load(Ordering::Relaxed));
                     }
                 )*
                 $(
-                    let _ = writeln!(out, "# HELP corem_lwm2m_{} {}", stringify!($g), $ghelp);
-                    let _ = writeln!(out, "# TYPE corem_lwm2m_{} gauge", stringify!($g));
+                    let name = concat!("corem_lwm2m_", stringify!($g));
+                    family_header(out, name, "gauge", $ghelp);
                     for (i, s) in shards.iter().enumerate() {
-                        let _ = writeln!(out, "corem_lwm2m_{}{{shard=\"{}\"}} {}", stringify!($g), i, s.$g.load(Ordering::Relaxed));
+                        let _ = writeln!(out, "{name}{{shard=\"{}\"}} {}", i, s.$g.load(Ordering::Relaxed));
                     }
                 )*
+                $(
+                    let name = concat!("corem_lwm2m_", stringify!($h));
+                    family_header(out, name, "histogram", $hhelp);
+                    for (i, s) in shards.iter().enumerate() {
+                        s.$h.render(name, &format!("shard=\"{i}\""), out);
+                    }
+                )*
+            }
+
+            /// Every metric family name the shards export (as rendered, with
+            /// `_total` on counters), for the dashboard check.
+            pub fn family_names() -> Vec<String> {
+                let mut v = Vec::new();
+                $(v.push(concat!("corem_lwm2m_", stringify!($c), "_total").to_string());)*
+                $(v.push(concat!("corem_lwm2m_", stringify!($g)).to_string());)*
+                $(v.push(concat!("corem_lwm2m_", stringify!($h)).to_string());)*
+                v
             }
 
             /// Snapshot as (name, value) pairs, for tests and the JSON status page.
@@ -166,6 +267,14 @@ metrics! {
         bootstrap_sessions: "bootstrap sessions in progress on the shard",
         bootstrap_dtls_sessions: "DTLS sessions on the bootstrap listener",
     }
+    histograms {
+        registration_setup_seconds: "time from a Register to the last answer to the observations the profile asks for (telemetry flowing; 0 observations: the 2.01)",
+        observe_setup_seconds: "time from an Observe request sent to the device's answer (retransmissions included)",
+        con_ack_delay_seconds: "time a CON message's acknowledgement waited for the broker to confirm its records (kafka.ack_after = delivered)",
+        kafka_delivery_seconds: "time from a record's production (notification or event processed) to the broker's acknowledgement",
+        rpc_device_seconds: "time from an RPC request sent to the device to its final answer (Block2 continuations included)",
+        dtls_handshake_seconds: "time from a verified ClientHello to the completed DTLS handshake",
+    }
 }
 
 impl ShardMetrics {
@@ -187,16 +296,210 @@ impl ShardMetrics {
     }
 }
 
-/// Renders all shards' metrics in the Prometheus text exposition format.
-pub fn render_prometheus(shards: &[std::sync::Arc<ShardMetrics>], extra: &[(&str, i64)]) -> String {
-    let mut out = String::with_capacity(16 * 1024);
+/// Renders all shards' metrics in the Prometheus text exposition format,
+/// then `extra` process-wide gauges (name without prefix, help, value).
+pub fn render_prometheus(
+    shards: &[std::sync::Arc<ShardMetrics>],
+    extra: &[(&str, &str, i64)],
+) -> String {
+    let mut out = String::with_capacity(64 * 1024);
     let refs: Vec<&ShardMetrics> = shards.iter().map(|s| s.as_ref()).collect();
     ShardMetrics::render_all(&refs, &mut out);
-    for (name, v) in extra {
-        let _ = writeln!(out, "# TYPE corem_lwm2m_{name} gauge");
-        let _ = writeln!(out, "corem_lwm2m_{name} {v}");
+    for (name, help, v) in extra {
+        let name = format!("corem_lwm2m_{name}");
+        family_header(&mut out, &name, "gauge", help);
+        let _ = writeln!(out, "{name} {v}");
     }
     out
+}
+
+/// The control plane's RPC figures (written by the RPC service thread).
+#[derive(Default, Debug)]
+pub struct RpcMetrics {
+    /// RPCs accepted (HTTP or the Kafka request topic).
+    pub accepted: AtomicU64,
+    /// Terminal statuses by [`RpcMetrics::STATUSES`].
+    pub finished: [AtomicU64; 4],
+    /// Accepted → terminal status.
+    pub duration: Histogram,
+}
+
+impl RpcMetrics {
+    pub const STATUSES: [&'static str; 4] = ["succeeded", "failed", "timed_out", "expired"];
+
+    /// Records a terminal status (`status` one of [`RpcMetrics::STATUSES`])
+    /// reached `ms` after the RPC was accepted.
+    pub fn finished(&self, status: &str, ms: i64) {
+        if let Some(i) = Self::STATUSES.iter().position(|s| *s == status) {
+            self.finished[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.duration.observe_us(ms.max(0) as u64 * 1000);
+    }
+
+    pub fn render(&self, out: &mut String) {
+        family_header(
+            out,
+            "corem_lwm2m_rpc_accepted_total",
+            "counter",
+            "platform RPCs accepted (admin API or the Kafka request topic)",
+        );
+        let _ = writeln!(
+            out,
+            "corem_lwm2m_rpc_accepted_total {}",
+            self.accepted.load(Ordering::Relaxed)
+        );
+        family_header(
+            out,
+            "corem_lwm2m_rpc_finished_total",
+            "counter",
+            "platform RPCs that reached a terminal status, by status",
+        );
+        for (i, st) in Self::STATUSES.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "corem_lwm2m_rpc_finished_total{{status=\"{st}\"}} {}",
+                self.finished[i].load(Ordering::Relaxed)
+            );
+        }
+        family_header(
+            out,
+            "corem_lwm2m_rpc_duration_seconds",
+            "histogram",
+            "time from an RPC's acceptance to its terminal status (queueing for an asleep or offline device included)",
+        );
+        self.duration
+            .render("corem_lwm2m_rpc_duration_seconds", "", out);
+    }
+
+    /// The metric family names [`RpcMetrics::render`] writes.
+    pub const FAMILIES: [&'static str; 3] = [
+        "corem_lwm2m_rpc_accepted_total",
+        "corem_lwm2m_rpc_finished_total",
+        "corem_lwm2m_rpc_duration_seconds",
+    ];
+}
+
+/// The standard `process_*` metrics (as the Prometheus client libraries
+/// export them) of this process, read from /proc at scrape time, and
+/// `corem_lwm2m_build_info`.
+pub fn render_process(out: &mut String) {
+    family_header(
+        out,
+        "corem_lwm2m_build_info",
+        "gauge",
+        "always 1; the version of the running gateway in its label",
+    );
+    let _ = writeln!(
+        out,
+        "corem_lwm2m_build_info{{version=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION")
+    );
+    let Some(p) = ProcessStats::read() else {
+        return;
+    };
+    let mut g = |name: &str, kind: &str, help: &str, v: f64| {
+        family_header(out, name, kind, help);
+        let _ = writeln!(out, "{name} {v}");
+    };
+    g(
+        "process_cpu_seconds_total",
+        "counter",
+        "Total user and system CPU time spent in seconds.",
+        p.cpu_seconds,
+    );
+    g(
+        "process_resident_memory_bytes",
+        "gauge",
+        "Resident memory size in bytes.",
+        p.rss_bytes as f64,
+    );
+    g(
+        "process_virtual_memory_bytes",
+        "gauge",
+        "Virtual memory size in bytes.",
+        p.vsize_bytes as f64,
+    );
+    g(
+        "process_start_time_seconds",
+        "gauge",
+        "Start time of the process since unix epoch in seconds.",
+        p.start_time_s,
+    );
+    g(
+        "process_open_fds",
+        "gauge",
+        "Number of open file descriptors.",
+        p.open_fds as f64,
+    );
+    g(
+        "process_max_fds",
+        "gauge",
+        "Maximum number of open file descriptors.",
+        p.max_fds as f64,
+    );
+    g(
+        "process_threads",
+        "gauge",
+        "Number of OS threads in the process.",
+        p.threads as f64,
+    );
+}
+
+/// This process's figures from /proc (Linux).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ProcessStats {
+    pub cpu_seconds: f64,
+    pub rss_bytes: u64,
+    pub vsize_bytes: u64,
+    pub start_time_s: f64,
+    pub open_fds: u64,
+    pub max_fds: u64,
+    pub threads: u64,
+}
+
+impl ProcessStats {
+    pub fn read() -> Option<ProcessStats> {
+        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        // proc(5): the command name is in parentheses and may hold spaces;
+        // fields are counted after the last ')'. Field 3 (state) is the
+        // first after it.
+        let rest = &stat[stat.rfind(')')? + 2..];
+        let f: Vec<&str> = rest.split_ascii_whitespace().collect();
+        let field = |n: usize| -> Option<u64> { f.get(n - 3)?.parse().ok() };
+        // SAFETY: sysconf has no memory-safety preconditions.
+        let (tck, page) = unsafe {
+            (
+                libc::sysconf(libc::_SC_CLK_TCK).max(1) as f64,
+                libc::sysconf(libc::_SC_PAGESIZE).max(1) as u64,
+            )
+        };
+        let btime = std::fs::read_to_string("/proc/stat")
+            .ok()?
+            .lines()
+            .find_map(|l| l.strip_prefix("btime ")?.trim().parse::<f64>().ok())?;
+        let open_fds = std::fs::read_dir("/proc/self/fd")
+            .map(|d| d.count() as u64)
+            .unwrap_or(0);
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes into the struct we pass.
+        let max_fds = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+            lim.rlim_cur
+        } else {
+            0
+        };
+        Some(ProcessStats {
+            cpu_seconds: (field(14)? + field(15)?) as f64 / tck,
+            threads: field(20)?,
+            start_time_s: btime + field(22)? as f64 / tck,
+            vsize_bytes: field(23)?,
+            rss_bytes: field(24)? * page,
+            open_fds,
+            max_fds,
+        })
+    }
 }
 
 #[cfg(test)]
@@ -211,10 +514,48 @@ mod tests {
         ShardMetrics::inc(&a.datagrams_rx);
         ShardMetrics::add(&b.datagrams_rx, 5);
         ShardMetrics::set(&b.registrations_active, 3);
-        let t = render_prometheus(&[a, b], &[("directory_endpoints", 7)]);
-        assert!(t.contains("corem_lwm2m_datagrams_rx{shard=\"0\"} 1\n"));
-        assert!(t.contains("corem_lwm2m_datagrams_rx{shard=\"1\"} 5\n"));
+        a.con_ack_delay_seconds
+            .observe(Duration::from_micros(700));
+        a.con_ack_delay_seconds.observe(Duration::from_secs(500));
+        let t = render_prometheus(&[a, b], &[("directory_endpoints", "endpoints", 7)]);
+        assert!(t.contains("corem_lwm2m_datagrams_rx_total{shard=\"0\"} 1\n"));
+        assert!(t.contains("corem_lwm2m_datagrams_rx_total{shard=\"1\"} 5\n"));
+        assert!(t.contains("# TYPE corem_lwm2m_datagrams_rx_total counter\n"));
         assert!(t.contains("corem_lwm2m_registrations_active{shard=\"1\"} 3\n"));
         assert!(t.contains("corem_lwm2m_directory_endpoints 7\n"));
+        assert!(t.contains("# TYPE corem_lwm2m_con_ack_delay_seconds histogram\n"));
+        // Cumulative buckets: 700 µs falls in le=0.001, 500 s only in +Inf.
+        assert!(t.contains("corem_lwm2m_con_ack_delay_seconds_bucket{shard=\"0\",le=\"0.0005\"} 0\n"));
+        assert!(t.contains("corem_lwm2m_con_ack_delay_seconds_bucket{shard=\"0\",le=\"0.001\"} 1\n"));
+        assert!(t.contains("corem_lwm2m_con_ack_delay_seconds_bucket{shard=\"0\",le=\"120\"} 1\n"));
+        assert!(t.contains("corem_lwm2m_con_ack_delay_seconds_bucket{shard=\"0\",le=\"+Inf\"} 2\n"));
+        assert!(t.contains("corem_lwm2m_con_ack_delay_seconds_count{shard=\"0\"} 2\n"));
+        let sum: f64 = t
+            .lines()
+            .find_map(|l| l.strip_prefix("corem_lwm2m_con_ack_delay_seconds_sum{shard=\"0\"} "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((sum - 500.0007).abs() < 1e-9);
+        assert!(t.contains("corem_lwm2m_con_ack_delay_seconds_count{shard=\"1\"} 0\n"));
+        for f in ShardMetrics::family_names() {
+            assert!(t.contains(&format!("# TYPE {f} ")), "{f}");
+        }
+    }
+
+    #[test]
+    fn process_stats_read() {
+        let p = ProcessStats::read().expect("/proc");
+        assert!(p.rss_bytes > 0 && p.vsize_bytes >= p.rss_bytes);
+        assert!(p.threads >= 1 && p.open_fds >= 3 && p.max_fds >= p.open_fds);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        assert!(p.start_time_s <= now + 1.0 && p.start_time_s > now - 86_400.0 * 365.0);
+        let mut out = String::new();
+        render_process(&mut out);
+        assert!(out.contains("# TYPE process_cpu_seconds_total counter\n"));
+        assert!(out.contains("corem_lwm2m_build_info{version=\""));
     }
 }

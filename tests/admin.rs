@@ -368,3 +368,60 @@ fn device_api_lists_pages_and_describes_registrations() {
     let (code, v) = get(admin, "/v1/devices/no-such-device");
     assert_eq!((code, v["code"].as_str()), (404, Some("not_found")));
 }
+
+/// The control plane is never open beyond loopback: the gateway refuses to
+/// start (exit code 1, the reason on stderr) when the admin API would
+/// listen on a non-loopback address without a token; `--check` says the
+/// same; with a token it starts.
+#[test]
+fn refuses_an_admin_api_beyond_loopback_without_a_token() {
+    let dir = tempdir();
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("gateway.toml");
+    let port = free_tcp_port();
+    std::fs::write(
+        &cfg,
+        format!(
+            "[gateway]\nlisten = \"127.0.0.1:{}\"\nshards = 1\n[admin]\nlisten = \"0.0.0.0:{port}\"\n[directory]\nsnapshot_dir = \"snap\"\n",
+            free_udp_port()
+        ),
+    )
+    .unwrap();
+    for check in [true, false] {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_corem-lwm2m"));
+        cmd.arg("--config").arg(&cfg);
+        if check {
+            cmd.arg("--check");
+        }
+        let out = cmd
+            .env_remove("RUST_LOG")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "check={check}: {err}");
+        assert!(
+            err.contains("beyond loopback") && err.contains("admin.token_file"),
+            "check={check}: {err}"
+        );
+    }
+    // With a token file the same configuration passes the check.
+    std::fs::write(dir.join("token"), "an-admin-token-of-32-characters!\n").unwrap();
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "[admin]\n",
+        &format!("[admin]\ntoken_file = \"{}\"\n", dir.join("token").display()),
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_corem-lwm2m"))
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--check")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

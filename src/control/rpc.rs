@@ -24,6 +24,8 @@ use crate::proto::lwm2m::profile::Profile;
 use crate::proto::lwm2m::rpc::{self, PresenceState, RpcEvent, RpcRequest};
 use crate::proto::lwm2m::server::ControlMsg;
 use crate::shard::runtime::ControlHandle;
+use crate::metrics::RpcMetrics;
+use crate::proto::lwm2m::rpc::RpcStatus;
 use crate::sink::topic_for;
 use crossbeam_channel::{Receiver, Sender};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
@@ -89,11 +91,16 @@ enum Cmd {
 
 /// Talks to the RPC service from any thread (cheap to clone).
 #[derive(Clone)]
-pub struct RpcHandle(Sender<Cmd>);
+pub struct RpcHandle(Sender<Cmd>, Arc<RpcMetrics>);
 
 const ANSWER: Duration = Duration::from_secs(10);
 
 impl RpcHandle {
+    /// The service's figures (for `/metrics`).
+    pub fn metrics(&self) -> &Arc<RpcMetrics> {
+        &self.1
+    }
+
     /// Creates a firmware campaign; its view, or (HTTP status, why not).
     pub fn campaign_create(&self, spec: CampaignSpec) -> Result<J, (u16, String)> {
         let (tx, rx) = crossbeam_channel::bounded(1);
@@ -351,7 +358,9 @@ impl RpcService {
             .create()
             .map_err(|e| RpcServiceError::Kafka(e.to_string()))?;
         let (tx, rx) = crossbeam_channel::unbounded();
+        let metrics = Arc::new(RpcMetrics::default());
         let st = Worker {
+            metrics: metrics.clone(),
             book,
             log,
             producer,
@@ -387,7 +396,7 @@ impl RpcService {
             .spawn(move || st.run(rx, events))
             .map_err(|e| RpcServiceError::Log(dir, e))?;
         Ok(RpcService {
-            handle: RpcHandle(tx),
+            handle: RpcHandle(tx, metrics),
             thread: Some(thread),
             intake: intake_thread,
             stop,
@@ -412,6 +421,7 @@ impl RpcService {
 }
 
 struct Worker {
+    metrics: Arc<RpcMetrics>,
     book: RpcBook,
     log: RpcLog,
     producer: BaseProducer,
@@ -657,7 +667,7 @@ impl Worker {
                 self.campaigns.handle_status(
                     wall_ms(),
                     &id,
-                    crate::proto::lwm2m::rpc::RpcStatus::Failed,
+                    RpcStatus::Failed,
                 );
             }
         }
@@ -765,6 +775,12 @@ impl Worker {
             let _ = tx.send(r);
         }
         while let Some(rec) = self.book.poll_status() {
+            if rec.status == RpcStatus::Queued {
+                self.metrics.accepted.fetch_add(1, Ordering::Relaxed);
+            } else if rec.status.is_terminal() {
+                self.metrics
+                    .finished(rec.status.as_str(), rec.updated_at - rec.accepted_at);
+            }
             self.campaigns
                 .handle_status(rec.updated_at, &rec.rpc_id, rec.status);
             let topic = topic_for(&self.status_topic, &rec.tenant_id);

@@ -67,8 +67,20 @@ impl ProducerContext for ShardContext {
     type DeliveryOpaque = usize;
     fn delivery(&self, r: &DeliveryResult<'_>, tag: usize) {
         let ok = match r {
-            Ok(_) => {
+            Ok(m) => {
                 ShardMetrics::inc(&self.metrics.kafka_delivered);
+                // librdkafka stamps each record with its production time
+                // (CreateTime, ms) when we give none.
+                use rdkafka::Message;
+                if let Some(ms) = m.timestamp().to_millis() {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_millis() as i64)
+                        .unwrap_or(ms);
+                    self.metrics
+                        .kafka_delivery_seconds
+                        .observe_us(now.saturating_sub(ms).max(0) as u64 * 1000);
+                }
                 true
             }
             Err((e, m)) => {

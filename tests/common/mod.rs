@@ -343,14 +343,20 @@ impl Gateway {
         self.log.lock().unwrap().iter().any(|l| l.contains(s))
     }
 
-    /// Sum of a counter over shards, from /metrics.
+    /// Sum of a counter or gauge over shards, from /metrics (`name` as in
+    /// the shard's metrics: a counter's `_total` suffix is added here).
     pub fn metric(&self, name: &str) -> i64 {
         self.metric_by_shard(name).iter().sum()
     }
 
     pub fn metric_by_shard(&self, name: &str) -> Vec<i64> {
         let (_, body) = http(self.admin, "GET", "/metrics", "").unwrap();
-        let prefix = format!("corem_lwm2m_{name}{{");
+        let counter = format!("# TYPE corem_lwm2m_{name}_total counter");
+        let prefix = if body.lines().any(|l| l == counter) {
+            format!("corem_lwm2m_{name}_total{{")
+        } else {
+            format!("corem_lwm2m_{name}{{")
+        };
         body.lines()
             .filter(|l| l.starts_with(&prefix))
             .filter_map(|l| l.rsplit(' ').next()?.parse().ok())

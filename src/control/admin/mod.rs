@@ -95,7 +95,12 @@ impl AdminServer {
     pub fn start(cfg: &AdminConfig, mut state: AdminState) -> Result<AdminServer, AdminError> {
         let token = cfg.token().map_err(AdminError::Token)?;
         if token.is_none() && !cfg.listen.ip().is_loopback() {
-            tracing::warn!(listen = %cfg.listen, "the admin API listens beyond loopback without a token (admin.token_file / admin.token_env)");
+            // The API provisions devices, sends RPCs and uploads firmware:
+            // beyond loopback it is never open.
+            return Err(AdminError::Token(format!(
+                "admin.listen {} is beyond loopback and no admin token is configured: set admin.token_file or admin.token_env, or listen on 127.0.0.1",
+                cfg.listen
+            )));
         }
         let listener = std::net::TcpListener::bind(cfg.listen)
             .map_err(|e| AdminError::Listen(cfg.listen, e.to_string()))?;

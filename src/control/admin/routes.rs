@@ -194,8 +194,19 @@ pub(super) fn query_param(query: &str, key: &str) -> Option<String> {
 }
 
 pub fn metrics(st: &AdminState) -> Reply {
-    let extra = [("directory_endpoints", st.directory.len() as i64)];
+    let extra = [
+        (
+            "directory_endpoints",
+            "endpoints provisioned in the device directory",
+            st.directory.len() as i64,
+        ),
+        ("shards", "shards (cores) serving devices", st.metrics.len() as i64),
+    ];
     let mut out = render_prometheus(&st.metrics, &extra);
+    if let Some(rpc) = &st.rpc {
+        rpc.metrics().render(&mut out);
+    }
+    crate::metrics::render_process(&mut out);
     if let Some(c) = &st.counters {
         for (name, help, v) in [
             ("requests", "admin API requests", &c.requests),

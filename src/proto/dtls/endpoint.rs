@@ -511,6 +511,11 @@ impl<A: Acceptor> DtlsEndpoint<A> {
                 };
                 tracing::debug!(%peer, identity = %session.identity.describe(), suite = ?session.keys.suite, "DTLS session established");
                 ShardMetrics::inc(&self.metrics.dtls_handshakes_completed);
+                if let Some(started) = p.deadline.checked_sub(self.cfg.handshake_timeout) {
+                    self.metrics
+                        .dtls_handshake_seconds
+                        .observe(now.instant.saturating_duration_since(started));
+                }
                 self.index(peer, &session.identity, true);
                 if let Some((old, _)) = self.sessions.insert(peer, (session, p.hello_tag)) {
                     ShardMetrics::inc(&self.metrics.dtls_sessions_replaced);

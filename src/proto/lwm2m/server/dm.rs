@@ -40,6 +40,8 @@ pub(crate) struct InFlight {
     job: bool,
     /// When the progress of its Block1 write was last reported.
     progress_at: Option<Instant>,
+    /// When its first request went to the device.
+    sent_at: Instant,
 }
 
 impl InFlight {
@@ -160,6 +162,9 @@ impl Server {
     /// Ends the RPC of `id` and reports the device ready for the next one.
     fn finish_rpc(&mut self, now: Now, id: RegId, outcome: RpcOutcome) {
         if let Some(f) = self.rpcs.remove(&id) {
+            self.metrics
+                .rpc_device_seconds
+                .observe(now.instant.saturating_duration_since(f.sent_at));
             self.rpc_done(f.rpc_id, outcome);
             self.report_presence(now, id, true, None);
         }
@@ -279,6 +284,7 @@ impl Server {
             transfer,
             job: exec.job,
             progress_at: None,
+            sent_at: now.instant,
         };
         let token = self.send_rpc_request(now, id, &f, cancel_token, None, true);
         let Some(token) = token else {
@@ -381,6 +387,7 @@ impl Server {
                     resource_instance: None,
                 }),
                 kind: Kind::Rpc,
+                sent_at: now.instant,
             },
         );
         Some(token)

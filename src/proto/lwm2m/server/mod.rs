@@ -224,6 +224,8 @@ struct Purpose {
     reg: RegId,
     path: ResourcePath,
     kind: Kind,
+    /// When the request was handed to the exchange layer.
+    sent_at: Instant,
 }
 
 /// The answer to a message, held until the broker confirmed its records.
@@ -243,6 +245,8 @@ struct PendingAck {
     reply: HeldReply,
     remaining: u32,
     failed: bool,
+    /// When the message arrived (its acknowledgement waits from then).
+    since: Instant,
 }
 
 /// A status event that could not be queued yet (sink full), kept as owned
@@ -365,6 +369,10 @@ pub struct Server {
     regs: Registry,
     obs: FastMap<Token, Observation>,
     requests: FastMap<Token, Purpose>,
+    /// Registrations whose profile observations are still being set up:
+    /// when the Register arrived, Observe requests not answered yet
+    /// (`registration_setup_seconds`).
+    setups: FastMap<RegId, (Instant, u16)>,
     acks: FastMap<DeliveryTag, PendingAck>,
     next_tag: DeliveryTag,
     backlog: VecDeque<OwnedStatus>,
@@ -436,6 +444,7 @@ impl Server {
             regs: Registry::default(),
             obs: FastMap::default(),
             requests: FastMap::default(),
+            setups: FastMap::default(),
             acks: FastMap::default(),
             next_tag: 1,
             backlog: VecDeque::new(),
@@ -480,7 +489,10 @@ impl Server {
         let mut out = Vec::new();
         self.regs.heap_estimate(&mut out);
         out.push(("observations", heap::map(&self.obs)));
-        out.push(("server requests", heap::map(&self.requests)));
+        out.push((
+            "server requests",
+            heap::map(&self.requests) + heap::map(&self.setups),
+        ));
         out.push(("acks awaiting delivery", heap::map(&self.acks)));
         out.push((
             "homed + tombstones",
@@ -657,6 +669,8 @@ impl Server {
             ShardMetrics::add(&self.metrics.block1_expired, n as u64);
         }
         self.flush_backlog(now, ctx);
+        heap::shrink_map(&mut self.requests);
+        heap::shrink_map(&mut self.setups);
         self.update_gauges();
     }
 

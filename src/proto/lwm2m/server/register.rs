@@ -142,7 +142,28 @@ impl Server {
             self.shard_out
                 .push_back((Dest::Others, ShardMsg::Takeover { endpoint, epoch }));
         }
+        self.setups.insert(id, (now.instant, 0));
         self.plan_observations(now, ctx, id);
+        if self.setups.get(&id).is_some_and(|s| s.1 == 0) {
+            // Nothing to observe: set up with the 2.01.
+            self.setup_answered(now, id);
+        }
+    }
+
+    /// One of the Observe requests of a registration being set up was
+    /// answered (or failed): the last one ends its set-up time.
+    pub(super) fn setup_answered(&mut self, now: Now, id: RegId) {
+        let Some(s) = self.setups.get_mut(&id) else {
+            return;
+        };
+        s.1 = s.1.saturating_sub(1);
+        if s.1 == 0 {
+            let since = s.0;
+            self.setups.remove(&id);
+            self.metrics
+                .registration_setup_seconds
+                .observe(now.instant.saturating_duration_since(since));
+        }
     }
 
     pub(super) fn expiry_for(&self, now: Now, lifetime_s: u32) -> Instant {
@@ -328,6 +349,7 @@ impl Server {
         why: End,
     ) -> Option<Registration> {
         let mut reg = self.regs.remove(id)?;
+        self.setups.remove(&id);
         for t in &reg.observations {
             self.obs.remove(t);
             self.composite.remove(t);

@@ -63,6 +63,7 @@ impl Server {
             Published::Queued(n) if tag.is_some() => {
                 self.ex.hold(now.instant, peer, msg.message_id, true);
                 self.await_delivery(
+                    now.instant,
                     tag,
                     n,
                     peer,
@@ -92,6 +93,7 @@ impl Server {
 
     pub(super) fn await_delivery(
         &mut self,
+        now: Instant,
         tag: Option<DeliveryTag>,
         n: u32,
         peer: PeerId,
@@ -108,6 +110,7 @@ impl Server {
                 reply,
                 remaining: n,
                 failed: false,
+                since: now,
             },
         );
         ShardMetrics::set(&self.metrics.acks_awaiting_delivery, self.acks.len() as i64);
@@ -135,6 +138,9 @@ impl Server {
             self.ex.release(p.peer, p.mid);
             return;
         }
+        self.metrics
+            .con_ack_delay_seconds
+            .observe(now.instant.saturating_duration_since(p.since));
         let protected = self.regs.by_peer(&p.peer).is_some();
         match p.reply {
             HeldReply::EmptyAck { observed } => {
@@ -269,12 +275,18 @@ impl Server {
             b = b.observe(o);
         }
         self.ex.request(now.instant, peer, token, b, token);
+        if kind == Kind::Observe {
+            if let Some(s) = self.setups.get_mut(&id) {
+                s.1 = s.1.saturating_add(1);
+            }
+        }
         self.requests.insert(
             token,
             Purpose {
                 reg: id,
                 path,
                 kind,
+                sent_at: now.instant,
             },
         );
     }
@@ -287,6 +299,7 @@ impl Server {
                 }
                 if p.kind == Kind::Observe {
                     ShardMetrics::inc(&self.metrics.observe_failed);
+                    self.setup_answered(now, p.reg);
                     tracing::debug!(peer = %f.peer, path = %p.path, reason = ?f.reason, "observe request failed");
                 }
             }
@@ -322,6 +335,10 @@ impl Server {
                 }
             }
             Kind::Observe => {
+                self.metrics
+                    .observe_setup_seconds
+                    .observe(now.instant.saturating_duration_since(p.sent_at));
+                self.setup_answered(now, p.reg);
                 if !msg.code.is_success() || !self.regs.contains(p.reg) {
                     if !msg.code.is_success() {
                         ShardMetrics::inc(&self.metrics.observe_failed);
@@ -363,6 +380,7 @@ impl Server {
                     Published::Queued(n) if tag.is_some() => {
                         self.ex.hold(now.instant, peer, msg.message_id, true);
                         self.await_delivery(
+                            now.instant,
                             tag,
                             n,
                             peer,
@@ -496,7 +514,14 @@ impl Server {
             Published::Queued(n) if tag.is_some() => {
                 self.ex.hold(now.instant, peer, msg.message_id, true);
                 let observed = seq.map(|s| (token, s));
-                self.await_delivery(tag, n, peer, msg, HeldReply::EmptyAck { observed });
+                self.await_delivery(
+                    now.instant,
+                    tag,
+                    n,
+                    peer,
+                    msg,
+                    HeldReply::EmptyAck { observed },
+                );
             }
             Published::Queued(_) | Published::Nothing | Published::Undecodable => {
                 // Undecodable: acknowledged, since retrying the same bytes
