@@ -14,6 +14,7 @@ use corem_lwm2m::control::registrations::RegistrationStore;
 use corem_lwm2m::control::rpc::Resolver;
 use corem_lwm2m::control::rpc::RpcService;
 use corem_lwm2m::control::sessions::SessionStore;
+use corem_lwm2m::control::systemd;
 use corem_lwm2m::control::topics::TopicManager;
 use corem_lwm2m::proto::lwm2m::firmware::UriBases;
 use corem_lwm2m::proto::lwm2m::server::ControlMsg;
@@ -256,6 +257,13 @@ fn run(args: Args) -> anyhow::Result<()> {
         brokers = %cfg.kafka.brokers,
         "corem-lwm2m ready"
     );
+    // systemd (Type=notify): every shard listens and the admin API answers.
+    systemd::notify(&format!(
+        "READY=1\nSTATUS=serving {} shards, {} endpoints",
+        shards.metrics.len(),
+        directory.len()
+    ));
+    systemd::start_watchdog(shards.metrics.clone());
 
     let term = Arc::new(AtomicBool::new(false));
     let hup = Arc::new(AtomicBool::new(false));
@@ -268,6 +276,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     while !term.load(Ordering::Acquire) {
         std::thread::sleep(Duration::from_millis(100));
         if hup.swap(false, Ordering::AcqRel) {
+            systemd::notify("RELOADING=1");
             match profiles.reload() {
                 Ok(n) => {
                     tracing::info!(profiles = n, "profiles reloaded (SIGHUP)");
@@ -277,6 +286,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                     tracing::error!(error = %e, "profile reload failed; keeping the current profiles")
                 }
             }
+            systemd::notify("READY=1");
         }
         if Instant::now() >= next_trim {
             next_trim = Instant::now() + Duration::from_secs(30);
@@ -295,6 +305,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             }
         }
     }
+    systemd::notify("STOPPING=1");
     tracing::info!("shutting down: stopping shards, flushing Kafka, writing snapshots");
     shards.shutdown();
     bs_store.stop();

@@ -266,6 +266,7 @@ metrics! {
         block1_assemblies: "Block1 request bodies being received (RFC 7959)",
         bootstrap_sessions: "bootstrap sessions in progress on the shard",
         bootstrap_dtls_sessions: "DTLS sessions on the bootstrap listener",
+        shard_heartbeat_timestamp_seconds: "Unix time of the shard's last timer turn (at least once a second while it runs; /healthz and the systemd watchdog fail when one is 5 s old)",
     }
     histograms {
         registration_setup_seconds: "time from a Register to the last answer to the observations the profile asks for (telemetry flowing; 0 observations: the 2.01)",

@@ -16,4 +16,5 @@ pub mod rpc_book;
 pub mod rpc_log;
 pub mod sessions;
 pub mod snapshot;
+pub mod systemd;
 pub mod topics;

@@ -1009,6 +1009,13 @@ async fn run_shard(a: ShardArgs) {
             spawn_receiver(state.clone(), u, l, &gw, i);
         }
     }
+    let heartbeat = |st: &State, wall_ms: i64| {
+        ShardMetrics::set(
+            &st.server.metrics().shard_heartbeat_timestamp_seconds,
+            wall_ms / 1000,
+        );
+    };
+    heartbeat(&state.borrow(), now().wall_ms);
     let _ = ready.send(i);
 
     // Timers, Kafka delivery reports, snapshots; ends the shard on shutdown.
@@ -1057,6 +1064,7 @@ async fn run_shard(a: ShardArgs) {
         }
         st.bs_handle_timeout(t);
         st.send_out();
+        heartbeat(st, t.wall_ms);
         if Instant::now() >= next_snapshot {
             next_snapshot = Instant::now() + snap_every;
             if let Some(store) = &store {

@@ -264,7 +264,7 @@ async fn handle(
     let query = req.uri().query().unwrap_or("").to_string();
     // Never behind the token, never on a blocking thread.
     if method == "GET" && path == "/healthz" {
-        return Ok(respond(Reply::text(200, "ok\n")));
+        return Ok(respond(routes::healthz(&sh.state)));
     }
     if method == "GET" && path == "/metrics" {
         return Ok(respond(routes::metrics(&sh.state)));

@@ -2,7 +2,8 @@
 //! query, whole body) to a reply, run on a blocking thread by the server in
 //! [`super`]. Every error is JSON `{"code": "...", "message": "..."}`.
 //!
-//! * `GET /healthz` — 200 `ok` while the gateway runs (no token).
+//! * `GET /healthz` — 200 `ok` while every shard runs its timers, 503
+//!   naming a stalled shard (no token).
 //! * `GET /metrics` — Prometheus text: per-shard counters and gauges, the
 //!   admin server's own counters (no token).
 //! * `GET /v1/endpoints` — the whole directory (JSON object, keys redacted).
@@ -193,6 +194,16 @@ pub(super) fn query_param(query: &str, key: &str) -> Option<String> {
         .next_back()
 }
 
+/// 200 `ok` while every shard runs its timers; 503 with the stalled shard
+/// otherwise (the same check feeds the systemd watchdog).
+pub fn healthz(st: &AdminState) -> Reply {
+    use crate::control::systemd::{shards_healthy, unix_now_s};
+    match shards_healthy(&st.metrics, unix_now_s()) {
+        Ok(()) => Reply::text(200, "ok\n"),
+        Err(why) => Reply::error(503, "unavailable", &why),
+    }
+}
+
 pub fn metrics(st: &AdminState) -> Reply {
     let extra = [
         (
@@ -257,7 +268,7 @@ pub fn route(st: &AdminState, req: &ApiRequest) -> Reply {
     let m = req.method.as_str();
     let path = req.path.as_str();
     match (m, path) {
-        ("GET", "/healthz") => Reply::text(200, "ok\n"),
+        ("GET", "/healthz") => healthz(st),
         ("GET", "/metrics") => metrics(st),
         ("GET", "/v1/endpoints") => {
             let all = st.directory.all();
