@@ -84,6 +84,8 @@ const MAX_SLEEP: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    #[error("gateway.cpus names CPU {0}, outside the CPUs this process may use {1:?} (systemd CPUAffinity=, taskset)")]
+    Cpu(usize, Vec<usize>),
     #[error("binding UDP {0}: {1}")]
     Bind(std::net::SocketAddr, std::io::Error),
     #[error("creating the Kafka producer of shard {0}: {1}")]
@@ -497,6 +499,14 @@ pub fn start(
 ) -> Result<Shards, StartError> {
     let n = cfg.shard_count();
     let mut allowed = io::allowed_cpus();
+    // gateway.cpus must be CPUs this process may run on (systemd's
+    // CPUAffinity=, taskset): a shard pinned outside would fail to start or
+    // share a core the operator reserved for something else.
+    if !allowed.is_empty() {
+        if let Some(c) = cfg.gateway.cpus.iter().find(|c| !allowed.contains(c)) {
+            return Err(StartError::Cpu(*c, allowed.clone()));
+        }
+    }
     if allowed.is_empty() {
         allowed.push(0);
     }
