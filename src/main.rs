@@ -245,6 +245,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             counters: None,
             firmware: Some(firmware.clone()),
             firmware_upload_timeout: Duration::from_secs(cfg.firmware.upload_timeout_s.max(1)),
+            tap: Some(shards.tap.clone()),
         },
     )?;
     tracing::info!(
@@ -290,6 +291,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
         if Instant::now() >= next_trim {
             next_trim = Instant::now() + Duration::from_secs(30);
+            shards.tap.sweep();
             // librdkafka allocates its message buffers with the C allocator;
             // after a burst (registration storm, broker outage) glibc keeps the
             // freed pages. Hand them back so RSS tracks live state.

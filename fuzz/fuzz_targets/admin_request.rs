@@ -24,6 +24,7 @@ fn state() -> &'static AdminState {
         counters: None,
         firmware: None,
         firmware_upload_timeout: std::time::Duration::from_secs(1),
+        tap: None,
     })
 }
 

@@ -109,6 +109,8 @@ pub struct Shards {
     /// The bootstrap listeners (when `bootstrap.enabled`): plain, DTLS.
     pub bootstrap_addr: Option<std::net::SocketAddr>,
     pub bootstrap_dtls_addr: Option<std::net::SocketAddr>,
+    /// Live telemetry of watched devices, fed by every shard's sink.
+    pub tap: Arc<crate::sink::tap::Tap>,
     control: crossbeam_channel::Sender<(Option<usize>, Inbox)>,
     joins: Vec<glommio::ExecutorJoinHandle<()>>,
 }
@@ -588,6 +590,7 @@ pub fn start(
     let base_seed = cfg.gateway.rng_seed.unwrap_or_else(rand::random);
     let mut joins = Vec::with_capacity(n + 1);
     let relay_senders = senders.pop().unwrap_or_default();
+    let tap = Arc::new(crate::sink::tap::Tap::default());
     // Each shard reports when it is receiving, so "ready" means ready.
     let (ready_tx, ready_rx) = crossbeam_channel::unbounded::<usize>();
     let mut dtls_sockets = dtls_sockets.into_iter();
@@ -601,8 +604,9 @@ pub fn start(
             .get(i)
             .copied()
             .unwrap_or(allowed[i % allowed.len()]);
-        let sink = KafkaSink::new(&cfg.kafka, i, metrics[i].clone())
+        let mut sink = KafkaSink::new(&cfg.kafka, i, metrics[i].clone())
             .map_err(|e| StartError::Kafka(i, e))?;
+        sink.set_tap(tap.clone());
         let seed = base_seed
             .wrapping_add(i as u64)
             .wrapping_mul(0x2545_f491_4f6c_dd1d);
@@ -725,6 +729,7 @@ pub fn start(
         dtls_addr,
         bootstrap_addr: bs_addr,
         bootstrap_dtls_addr: bs_dtls_addr,
+        tap,
         control: control_tx,
         joins,
     })

@@ -192,6 +192,8 @@ pub struct KafkaSink {
     queue_max: usize,
     metrics: Arc<ShardMetrics>,
     deliveries: Receiver<(DeliveryTag, bool)>,
+    /// Live telemetry of watched devices (`GET /v1/devices/{id}/telemetry`).
+    tap: Option<Arc<super::tap::Tap>>,
 }
 
 impl KafkaSink {
@@ -218,7 +220,13 @@ impl KafkaSink {
             queue_max: k.queue_max_messages as usize,
             metrics,
             deliveries: rx,
+            tap: None,
         })
+    }
+
+    /// Points published for watched devices also go to `tap`.
+    pub fn set_tap(&mut self, tap: Arc<super::tap::Tap>) {
+        self.tap = Some(tap);
     }
 
     /// Delivery reports of tagged records served by the last `poll`s.
@@ -298,7 +306,13 @@ impl Sink for KafkaSink {
     ) -> Result<(), SinkError> {
         self.buf.clear();
         json::encode_point(p, &mut self.buf);
-        self.send(true, p.tenant_id, p.device_id, tag.unwrap_or(0) as usize)
+        self.send(true, p.tenant_id, p.device_id, tag.unwrap_or(0) as usize)?;
+        if let Some(t) = &self.tap {
+            if t.active() {
+                t.offer(p.device_id, &self.buf);
+            }
+        }
+        Ok(())
     }
     fn publish_status(&mut self, e: &StatusEvent<'_>) -> Result<(), SinkError> {
         self.buf.clear();

@@ -5,6 +5,7 @@
 
 pub mod json;
 pub mod kafka;
+pub mod tap;
 
 pub use crate::proto::lwm2m::output::{
     AckPolicy, DeliveryTag, PointSource, RegistrationInfo, Sink, SinkError, StatusEvent,

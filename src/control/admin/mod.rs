@@ -81,8 +81,14 @@ struct Shared {
     idle_timeout: Duration,
     max_body: usize,
     work: Arc<Semaphore>,
+    /// Telemetry long-polls in progress (they wait; other calls must not
+    /// wait behind them).
+    polls: Arc<Semaphore>,
     counters: Arc<AdminCounters>,
 }
+
+/// Telemetry long-polls at once (`GET /v1/devices/{id}/telemetry`).
+const MAX_POLLS: usize = 8;
 
 pub struct AdminServer {
     pub addr: SocketAddr,
@@ -116,10 +122,11 @@ impl AdminServer {
             idle_timeout: Duration::from_millis(cfg.idle_timeout_ms.max(1000)),
             max_body: cfg.max_body_bytes.max(SMALL_BODY),
             work: Arc::new(Semaphore::new(cfg.max_concurrent.max(1))),
+            polls: Arc::new(Semaphore::new(MAX_POLLS)),
             counters: counters.clone(),
         });
         let max_connections = cfg.max_connections.max(1);
-        let blocking = cfg.max_concurrent.max(1) + 2;
+        let blocking = cfg.max_concurrent.max(1) + MAX_POLLS + 2;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .max_blocking_threads(blocking)
@@ -326,7 +333,9 @@ async fn handle(
                 )));
             }
         };
-    let Ok(permit) = tokio::time::timeout_at(deadline, sh.work.clone().acquire_owned()).await
+    let long_poll = method == "GET" && path.starts_with("/v1/devices/") && path.ends_with("/telemetry");
+    let pool = if long_poll { &sh.polls } else { &sh.work };
+    let Ok(permit) = tokio::time::timeout_at(deadline, pool.clone().acquire_owned()).await
     else {
         sh.counters.busy.fetch_add(1, Ordering::Relaxed);
         return Ok(respond(Reply::error(

@@ -79,6 +79,8 @@ pub struct AdminState {
     pub firmware: Option<Arc<crate::control::firmware::FirmwareStore>>,
     /// An image upload's body must arrive within this.
     pub firmware_upload_timeout: std::time::Duration,
+    /// Live telemetry (`GET /v1/devices/{id}/telemetry`; 503 without it).
+    pub tap: Option<Arc<crate::sink::tap::Tap>>,
 }
 
 impl AdminState {
@@ -333,6 +335,13 @@ pub fn route(st: &AdminState, req: &ApiRequest) -> Reply {
         (_, p) if between(p, "/v1/devices/", "/rpc").is_some() => {
             let device = pct_decode(between(p, "/v1/devices/", "/rpc").unwrap_or(""), false);
             device_rpc(st, m, &device, &req.body)
+        }
+        (_, p) if between(p, "/v1/devices/", "/telemetry").is_some() => {
+            let device = pct_decode(between(p, "/v1/devices/", "/telemetry").unwrap_or(""), false);
+            if m != "GET" {
+                return Reply::method_not_allowed();
+            }
+            device_telemetry(st, &device, &req.query)
         }
         (_, p) if p.starts_with("/v1/devices/") => {
             let device = pct_decode(&p["/v1/devices/".len()..], false);
@@ -673,6 +682,59 @@ fn list_devices(st: &AdminState, query: &str) -> Reply {
     Reply::json(200, &json!({ "devices": rows, "next_cursor": next }))
 }
 
+/// Longest `wait_ms` of a telemetry long-poll.
+const MAX_TELEMETRY_WAIT_MS: u64 = 25_000;
+
+/// `GET /v1/devices/{id}/telemetry?after=N&wait_ms=M`: the TelemetryPoints
+/// the gateway published for the device after cursor `after` (as they went
+/// to Kafka), waiting up to `wait_ms` for the first; `{"points": [...],
+/// "next": cursor}`. The first call starts watching the device (points
+/// from then on; up to 256 kept, forgotten 60 s after the last poll).
+fn device_telemetry(st: &AdminState, device: &str, query: &str) -> Reply {
+    if let Err(r) = check_device_id(device) {
+        return r;
+    }
+    let Some(tap) = &st.tap else {
+        return Reply::unavailable("live telemetry is not available");
+    };
+    if st.directory.by_device(device).is_none() {
+        return Reply::not_found("no such device");
+    }
+    let num = |k: &str, max: u64| -> Result<u64, Reply> {
+        match query_param(query, k).as_deref() {
+            None | Some("") => Ok(0),
+            Some(v) => v
+                .parse::<u64>()
+                .ok()
+                .filter(|n| *n <= max)
+                .ok_or_else(|| Reply::bad(&format!("{k} must be an integer 0..={max}"))),
+        }
+    };
+    let after = match num("after", u64::MAX) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let wait = match num("wait_ms", MAX_TELEMETRY_WAIT_MS) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    match tap.poll(device, after, Duration::from_millis(wait)) {
+        Some(p) => {
+            let points: Vec<Value> = p
+                .points
+                .iter()
+                .filter_map(|b| serde_json::from_slice(b).ok())
+                .collect();
+            Reply::json(200, &json!({ "points": points, "next": p.next }))
+        }
+        None => Reply::error(
+            503,
+            "busy",
+            "too many devices are being watched; try again within a minute",
+        ),
+    }
+}
+
 /// How long a shard may take to describe a registration.
 const DESCRIBE_WAIT: Duration = Duration::from_secs(2);
 
@@ -776,6 +838,7 @@ mod tests {
             counters: None,
             firmware: None,
             firmware_upload_timeout: std::time::Duration::from_secs(1),
+            tap: None,
         };
         let req = |m: &str, p: &str| ApiRequest {
             method: m.into(),
