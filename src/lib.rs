@@ -15,6 +15,7 @@
 
 pub mod config;
 pub mod control;
+pub mod ctl;
 pub mod io;
 pub mod metrics;
 pub mod proto;
