@@ -276,6 +276,13 @@ async fn handle(
     if method == "GET" && path == "/metrics" {
         return Ok(respond(routes::metrics(&sh.state)));
     }
+    // The console's static files carry no data: served without the token
+    // (the page asks for it and sends it with every API call).
+    if method == "GET" {
+        if let Some(r) = routes::console(&path) {
+            return Ok(respond(r));
+        }
+    }
     if let Some(token) = &sh.token {
         if !authorized(&req, token) {
             sh.counters.unauthorized.fetch_add(1, Ordering::Relaxed);

@@ -196,6 +196,27 @@ pub(super) fn query_param(query: &str, key: &str) -> Option<String> {
         .next_back()
 }
 
+/// The web console's static files (compiled in; no build step, no data in
+/// them: the page calls the API with the operator's token).
+pub fn console(path: &str) -> Option<Reply> {
+    let (ct, body): (&'static str, &'static str) = match path {
+        "/" | "/console" | "/console/" | "/console/index.html" => {
+            ("text/html; charset=utf-8", include_str!("console/index.html"))
+        }
+        "/console/app.js" => (
+            "text/javascript; charset=utf-8",
+            include_str!("console/app.js"),
+        ),
+        "/console/style.css" => ("text/css; charset=utf-8", include_str!("console/style.css")),
+        _ => return None,
+    };
+    Some(Reply {
+        status: 200,
+        content_type: ct,
+        body: Bytes::from_static(body.as_bytes()),
+    })
+}
+
 /// 200 `ok` while every shard runs its timers; 503 with the stalled shard
 /// otherwise (the same check feeds the systemd watchdog).
 pub fn healthz(st: &AdminState) -> Reply {
