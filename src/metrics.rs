@@ -330,7 +330,7 @@ impl RpcMetrics {
 
     /// Records a terminal status (`status` one of [`RpcMetrics::STATUSES`])
     /// reached `ms` after the RPC was accepted.
-    pub fn finished(&self, status: &str, ms: i64) {
+    pub fn record_finished(&self, status: &str, ms: i64) {
         if let Some(i) = Self::STATUSES.iter().position(|s| *s == status) {
             self.finished[i].fetch_add(1, Ordering::Relaxed);
         }

@@ -779,7 +779,7 @@ impl Worker {
                 self.metrics.accepted.fetch_add(1, Ordering::Relaxed);
             } else if rec.status.is_terminal() {
                 self.metrics
-                    .finished(rec.status.as_str(), rec.updated_at - rec.accepted_at);
+                    .record_finished(rec.status.as_str(), rec.updated_at - rec.accepted_at);
             }
             self.campaigns
                 .handle_status(rec.updated_at, &rec.rpc_id, rec.status);
