@@ -145,7 +145,7 @@ fn console_lists_the_device_shows_live_telemetry_and_reboots_it() {
     let broker = Broker::memory();
     let gw = Gateway::start(&broker, 2, PROVISIONING, "");
     let mut dev = Device::new("urn:imei:env", gw.coap, 5);
-    assert_eq!(dev.register(2), Code::CREATED);
+    assert_eq!(dev.register(1), Code::CREATED);
     // The device answers the gateway (the reboot) and reports a value every
     // 300 ms from its own thread while the browser works.
     let stop = Arc::new(AtomicBool::new(false));
@@ -154,7 +154,7 @@ fn console_lists_the_device_shows_live_telemetry_and_reboots_it() {
         let mut next = Instant::now();
         while !s.load(Ordering::Relaxed) {
             if Instant::now() >= next {
-                if let Some((_, n)) = dev.sim.notify("/3303/0/5700", false) {
+                if let Some((_, n)) = dev.sim.notify("/3303/0", false) {
                     dev.send(&n);
                 }
                 next = Instant::now() + Duration::from_millis(300);

@@ -730,8 +730,25 @@ fn rpc(api: &Endpoint, json: bool, c: RpcCmd, out: Out<'_>) -> Result<(), Fail> 
                     w(out, &format!("{id} {}\n", table::s(&r["status"])))
                 };
             }
-            // Every transition once, in order, until a final status.
-            let mut last = String::new();
+            // Every transition seen once, in order, until a final status:
+            // the acceptance first, then what polling (every 50 ms, then
+            // 200 ms) observes; a fast device may go from queued to
+            // succeeded between two polls.
+            let accepted = json!({
+                "rpc_id": id,
+                "status": r["status"],
+                "updated_at": std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis() as i64)
+                    .unwrap_or(0),
+            });
+            if json {
+                w(out, &format!("{accepted}\n"))?;
+            } else {
+                w(out, &format!("{}\n", rpc_line(&accepted)))?;
+            }
+            let mut last = format!("{}{}", table::s(&r["status"]), Value::Null);
+            let started = Instant::now();
             loop {
                 let rec = ok(api.get(&format!("/v1/rpc/{}", pct(&id)))?)?.json();
                 let st = rec["status"].as_str().unwrap_or("").to_string();
@@ -754,7 +771,11 @@ fn rpc(api: &Endpoint, json: bool, c: RpcCmd, out: Out<'_>) -> Result<(), Fail> 
                         Err(Fail(EXIT_FAILED, format!("rpc {id} {st}")))
                     };
                 }
-                std::thread::sleep(Duration::from_millis(200));
+                std::thread::sleep(if started.elapsed() < Duration::from_secs(2) {
+                    Duration::from_millis(50)
+                } else {
+                    Duration::from_millis(200)
+                });
             }
         }
         RpcCmd::Show { rpc_id } => {

@@ -669,8 +669,8 @@ impl Server {
             ShardMetrics::add(&self.metrics.block1_expired, n as u64);
         }
         self.flush_backlog(now, ctx);
-        heap::shrink_map(&mut self.requests);
-        heap::shrink_map(&mut self.setups);
+        crate::proto::heap::shrink_map(&mut self.requests);
+        crate::proto::heap::shrink_map(&mut self.setups);
         self.update_gauges();
     }
 
