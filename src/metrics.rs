@@ -18,8 +18,23 @@ use std::time::Duration;
 /// device round trip (tens of ms to seconds with retransmissions) and an
 /// RPC to a sleeping device (minutes end up in `+Inf`).
 pub const BUCKETS_US: [u64; 17] = [
-    500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
-    2_500_000, 5_000_000, 10_000_000, 30_000_000, 60_000_000, 120_000_000,
+    500,
+    1_000,
+    2_500,
+    5_000,
+    10_000,
+    25_000,
+    50_000,
+    100_000,
+    250_000,
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    30_000_000,
+    60_000_000,
+    120_000_000,
 ];
 
 /// A fixed-bucket latency histogram written by one thread and read by the
@@ -131,11 +146,11 @@ macro_rules! metrics {
             /// Every metric family name the shards export (as rendered, with
             /// `_total` on counters), for the dashboard check.
             pub fn family_names() -> Vec<String> {
-                let mut v = Vec::new();
-                $(v.push(concat!("corem_lwm2m_", stringify!($c), "_total").to_string());)*
-                $(v.push(concat!("corem_lwm2m_", stringify!($g)).to_string());)*
-                $(v.push(concat!("corem_lwm2m_", stringify!($h)).to_string());)*
-                v
+                vec![
+                    $(concat!("corem_lwm2m_", stringify!($c), "_total").to_string(),)*
+                    $(concat!("corem_lwm2m_", stringify!($g)).to_string(),)*
+                    $(concat!("corem_lwm2m_", stringify!($h)).to_string(),)*
+                ]
             }
 
             /// Snapshot as (name, value) pairs, for tests and the JSON status page.
@@ -515,8 +530,7 @@ mod tests {
         ShardMetrics::inc(&a.datagrams_rx);
         ShardMetrics::add(&b.datagrams_rx, 5);
         ShardMetrics::set(&b.registrations_active, 3);
-        a.con_ack_delay_seconds
-            .observe(Duration::from_micros(700));
+        a.con_ack_delay_seconds.observe(Duration::from_micros(700));
         a.con_ack_delay_seconds.observe(Duration::from_secs(500));
         let t = render_prometheus(&[a, b], &[("directory_endpoints", "endpoints", 7)]);
         assert!(t.contains("corem_lwm2m_datagrams_rx_total{shard=\"0\"} 1\n"));
@@ -526,8 +540,12 @@ mod tests {
         assert!(t.contains("corem_lwm2m_directory_endpoints 7\n"));
         assert!(t.contains("# TYPE corem_lwm2m_con_ack_delay_seconds histogram\n"));
         // Cumulative buckets: 700 µs falls in le=0.001, 500 s only in +Inf.
-        assert!(t.contains("corem_lwm2m_con_ack_delay_seconds_bucket{shard=\"0\",le=\"0.0005\"} 0\n"));
-        assert!(t.contains("corem_lwm2m_con_ack_delay_seconds_bucket{shard=\"0\",le=\"0.001\"} 1\n"));
+        assert!(
+            t.contains("corem_lwm2m_con_ack_delay_seconds_bucket{shard=\"0\",le=\"0.0005\"} 0\n")
+        );
+        assert!(
+            t.contains("corem_lwm2m_con_ack_delay_seconds_bucket{shard=\"0\",le=\"0.001\"} 1\n")
+        );
         assert!(t.contains("corem_lwm2m_con_ack_delay_seconds_bucket{shard=\"0\",le=\"120\"} 1\n"));
         assert!(t.contains("corem_lwm2m_con_ack_delay_seconds_bucket{shard=\"0\",le=\"+Inf\"} 2\n"));
         assert!(t.contains("corem_lwm2m_con_ack_delay_seconds_count{shard=\"0\"} 2\n"));

@@ -409,7 +409,10 @@ fn refuses_an_admin_api_beyond_loopback_without_a_token() {
     std::fs::write(dir.join("token"), "an-admin-token-of-32-characters!\n").unwrap();
     let text = std::fs::read_to_string(&cfg).unwrap().replace(
         "[admin]\n",
-        &format!("[admin]\ntoken_file = \"{}\"\n", dir.join("token").display()),
+        &format!(
+            "[admin]\ntoken_file = \"{}\"\n",
+            dir.join("token").display()
+        ),
     );
     std::fs::write(&cfg, text).unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_corem-lwm2m"))

@@ -87,7 +87,11 @@ impl Driver {
 
     /// Runs `script` in the page (`return ...`).
     fn js(&self, script: &str) -> Value {
-        self.call("POST", "/execute/sync", json!({"script": script, "args": []}))
+        self.call(
+            "POST",
+            "/execute/sync",
+            json!({"script": script, "args": []}),
+        )
     }
 
     fn click(&self, css: &str) {
@@ -110,7 +114,10 @@ impl Driver {
             }
             if Instant::now() > deadline {
                 let body = self.js("return document.body.innerText");
-                panic!("timed out waiting for {what}; page text:\n{}", body.as_str().unwrap_or(""));
+                panic!(
+                    "timed out waiting for {what}; page text:\n{}",
+                    body.as_str().unwrap_or("")
+                );
             }
             std::thread::sleep(Duration::from_millis(200));
         }

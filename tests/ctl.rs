@@ -103,7 +103,11 @@ fn every_command_as_table_and_json_with_meaningful_exit_codes() {
             .env_remove("COREM_ADMIN_TOKEN")
             .output()
             .unwrap();
-        (o.status.code(), o.stdout, String::from_utf8_lossy(&o.stderr).into_owned())
+        (
+            o.status.code(),
+            o.stdout,
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
     };
     assert_eq!(code, Some(4), "no token → 4: {err}");
     assert!(err.contains("401"), "{err}");
@@ -119,7 +123,12 @@ fn every_command_as_table_and_json_with_meaningful_exit_codes() {
     assert_eq!(code, 2, "usage → 2");
     let tf = ctl.expect(
         0,
-        &["--token-file", token_file.to_str().unwrap(), "endpoints", "list"],
+        &[
+            "--token-file",
+            token_file.to_str().unwrap(),
+            "endpoints",
+            "list",
+        ],
     );
     assert!(tf.contains("urn:imei:env"), "{tf}");
 
@@ -134,8 +143,14 @@ fn every_command_as_table_and_json_with_meaningful_exit_codes() {
 
     // devices
     let t = ctl.expect(0, &["devices", "list"]);
-    let line = t.lines().find(|l| l.starts_with(ENV_DEV)).unwrap_or_else(|| panic!("{t}"));
-    assert!(line.contains("urn:imei:env") && line.contains("yes"), "{line}");
+    let line = t
+        .lines()
+        .find(|l| l.starts_with(ENV_DEV))
+        .unwrap_or_else(|| panic!("{t}"));
+    assert!(
+        line.contains("urn:imei:env") && line.contains("yes"),
+        "{line}"
+    );
     assert!(t.starts_with("DEVICE_ID"), "{t}");
     let v = ctl.json(&["devices", "list", "--online", "true"]);
     assert_eq!(v.as_array().unwrap().len(), 1);
@@ -143,7 +158,10 @@ fn every_command_as_table_and_json_with_meaningful_exit_codes() {
     let v = ctl.json(&["devices", "list", "--online", "false", "--tenant", "acme"]);
     assert_eq!(v.as_array().unwrap().len(), 1, "{v}");
     let t = ctl.expect(0, &["devices", "show", ENV_DEV]);
-    assert!(t.contains("online") && t.contains("yes") && t.contains("observation"), "{t}");
+    assert!(
+        t.contains("online") && t.contains("yes") && t.contains("observation"),
+        "{t}"
+    );
     let v = ctl.json(&["devices", "show", ENV_DEV]);
     assert!(v["registration"].is_object(), "{v}");
     ctl.expect(5, &["devices", "show", "no-such-device"]);
@@ -152,17 +170,36 @@ fn every_command_as_table_and_json_with_meaningful_exit_codes() {
     let t = ctl.expect(
         0,
         &[
-            "endpoints", "add", "urn:imei:900", "--device-id", "dev-900", "--tenant", "acme",
-            "--psk-identity", "id-900", "--psk-key-hex", "000102030405060708090a0b0c0d0e0f",
+            "endpoints",
+            "add",
+            "urn:imei:900",
+            "--device-id",
+            "dev-900",
+            "--tenant",
+            "acme",
+            "--psk-identity",
+            "id-900",
+            "--psk-key-hex",
+            "000102030405060708090a0b0c0d0e0f",
         ],
     );
     assert_eq!(t.trim(), "added urn:imei:900");
     let v = ctl.json(&[
-        "endpoints", "add", "urn:imei:900", "--device-id", "dev-900", "--tenant", "acme",
+        "endpoints",
+        "add",
+        "urn:imei:900",
+        "--device-id",
+        "dev-900",
+        "--tenant",
+        "acme",
     ]);
     assert_eq!(v["created"], false);
     let t = ctl.expect(0, &["endpoints", "list"]);
-    assert!(t.lines().any(|l| l.starts_with("urn:imei:900") && l.contains("dev-900")), "{t}");
+    assert!(
+        t.lines()
+            .any(|l| l.starts_with("urn:imei:900") && l.contains("dev-900")),
+        "{t}"
+    );
     assert!(!t.contains("000102"), "keys are never shown");
     let csv = dir.join("fleet.csv");
     std::fs::write(
@@ -191,14 +228,31 @@ fn every_command_as_table_and_json_with_meaningful_exit_codes() {
     std::fs::write(&bad, "endpoint,tenant_id\nx,y\n").unwrap();
     ctl.expect(2, &["endpoints", "import", bad.to_str().unwrap()]);
     let bad_entry = dir.join("bad.json");
-    std::fs::write(&bad_entry, r#"[{"endpoint":"x","device_id":"","tenant_id":"a b"}]"#).unwrap();
+    std::fs::write(
+        &bad_entry,
+        r#"[{"endpoint":"x","device_id":"","tenant_id":"a b"}]"#,
+    )
+    .unwrap();
     ctl.expect(1, &["endpoints", "import", bad_entry.to_str().unwrap()]);
-    assert_eq!(ctl.expect(0, &["endpoints", "remove", "urn:imei:903"]).trim(), "removed urn:imei:903");
+    assert_eq!(
+        ctl.expect(0, &["endpoints", "remove", "urn:imei:903"])
+            .trim(),
+        "removed urn:imei:903"
+    );
     ctl.expect(5, &["endpoints", "remove", "urn:imei:903"]);
 
     // telemetry tail: two notifications → two lines (table), then JSON.
     let tail = ctl
-        .cmd(&["telemetry", "tail", "--device", ENV_DEV, "--count", "2", "--seconds", "20"])
+        .cmd(&[
+            "telemetry",
+            "tail",
+            "--device",
+            ENV_DEV,
+            "--count",
+            "2",
+            "--seconds",
+            "20",
+        ])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -213,9 +267,23 @@ fn every_command_as_table_and_json_with_meaningful_exit_codes() {
     let text = String::from_utf8_lossy(&o.stdout);
     assert_eq!(o.status.code(), Some(0), "{text}");
     assert_eq!(text.lines().count(), 2, "{text}");
-    assert!(text.lines().all(|l| l.contains("temperature=22.5") && l.ends_with("(/3303/0)")), "{text}");
+    assert!(
+        text.lines()
+            .all(|l| l.contains("temperature=22.5") && l.ends_with("(/3303/0)")),
+        "{text}"
+    );
     let tail = ctl
-        .cmd(&["--json", "telemetry", "tail", "--device", ENV_DEV, "--count", "1", "--seconds", "20"])
+        .cmd(&[
+            "--json",
+            "telemetry",
+            "tail",
+            "--device",
+            ENV_DEV,
+            "--count",
+            "1",
+            "--seconds",
+            "20",
+        ])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -225,11 +293,19 @@ fn every_command_as_table_and_json_with_meaningful_exit_codes() {
     let p: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(p["device_id"], ENV_DEV);
     assert_eq!(p["numeric_values"]["temperature"], 22.5);
-    ctl.expect(5, &["telemetry", "tail", "--device", "nobody", "--count", "1"]);
+    ctl.expect(
+        5,
+        &["telemetry", "tail", "--device", "nobody", "--count", "1"],
+    );
 
     // rpc send --wait: each transition printed once, exit 0 on success.
     let pumped = Pumped::new(dev);
-    let t = ctl.expect(0, &["rpc", "send", ENV_DEV, "reboot", "--rpc-id", "ctl-1", "--wait"]);
+    let t = ctl.expect(
+        0,
+        &[
+            "rpc", "send", ENV_DEV, "reboot", "--rpc-id", "ctl-1", "--wait",
+        ],
+    );
     let statuses: Vec<&str> = t
         .lines()
         .filter_map(|l| l.split_whitespace().nth(2))
@@ -242,7 +318,16 @@ fn every_command_as_table_and_json_with_meaningful_exit_codes() {
     assert!(t.contains("code=2.04"), "{t}");
     let out = ctl.expect(
         0,
-        &["--json", "rpc", "send", ENV_DEV, "read", "--params", r#"{"path":"/3303/0/5700"}"#, "--wait"],
+        &[
+            "--json",
+            "rpc",
+            "send",
+            ENV_DEV,
+            "read",
+            "--params",
+            r#"{"path":"/3303/0/5700"}"#,
+            "--wait",
+        ],
     );
     let last: Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
     assert_eq!(last["status"], "succeeded", "{out}");
@@ -262,17 +347,34 @@ fn every_command_as_table_and_json_with_meaningful_exit_codes() {
     // A silent device: the RPC times out → exit 1.
     drop(dev);
     let (code, out, _) = ctl.run(&[
-        "rpc", "send", ENV_DEV, "reboot", "--timeout-ms", "1500", "--wait",
+        "rpc",
+        "send",
+        ENV_DEV,
+        "reboot",
+        "--timeout-ms",
+        "1500",
+        "--wait",
     ]);
     assert_eq!(code, 1, "{out}");
-    assert!(out.lines().last().unwrap_or("").contains("timed_out") || out.contains("failed"), "{out}");
+    assert!(
+        out.lines().last().unwrap_or("").contains("timed_out") || out.contains("failed"),
+        "{out}"
+    );
 
     // firmware: upload, list, campaign create/show/pause/cancel, remove
     let img = dir.join("fw.bin");
     std::fs::write(&img, vec![0x5a; 3000]).unwrap();
     let t = ctl.expect(
         0,
-        &["firmware", "upload", img.to_str().unwrap(), "--name", "fw-ctl", "--version", "2.0.0"],
+        &[
+            "firmware",
+            "upload",
+            img.to_str().unwrap(),
+            "--name",
+            "fw-ctl",
+            "--version",
+            "2.0.0",
+        ],
     );
     assert!(t.contains("uploaded fw-ctl 2.0.0: 3000 bytes"), "{t}");
     let v = ctl.json(&["firmware", "list"]);
@@ -280,14 +382,25 @@ fn every_command_as_table_and_json_with_meaningful_exit_codes() {
     assert_eq!(v[0]["size"], 3000);
     assert!(ctl.expect(0, &["firmware", "list"]).contains("fw-ctl"));
     let v = ctl.json(&[
-        "firmware", "campaign", "create", "--image", "fw-ctl", "--id", "camp-1", "--devices",
-        "dev-900,dev-901", "--concurrency", "1",
+        "firmware",
+        "campaign",
+        "create",
+        "--image",
+        "fw-ctl",
+        "--id",
+        "camp-1",
+        "--devices",
+        "dev-900,dev-901",
+        "--concurrency",
+        "1",
     ]);
     assert_eq!(v["campaign_id"], "camp-1");
     assert_eq!(v["devices"], 2);
     let t = ctl.expect(0, &["firmware", "campaign", "pause", "camp-1"]);
     assert!(t.contains("camp-1") && t.contains("paused"), "{t}");
-    assert!(ctl.expect(0, &["firmware", "campaign", "list"]).contains("camp-1"));
+    assert!(ctl
+        .expect(0, &["firmware", "campaign", "list"])
+        .contains("camp-1"));
     let v = ctl.json(&["firmware", "campaign", "cancel", "camp-1"]);
     assert_eq!(v["state"], "cancelled", "{v}");
     ctl.expect(1, &["firmware", "campaign", "resume", "camp-1"]);
@@ -298,6 +411,10 @@ fn every_command_as_table_and_json_with_meaningful_exit_codes() {
 
     // completion
     let c = ctl.expect(0, &["completion", "bash"]);
-    assert!(c.contains("corem-ctl") && c.contains("telemetry"), "{}", &c[..c.len().min(200)]);
+    assert!(
+        c.contains("corem-ctl") && c.contains("telemetry"),
+        "{}",
+        &c[..c.len().min(200)]
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

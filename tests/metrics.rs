@@ -116,13 +116,25 @@ fn metrics_pass_promtool_and_histograms_have_samples() {
         );
     }
     assert_eq!(
-        sample(&body, "corem_lwm2m_rpc_finished_total{status=\"succeeded\"}"),
+        sample(
+            &body,
+            "corem_lwm2m_rpc_finished_total{status=\"succeeded\"}"
+        ),
         Some(1.0)
     );
     assert_eq!(sample(&body, "corem_lwm2m_rpc_accepted_total"), Some(1.0));
-    assert_eq!(sample(&body, "corem_lwm2m_rpc_duration_seconds_count"), Some(1.0));
-    assert_eq!(sum_over_shards(&body, "corem_lwm2m_registrations_total"), 1.0);
-    assert_eq!(sum_over_shards(&body, "corem_lwm2m_registrations_active"), 1.0);
+    assert_eq!(
+        sample(&body, "corem_lwm2m_rpc_duration_seconds_count"),
+        Some(1.0)
+    );
+    assert_eq!(
+        sum_over_shards(&body, "corem_lwm2m_registrations_total"),
+        1.0
+    );
+    assert_eq!(
+        sum_over_shards(&body, "corem_lwm2m_registrations_active"),
+        1.0
+    );
     assert_eq!(sample(&body, "corem_lwm2m_shards"), Some(2.0));
     let rss = sample(&body, "process_resident_memory_bytes").unwrap();
     assert!(rss > 1e6, "rss {rss}");
@@ -153,9 +165,7 @@ fn prom_query(port: u16, q: &str) -> Vec<serde_json::Value> {
     let enc: String = q
         .bytes()
         .map(|b| match b {
-            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' | b'-' | b'.' => {
-                (b as char).to_string()
-            }
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' | b'-' | b'.' => (b as char).to_string(),
             _ => format!("%{b:02X}"),
         })
         .collect();
@@ -194,13 +204,16 @@ fn a_real_prometheus_scrapes_the_gateway() {
     }
     let _prom = Kill(
         Command::new("prometheus")
-        .arg(format!("--config.file={}", cfg.display()))
-        .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
-        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("prometheus.log")).unwrap())
-        .spawn()
-        .expect("prometheus (Debian package; scripts/setup installs it)"),
+            .arg(format!("--config.file={}", cfg.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("prometheus.log")).unwrap())
+            .spawn()
+            .expect("prometheus (Debian package; scripts/setup installs it)"),
     );
 
     // The scrape succeeded (up = 1) and the gateway's series are queryable:
@@ -262,7 +275,9 @@ fn metric_names(expr: &str) -> Vec<String> {
             let word = &expr[start..i];
             let after_dollar = start > 0 && b[start - 1] == b'$';
             if !after_dollar
-                && (word.starts_with("corem_lwm2m_") || word.starts_with("process_") || word == "up")
+                && (word.starts_with("corem_lwm2m_")
+                    || word.starts_with("process_")
+                    || word == "up")
             {
                 out.push(word.to_string());
             }
@@ -305,7 +320,10 @@ fn every_dashboard_panel_queries_a_metric_the_gateway_exports() {
         })
     };
 
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/grafana/corem-lwm2m.json");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/grafana/corem-lwm2m.json"
+    );
     let dash: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).expect("dashboard JSON");
     assert_eq!(dash["uid"], "corem-lwm2m");

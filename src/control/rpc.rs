@@ -19,13 +19,13 @@ use super::profiles::Profiles;
 use super::rpc_book::{LogRecord, Refusal, Resolved, RpcBook, RpcRecord, Work};
 use super::rpc_log::{RpcLog, WalLine};
 use crate::config::Config;
+use crate::metrics::RpcMetrics;
 use crate::proto::lwm2m::firmware::{FirmwareParams, FirmwarePlan, FwImage, ImageRef, UriBases};
 use crate::proto::lwm2m::profile::Profile;
+use crate::proto::lwm2m::rpc::RpcStatus;
 use crate::proto::lwm2m::rpc::{self, PresenceState, RpcEvent, RpcRequest};
 use crate::proto::lwm2m::server::ControlMsg;
 use crate::shard::runtime::ControlHandle;
-use crate::metrics::RpcMetrics;
-use crate::proto::lwm2m::rpc::RpcStatus;
 use crate::sink::topic_for;
 use crossbeam_channel::{Receiver, Sender};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
@@ -664,11 +664,8 @@ impl Worker {
             Err(Refusal::Duplicate(r)) => self.campaigns.handle_status(wall_ms(), &id, r.status),
             Err(Refusal::Invalid(e)) => {
                 tracing::warn!(rpc_id = %id, error = %e, "campaign RPC refused");
-                self.campaigns.handle_status(
-                    wall_ms(),
-                    &id,
-                    RpcStatus::Failed,
-                );
+                self.campaigns
+                    .handle_status(wall_ms(), &id, RpcStatus::Failed);
             }
         }
     }

@@ -84,7 +84,10 @@ pub fn start_watchdog(shards: Vec<Arc<ShardMetrics>>) {
     let Some(every) = watchdog_interval() else {
         return;
     };
-    tracing::info!(every_ms = every.as_millis() as u64, "systemd watchdog enabled");
+    tracing::info!(
+        every_ms = every.as_millis() as u64,
+        "systemd watchdog enabled"
+    );
     let r = std::thread::Builder::new()
         .name("watchdog".into())
         .spawn(move || {

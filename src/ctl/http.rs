@@ -238,7 +238,9 @@ mod tests {
         .ok()
         .unwrap();
         assert_eq!((r.status, r.body.as_slice()), (404, &b"abcde"[..]));
-        let r = read_response(&b"HTTP/1.0 500 X\r\n\r\nall of it"[..]).ok().unwrap();
+        let r = read_response(&b"HTTP/1.0 500 X\r\n\r\nall of it"[..])
+            .ok()
+            .unwrap();
         assert_eq!(r.body, b"all of it");
         assert!(read_response(&b"garbage\r\n\r\n"[..]).is_err());
         assert!(read_response(&b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nshort"[..]).is_err());

@@ -38,7 +38,12 @@ Environment: COREM_ADMIN (admin URL), COREM_ADMIN_TOKEN (bearer token).";
 #[command(name = "corem-ctl", version, after_help = AFTER_HELP)]
 pub struct Cli {
     /// The gateway's admin API.
-    #[arg(long, global = true, env = "COREM_ADMIN", default_value = "http://127.0.0.1:8080")]
+    #[arg(
+        long,
+        global = true,
+        env = "COREM_ADMIN",
+        default_value = "http://127.0.0.1:8080"
+    )]
     pub admin: String,
     /// Bearer token (admin.token_file / admin.token_env of the gateway).
     #[arg(long, global = true, env = "COREM_ADMIN_TOKEN", hide_env_values = true)]
@@ -191,10 +196,18 @@ pub enum CampaignCmd {
         method: Option<String>,
     },
     List,
-    Show { id: String },
-    Pause { id: String },
-    Resume { id: String },
-    Cancel { id: String },
+    Show {
+        id: String,
+    },
+    Pause {
+        id: String,
+    },
+    Resume {
+        id: String,
+    },
+    Cancel {
+        id: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -258,7 +271,14 @@ fn ok(r: Response) -> Result<Response, Fail> {
         .as_str()
         .map(str::to_string)
         .unwrap_or_else(|| r.text().trim().to_string());
-    Err(Fail(code, format!("{} ({}): {msg}", r.status, v["code"].as_str().unwrap_or("error"))))
+    Err(Fail(
+        code,
+        format!(
+            "{} ({}): {msg}",
+            r.status,
+            v["code"].as_str().unwrap_or("error")
+        ),
+    ))
 }
 
 fn pct(s: &str) -> String {
@@ -274,8 +294,12 @@ fn pct(s: &str) -> String {
 }
 
 fn print_json(out: Out<'_>, v: &Value) -> Result<(), Fail> {
-    writeln!(out, "{}", serde_json::to_string_pretty(v).unwrap_or_default())
-        .map_err(|e| Fail(EXIT_FAILED, e.to_string()))
+    writeln!(
+        out,
+        "{}",
+        serde_json::to_string_pretty(v).unwrap_or_default()
+    )
+    .map_err(|e| Fail(EXIT_FAILED, e.to_string()))
 }
 
 fn w(out: Out<'_>, s: &str) -> Result<(), Fail> {
@@ -395,7 +419,10 @@ fn status(api: &Endpoint, json: bool, out: Out<'_>) -> Result<(), Fail> {
         t.row(["shards".into(), table::num(g("corem_lwm2m_shards"))]);
         t.row([
             "endpoints".into(),
-            format!("{} provisioned", table::num(g("corem_lwm2m_directory_endpoints"))),
+            format!(
+                "{} provisioned",
+                table::num(g("corem_lwm2m_directory_endpoints"))
+            ),
         ]);
         t.row([
             "devices".into(),
@@ -440,7 +467,10 @@ fn status(api: &Endpoint, json: bool, out: Out<'_>) -> Result<(), Fail> {
     if healthy {
         Ok(())
     } else {
-        Err(Fail(EXIT_UNAVAILABLE, format!("unhealthy: {}", health.text().trim())))
+        Err(Fail(
+            EXIT_UNAVAILABLE,
+            format!("unhealthy: {}", health.text().trim()),
+        ))
     }
 }
 
@@ -577,7 +607,8 @@ fn endpoints(api: &Endpoint, json: bool, c: EndpointsCmd, out: Out<'_>) -> Resul
             let mut t = Table::new(["ENDPOINT", "DEVICE_ID", "TENANT", "PROFILE", "CREDENTIALS"]);
             if let Some(m) = v.as_object() {
                 for (ep, e) in m {
-                    let creds = if !e["psk_identity"].is_null() || !e["psk_identity_hex"].is_null() {
+                    let creds = if !e["psk_identity"].is_null() || !e["psk_identity_hex"].is_null()
+                    {
                         "psk"
                     } else if !e["x509"].is_null() || !e["x509_sha256"].is_null() {
                         "x509"
@@ -610,14 +641,18 @@ fn endpoints(api: &Endpoint, json: bool, c: EndpointsCmd, out: Out<'_>) -> Resul
             if let Some(k) = psk_key_hex {
                 body["psk_key_hex"] = k.into();
             }
-            let r = ok(api.send_json("PUT", &format!("/v1/endpoints/{}", pct(&endpoint)), &body)?)?;
+            let r =
+                ok(api.send_json("PUT", &format!("/v1/endpoints/{}", pct(&endpoint)), &body)?)?;
             let created = r.status == 201;
             if json {
                 print_json(out, &json!({"endpoint": endpoint, "created": created}))
             } else {
                 w(
                     out,
-                    &format!("{} {endpoint}\n", if created { "added" } else { "replaced" }),
+                    &format!(
+                        "{} {endpoint}\n",
+                        if created { "added" } else { "replaced" }
+                    ),
                 )
             }
         }
@@ -643,16 +678,14 @@ fn endpoints(api: &Endpoint, json: bool, c: EndpointsCmd, out: Out<'_>) -> Resul
                     .map_err(|e| Fail(EXIT_USAGE, format!("{}: {e}", file.display())))?,
                 "csv" => csv::endpoints(&text)
                     .map_err(|e| Fail(EXIT_USAGE, format!("{}: {e}", file.display())))?,
-                other => {
-                    return Err(Fail(
-                        EXIT_USAGE,
-                        format!("--format {other:?}: csv or json"),
-                    ))
-                }
+                other => return Err(Fail(EXIT_USAGE, format!("--format {other:?}: csv or json"))),
             };
             let n = items.as_array().map_or(0, |a| a.len());
             if n == 0 {
-                return Err(Fail(EXIT_USAGE, format!("{}: no endpoints", file.display())));
+                return Err(Fail(
+                    EXIT_USAGE,
+                    format!("{}: no endpoints", file.display()),
+                ));
             }
             let r = ok(api.send_json("POST", "/v1/endpoints", &items)?)?.json();
             if json {
@@ -856,8 +889,8 @@ fn firmware(api: &Endpoint, json: bool, c: FirmwareCmd, out: Out<'_>) -> Result<
             );
             let mut api = api.clone();
             api.timeout = Duration::from_secs(600);
-            let v = ok(api.request("PUT", &path, Some(("application/octet-stream", &data)))?)?
-                .json();
+            let v =
+                ok(api.request("PUT", &path, Some(("application/octet-stream", &data)))?)?.json();
             if json {
                 print_json(out, &v)
             } else {
@@ -1057,7 +1090,13 @@ mod tests {
     fn cli_parses_and_exit_codes_mean_something() {
         Cli::command().debug_assert();
         let c = Cli::try_parse_from([
-            "corem-ctl", "--json", "rpc", "send", "dev-1", "reboot", "--wait",
+            "corem-ctl",
+            "--json",
+            "rpc",
+            "send",
+            "dev-1",
+            "reboot",
+            "--wait",
         ])
         .unwrap();
         assert!(c.json);
@@ -1078,7 +1117,10 @@ mod tests {
         let p = json!({"ts": 0, "numeric_values": {"temperature": 22.5}, "string_values": {"unit": "C"},
                        "source": {"path": "/3303/0/5700"}});
         let l = point_line(&p);
-        assert!(l.contains("temperature=22.5") && l.contains("unit=C") && l.ends_with("(/3303/0/5700)"), "{l}");
+        assert!(
+            l.contains("temperature=22.5") && l.contains("unit=C") && l.ends_with("(/3303/0/5700)"),
+            "{l}"
+        );
         assert_eq!(pct("urn:imei:1 2"), "urn%3Aimei%3A1%202");
     }
 }

@@ -149,8 +149,14 @@ mod tests {
     #[test]
     fn formats() {
         assert_eq!(time_ms(&json!(0)), "-");
-        assert_eq!(time_ms(&json!(1_700_000_000_123i64)), "2023-11-14 22:13:20.123");
-        assert_eq!(time_ms(&json!(951_782_400_000i64)), "2000-02-29 00:00:00.000");
+        assert_eq!(
+            time_ms(&json!(1_700_000_000_123i64)),
+            "2023-11-14 22:13:20.123"
+        );
+        assert_eq!(
+            time_ms(&json!(951_782_400_000i64)),
+            "2000-02-29 00:00:00.000"
+        );
         assert_eq!(num(1234567.0), "1,234,567");
         assert_eq!(num(12.0), "12");
         assert_eq!(bytes(512.0), "512 B");

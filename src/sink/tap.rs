@@ -134,8 +134,9 @@ impl Tap {
 
     /// Makes the watched set visible to [`Tap::offer`] (under the lock).
     fn publish(&self, g: &Inner) {
-        self.watched
-            .store(std::sync::Arc::new(g.devices.keys().map(|k| k.as_str().into()).collect()));
+        self.watched.store(std::sync::Arc::new(
+            g.devices.keys().map(|k| k.as_str().into()).collect(),
+        ));
         self.active.store(!g.devices.is_empty(), Ordering::Relaxed);
     }
 

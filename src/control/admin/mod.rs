@@ -340,10 +340,10 @@ async fn handle(
                 )));
             }
         };
-    let long_poll = method == "GET" && path.starts_with("/v1/devices/") && path.ends_with("/telemetry");
+    let long_poll =
+        method == "GET" && path.starts_with("/v1/devices/") && path.ends_with("/telemetry");
     let pool = if long_poll { &sh.polls } else { &sh.work };
-    let Ok(permit) = tokio::time::timeout_at(deadline, pool.clone().acquire_owned()).await
-    else {
+    let Ok(permit) = tokio::time::timeout_at(deadline, pool.clone().acquire_owned()).await else {
         sh.counters.busy.fetch_add(1, Ordering::Relaxed);
         return Ok(respond(Reply::error(
             503,

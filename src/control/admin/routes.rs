@@ -200,9 +200,10 @@ pub(super) fn query_param(query: &str, key: &str) -> Option<String> {
 /// them: the page calls the API with the operator's token).
 pub fn console(path: &str) -> Option<Reply> {
     let (ct, body): (&'static str, &'static str) = match path {
-        "/" | "/console" | "/console/" | "/console/index.html" => {
-            ("text/html; charset=utf-8", include_str!("console/index.html"))
-        }
+        "/" | "/console" | "/console/" | "/console/index.html" => (
+            "text/html; charset=utf-8",
+            include_str!("console/index.html"),
+        ),
         "/console/app.js" => (
             "text/javascript; charset=utf-8",
             include_str!("console/app.js"),
@@ -234,7 +235,11 @@ pub fn metrics(st: &AdminState) -> Reply {
             "endpoints provisioned in the device directory",
             st.directory.len() as i64,
         ),
-        ("shards", "shards (cores) serving devices", st.metrics.len() as i64),
+        (
+            "shards",
+            "shards (cores) serving devices",
+            st.metrics.len() as i64,
+        ),
     ];
     let mut out = render_prometheus(&st.metrics, &extra);
     if let Some(rpc) = &st.rpc {
@@ -358,7 +363,10 @@ pub fn route(st: &AdminState, req: &ApiRequest) -> Reply {
             device_rpc(st, m, &device, &req.body)
         }
         (_, p) if between(p, "/v1/devices/", "/telemetry").is_some() => {
-            let device = pct_decode(between(p, "/v1/devices/", "/telemetry").unwrap_or(""), false);
+            let device = pct_decode(
+                between(p, "/v1/devices/", "/telemetry").unwrap_or(""),
+                false,
+            );
             if m != "GET" {
                 return Reply::method_not_allowed();
             }
