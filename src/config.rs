@@ -24,6 +24,16 @@ pub struct Config {
     pub rpc: RpcConfig,
     pub bootstrap: BootstrapSection,
     pub firmware: FirmwareSection,
+    pub log: LogSection,
+}
+
+/// `[log]`: the log filter (tracing's EnvFilter syntax, e.g. `info` or
+/// `info,corem_lwm2m::proto=debug`). `RUST_LOG`, when set, wins. Reloaded
+/// by SIGHUP.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSection {
+    pub level: Option<String>,
 }
 
 /// `[firmware]`: the image store for LwM2M object 5 updates.

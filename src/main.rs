@@ -11,6 +11,7 @@ use corem_lwm2m::control::directory::{Directory, Origin};
 use corem_lwm2m::control::firmware::FirmwareStore;
 use corem_lwm2m::control::profiles::Profiles;
 use corem_lwm2m::control::registrations::RegistrationStore;
+use corem_lwm2m::control::reload;
 use corem_lwm2m::control::rpc::Resolver;
 use corem_lwm2m::control::rpc::RpcService;
 use corem_lwm2m::control::sessions::SessionStore;
@@ -57,25 +58,46 @@ struct Args {
     log_format: String,
 }
 
+/// Swaps the log filter at run time (`[log] level`, SIGHUP).
+type LogHandle = tracing_subscriber::reload::Handle<
+    tracing_subscriber::EnvFilter,
+    tracing_subscriber::Registry,
+>;
+
 fn main() {
     let args = Args::parse();
+    use tracing_subscriber::prelude::*;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let (filter, log) = tracing_subscriber::reload::Layer::new(filter);
+    let reg = tracing_subscriber::registry().with(filter);
+    let fmt = tracing_subscriber::fmt::layer()
         .with_target(false)
         .with_writer(std::io::stderr);
     if args.log_format == "json" {
-        b.json().flatten_event(true).init();
+        reg.with(fmt.json().flatten_event(true)).init();
     } else {
         // No ANSI colour codes when the output is a file or a pipe (NO_COLOR
         // also turns them off).
         let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-        b.with_ansi(ansi).init();
+        reg.with(fmt.with_ansi(ansi)).init();
     }
-    if let Err(e) = run(args) {
+    if let Err(e) = run(args, log) {
         tracing::error!("{e:#}");
         std::process::exit(1);
+    }
+}
+
+/// The log filter `[log] level` asks for, unless RUST_LOG is set (it wins).
+fn configured_filter(cfg: &Config) -> anyhow::Result<Option<(String, tracing_subscriber::EnvFilter)>> {
+    if std::env::var_os("RUST_LOG").is_some() {
+        return Ok(None);
+    }
+    match &cfg.log.level {
+        None => Ok(None),
+        Some(l) => tracing_subscriber::EnvFilter::try_new(l)
+            .map(|f| Some((l.clone(), f)))
+            .map_err(|e| anyhow::anyhow!("log.level {l:?}: {e}")),
     }
 }
 
@@ -119,11 +141,21 @@ fn load_directory(cfg: &Config) -> anyhow::Result<Directory> {
     Ok(d)
 }
 
-fn run(args: Args) -> anyhow::Result<()> {
+fn run(args: Args, log: LogHandle) -> anyhow::Result<()> {
     let mut cfg = match &args.config {
         Some(p) => Config::load(p)?,
         None => Config::default(),
     };
+    // What a SIGHUP compares the file with: the file as it was at start.
+    let started_tree = match &args.config {
+        Some(p) => Some(reload::read_tree(p).map_err(anyhow::Error::msg)?),
+        None => None,
+    };
+    let mut log_level = String::from("info");
+    if let Some((level, f)) = configured_filter(&cfg)? {
+        log.reload(f)?;
+        log_level = level;
+    }
     if let Some(l) = args.listen {
         cfg.gateway.listen = l;
     }
@@ -224,6 +256,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         let c = control.clone();
         Arc::new(move || c.send(ControlMsg::ProfilesChanged))
     };
+    let topics_for_reload = topics.clone();
     let on_tenants: Option<TenantHook> = topics.map(|tm| {
         let h: TenantHook = Arc::new(move |t: &[String]| {
             tm.ensure(t);
@@ -287,6 +320,17 @@ fn run(args: Args) -> anyhow::Result<()> {
                     tracing::error!(error = %e, "profile reload failed; keeping the current profiles")
                 }
             }
+            if let (Some(path), Some(started)) = (&args.config, &started_tree) {
+                reload_config(
+                    path,
+                    started,
+                    &log,
+                    &mut log_level,
+                    &directory,
+                    &control,
+                    topics_for_reload.as_deref(),
+                );
+            }
             systemd::notify("READY=1");
         }
         if Instant::now() >= next_trim {
@@ -321,6 +365,79 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     tracing::info!("bye");
     Ok(())
+}
+
+/// SIGHUP, after the profiles: reads the configuration file again, applies
+/// `[log] level` and the provisioning file's new endpoints (existing ones
+/// are changed through the admin API, never by a reload), and names every
+/// other changed key as needing a restart.
+fn reload_config(
+    path: &std::path::Path,
+    started: &toml::Value,
+    log: &LogHandle,
+    log_level: &mut String,
+    directory: &Directory,
+    control: &corem_lwm2m::shard::runtime::ControlHandle,
+    topics: Option<&TopicManager>,
+) {
+    let cfg = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "configuration not reloaded (SIGHUP): the file does not load; nothing changed");
+            return;
+        }
+    };
+    match configured_filter(&cfg) {
+        Ok(Some((level, f))) if level != *log_level => match log.reload(f) {
+            Ok(()) => {
+                tracing::info!(from = %log_level, to = %level, "log level changed (SIGHUP)");
+                *log_level = level;
+            }
+            Err(e) => tracing::error!(error = %e, "log level not changed"),
+        },
+        Ok(_) => {}
+        Err(e) => tracing::error!(error = %e, "log level not changed (SIGHUP)"),
+    }
+    if let Some(p) = &cfg.directory.provisioning_file {
+        match Directory::read_provisioning(p) {
+            Ok(items) => {
+                let new: Vec<_> = items
+                    .into_iter()
+                    .filter(|i| directory.get(&i.endpoint).is_none())
+                    .collect();
+                if !new.is_empty() {
+                    let names: Vec<String> = new.iter().map(|i| i.endpoint.clone()).collect();
+                    let mut tenants: Vec<String> =
+                        new.iter().map(|i| i.entry.tenant_id.clone()).collect();
+                    tenants.sort();
+                    tenants.dedup();
+                    match directory.upsert_many(new) {
+                        Ok(n) => {
+                            tracing::info!(added = n, file = %p.display(), "provisioning: new endpoints added (SIGHUP)");
+                            if let Some(tm) = topics {
+                                tm.ensure(&tenants);
+                            }
+                            control.send(ControlMsg::Endpoints(names.into()));
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "provisioning additions not stored (SIGHUP)")
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, file = %p.display(), "provisioning file not read (SIGHUP)")
+            }
+        }
+    }
+    match reload::read_tree(path) {
+        Ok(now) => {
+            for key in reload::restart_needed(started, &now) {
+                tracing::warn!(key = %key, "configuration changed: needs a restart to apply (systemctl restart corem-lwm2m)");
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "configuration not compared (SIGHUP)"),
+    }
 }
 
 /// The DTLS session store, when a session key is configured (file or

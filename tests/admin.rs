@@ -428,3 +428,54 @@ fn refuses_an_admin_api_beyond_loopback_without_a_token() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `systemctl reload` (SIGHUP): the provisioning file's new endpoint can
+/// register at once, `[log] level` is applied, a changed setting that needs
+/// a restart is named in the log, and a file that does not parse changes
+/// nothing.
+#[test]
+fn sighup_adds_provisioned_endpoints_applies_the_log_level_and_names_restart_settings() {
+    let broker = Broker::memory();
+    let gw = Gateway::start(&broker, 2, PROVISIONING, "[log]\nlevel = \"info\"\n");
+    let hup = |gw: &Gateway| {
+        // SAFETY: kill(2) on our own child process.
+        unsafe { libc::kill(gw.pid().unwrap() as i32, libc::SIGHUP) };
+    };
+    let wait_log = |gw: &Gateway, s: &str| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !gw.log_contains(s) {
+            assert!(Instant::now() < deadline, "no log line with {s:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let mut dev = Device::new("urn:imei:777", gw.coap, 9);
+    assert_eq!(dev.register(0), Code::FORBIDDEN, "not provisioned yet");
+
+    let prov = gw.dir.join("provisioning.toml");
+    let mut text = std::fs::read_to_string(&prov).unwrap();
+    text.push_str("\n[[endpoint]]\nendpoint = \"urn:imei:777\"\ndevice_id = \"dev-777\"\ntenant_id = \"acme\"\n");
+    std::fs::write(&prov, text).unwrap();
+    gw.edit_config(|c| {
+        c.replace("level = \"info\"", "level = \"debug\"")
+            .replace("[gateway]\n", "[gateway]\nrecv_batch = 32\n")
+    });
+    hup(&gw);
+    wait_log(&gw, "provisioning: new endpoints added (SIGHUP)");
+    wait_log(&gw, "log level changed (SIGHUP)");
+    wait_log(&gw, "gateway.recv_batch");
+    assert!(gw.log_contains("needs a restart"));
+    assert!(
+        !gw.log.lock().unwrap().iter().any(|l| l.contains("needs a restart") && l.contains("log.level")),
+        "log.level is applied, not a restart"
+    );
+    let mut dev = Device::new("urn:imei:777", gw.coap, 10);
+    assert_eq!(dev.register(0), Code::CREATED, "registers after the reload");
+    let (code, body) = http(gw.admin, "GET", "/v1/endpoints/urn:imei:777", "").unwrap();
+    assert_eq!(code, 200, "{body}");
+
+    // A broken file: logged, nothing changes, the gateway keeps running.
+    gw.edit_config(|c| format!("{c}\n[[[broken\n"));
+    hup(&gw);
+    wait_log(&gw, "configuration not reloaded (SIGHUP)");
+    assert_eq!(http(gw.admin, "GET", "/healthz", "").unwrap().0, 200);
+}

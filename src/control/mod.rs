@@ -11,6 +11,7 @@ pub mod directory;
 pub mod firmware;
 pub mod profiles;
 pub mod registrations;
+pub mod reload;
 pub mod rpc;
 pub mod rpc_book;
 pub mod rpc_log;
