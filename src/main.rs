@@ -59,10 +59,8 @@ struct Args {
 }
 
 /// Swaps the log filter at run time (`[log] level`, SIGHUP).
-type LogHandle = tracing_subscriber::reload::Handle<
-    tracing_subscriber::EnvFilter,
-    tracing_subscriber::Registry,
->;
+type LogHandle =
+    tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>;
 
 fn main() {
     let args = Args::parse();
@@ -89,7 +87,9 @@ fn main() {
 }
 
 /// The log filter `[log] level` asks for, unless RUST_LOG is set (it wins).
-fn configured_filter(cfg: &Config) -> anyhow::Result<Option<(String, tracing_subscriber::EnvFilter)>> {
+fn configured_filter(
+    cfg: &Config,
+) -> anyhow::Result<Option<(String, tracing_subscriber::EnvFilter)>> {
     if std::env::var_os("RUST_LOG").is_some() {
         return Ok(None);
     }
@@ -387,6 +387,9 @@ fn reload_config(
             return;
         }
     };
+    if std::env::var_os("RUST_LOG").is_some() && cfg.log.level.is_some() {
+        tracing::warn!("log.level is not applied: RUST_LOG is set and wins");
+    }
     match configured_filter(&cfg) {
         Ok(Some((level, f))) if level != *log_level => match log.reload(f) {
             Ok(()) => {

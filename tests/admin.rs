@@ -436,7 +436,11 @@ fn refuses_an_admin_api_beyond_loopback_without_a_token() {
 #[test]
 fn sighup_adds_provisioned_endpoints_applies_the_log_level_and_names_restart_settings() {
     let broker = Broker::memory();
-    let gw = Gateway::start(&broker, 2, PROVISIONING, "[log]\nlevel = \"info\"\n");
+    let mut gw = Gateway::start(&broker, 2, PROVISIONING, "[log]\nlevel = \"info\"\n");
+    // Without RUST_LOG (which would win over `[log] level`).
+    gw.stop();
+    gw.rust_log = None;
+    gw.spawn();
     let hup = |gw: &Gateway| {
         // SAFETY: kill(2) on our own child process.
         unsafe { libc::kill(gw.pid().unwrap() as i32, libc::SIGHUP) };
@@ -465,7 +469,11 @@ fn sighup_adds_provisioned_endpoints_applies_the_log_level_and_names_restart_set
     wait_log(&gw, "gateway.recv_batch");
     assert!(gw.log_contains("needs a restart"));
     assert!(
-        !gw.log.lock().unwrap().iter().any(|l| l.contains("needs a restart") && l.contains("log.level")),
+        !gw.log
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("needs a restart") && l.contains("log.level")),
         "log.level is applied, not a restart"
     );
     let mut dev = Device::new("urn:imei:777", gw.coap, 10);

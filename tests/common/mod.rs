@@ -184,6 +184,8 @@ pub struct Gateway {
     config: PathBuf,
     /// Extra command-line arguments for the next `spawn`.
     pub args: Vec<String>,
+    /// RUST_LOG of the next `spawn` (None: unset, `[log] level` applies).
+    pub rust_log: Option<String>,
 }
 
 pub const PROVISIONING: &str = r#"
@@ -249,19 +251,21 @@ impl Gateway {
             log: Arc::new(Mutex::new(Vec::new())),
             config,
             args: Vec::new(),
+            rust_log: Some(std::env::var("GW_LOG").unwrap_or_else(|_| "info".into())),
         };
         g.spawn();
         g
     }
 
     pub fn spawn(&mut self) {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_corem-lwm2m"))
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_corem-lwm2m"));
+        match &self.rust_log {
+            Some(l) => cmd.env("RUST_LOG", l),
+            None => cmd.env_remove("RUST_LOG"),
+        };
+        let mut child = cmd
             .arg("--config")
             .arg(&self.config)
-            .env(
-                "RUST_LOG",
-                std::env::var("GW_LOG").unwrap_or_else(|_| "info".into()),
-            )
             .env_remove("NO_COLOR")
             .args(&self.args)
             .stdout(Stdio::piped())
