@@ -218,6 +218,11 @@ fn console_lists_the_device_shows_live_telemetry_and_reboots_it() {
         "return document.querySelector('#campaigns') ? true : null",
         Duration::from_secs(10),
     );
+    // Nothing from the device page (its long poll was in flight when we
+    // left) lands on this one.
+    std::thread::sleep(Duration::from_millis(1500));
+    let err = d.js("return document.querySelector('#err').innerText");
+    assert_eq!(err, "", "an error on the firmware page");
     d.screenshot("console-firmware.png");
 
     stop.store(true, Ordering::Relaxed);

@@ -88,6 +88,7 @@ async function devicesPage(gen) {
     if ($("#f-online").value) q.set("online", $("#f-online").value);
     try {
       const d = await api("GET", "/v1/devices?" + q);
+      if (gen !== generation) return;
       const rows = d.devices.map((x) => `<tr data-device="${esc(x.device_id)}">
         <td class="mono"><a href="#/device/${encodeURIComponent(x.device_id)}">${esc(x.device_id)}</a></td>
         <td class="mono">${esc(x.endpoint)}</td><td>${esc(x.tenant_id)}</td><td>${esc(x.profile)}</td>
@@ -126,6 +127,7 @@ async function devicePage(gen, id) {
   const refresh = async () => {
     try {
       const d = await api("GET", "/v1/devices/" + enc);
+      if (gen !== generation) return;
       const r = d.registration || {};
       const facts = [["endpoint", d.endpoint], ["tenant", d.tenant_id], ["profile", d.profile],
         ["state", d.online ? "online" : "offline"], ["last seen", time(d.last_seen)], ["shard", r.shard],
@@ -173,6 +175,7 @@ async function devicePage(gen, id) {
   while (gen === generation) {
     try {
       const t = await api("GET", `/v1/devices/${enc}/telemetry?after=${after}&wait_ms=10000`);
+      if (gen !== generation) break; // navigated away while waiting
       after = t.next;
       for (const p of t.points) {
         const vals = [];
@@ -183,7 +186,11 @@ async function devicePage(gen, id) {
       }
       const rows = $("#telemetry tbody").children;
       while (rows.length > 200) rows[rows.length - 1].remove();
-    } catch (e) { $("#err").textContent = e.message; await sleep(2000); }
+    } catch (e) {
+      if (gen !== generation) break;
+      $("#err").textContent = e.message;
+      await sleep(2000);
+    }
   }
 }
 
@@ -205,9 +212,11 @@ async function firmwarePage(gen) {
   const load = async () => {
     try {
       const imgs = await api("GET", "/v1/firmware");
+      if (gen !== generation) return;
       $("#images tbody").innerHTML = imgs.map((i) => `<tr><td class="mono">${esc(i.name)}</td><td>${esc(i.version)}</td>
         <td>${esc(i.size)}</td><td class="mono">${esc((i.sha256 || "").slice(0, 16))}</td><td class="mono">${time(i.uploaded_at)}</td></tr>`).join("");
       const cs = await api("GET", "/v1/firmware/campaigns");
+      if (gen !== generation) return;
       $("#campaigns tbody").innerHTML = cs.map((c) => `<tr><td class="mono">${esc(c.campaign_id)}</td><td>${esc(c.image)}</td>
         <td>${esc(c.state)}${c.reason ? " (" + esc(c.reason) + ")" : ""}</td><td>${esc(c.finished)} / ${esc(c.devices)}</td>
         <td class="mono">${esc(JSON.stringify(c.counts || {}))}</td>
