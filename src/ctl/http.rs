@@ -137,6 +137,11 @@ impl Endpoint {
     }
 }
 
+/// Parses a whole HTTP/1.1 response (for the fuzz target).
+pub fn parse_response(data: &[u8]) -> Option<Response> {
+    read_response(data).ok()
+}
+
 enum ReadError {
     Io(std::io::Error),
     Malformed(&'static str),
