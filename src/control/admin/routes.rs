@@ -4,8 +4,12 @@
 //!
 //! * `GET /healthz` — 200 `ok` while every shard runs its timers, 503
 //!   naming a stalled shard (no token).
-//! * `GET /metrics` — Prometheus text: per-shard counters and gauges, the
-//!   admin server's own counters (no token).
+//! * `GET /metrics` — Prometheus text: per-shard counters, gauges and
+//!   histograms, the RPC service's figures, `process_*`, the admin
+//!   server's own counters (no token).
+//! * `GET /console/…` — the web console's static files (no token).
+//! * `GET /v1/devices/{id}/telemetry?after=&wait_ms=` — live telemetry of
+//!   one device (long poll on the sinks' tap).
 //! * `GET /v1/endpoints` — the whole directory (JSON object, keys redacted).
 //! * `GET|PUT|DELETE /v1/endpoints/{endpoint}` — one endpoint; PUT takes
 //!   `{"device_id":..,"tenant_id":..,"profile":..}` plus credentials.
