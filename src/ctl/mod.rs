@@ -959,6 +959,10 @@ fn campaign_summary(v: &Value) -> String {
 
 fn campaign(api: &Endpoint, json: bool, c: CampaignCmd, out: Out<'_>) -> Result<(), Fail> {
     let base = "/v1/firmware/campaigns";
+    let act = |id: &str, action: &str| -> Result<Value, Fail> {
+        let path = format!("{base}/{}/{action}", pct(id));
+        Ok(ok(api.request("POST", &path, None)?)?.json())
+    };
     let v = match c {
         CampaignCmd::Create {
             image,
@@ -1011,15 +1015,9 @@ fn campaign(api: &Endpoint, json: bool, c: CampaignCmd, out: Out<'_>) -> Result<
             return w(out, &t.render());
         }
         CampaignCmd::Show { id } => ok(api.get(&format!("{base}/{}", pct(&id)))?)?.json(),
-        CampaignCmd::Pause { id } => {
-            ok(api.request("POST", &format!("{base}/{}/pause", pct(&id)), None)?)?.json()
-        }
-        CampaignCmd::Resume { id } => {
-            ok(api.request("POST", &format!("{base}/{}/resume", pct(&id)), None)?)?.json()
-        }
-        CampaignCmd::Cancel { id } => {
-            ok(api.request("POST", &format!("{base}/{}/cancel", pct(&id)), None)?)?.json()
-        }
+        CampaignCmd::Pause { id } => act(&id, "pause")?,
+        CampaignCmd::Resume { id } => act(&id, "resume")?,
+        CampaignCmd::Cancel { id } => act(&id, "cancel")?,
     };
     if json {
         print_json(out, &v)
