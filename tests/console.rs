@@ -81,6 +81,27 @@ impl Driver {
         v["value"].clone()
     }
 
+    /// The open prompt's text, if one is open.
+    fn alert_text(&self) -> Option<String> {
+        let r = self
+            .api
+            .get(&format!("/session/{}/alert/text", self.session))
+            .unwrap();
+        (r.status == 200).then(|| r.json()["value"].as_str().unwrap_or("").to_string())
+    }
+
+    /// Waits for a prompt to open; returns its text.
+    fn wait_alert(&self, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(t) = self.alert_text() {
+                return t;
+            }
+            assert!(Instant::now() < deadline, "no prompt opened");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     fn goto(&self, url: &str) {
         self.call("POST", "/url", json!({ "url": url }));
     }
@@ -234,4 +255,59 @@ fn console_lists_the_device_shows_live_telemetry_and_reboots_it() {
             .any(|(p, _)| p.to_string() == "/3/0/4"),
         "the device executed /3/0/4"
     );
+}
+
+/// A gateway with an admin token: the console asks for it once (not once
+/// per failing request), a cancelled prompt stays cancelled until the Token
+/// button, and with the token the list loads.
+#[test]
+fn console_asks_once_for_the_admin_token() {
+    const TOKEN: &str = "console-test-token-0123456789";
+    let broker = Broker::memory();
+    let dir = tempdir();
+    std::fs::create_dir_all(&dir).unwrap();
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, TOKEN).unwrap();
+    let gw = Gateway::start(
+        &broker,
+        2,
+        PROVISIONING,
+        &format!("[admin]\ntoken_file = \"{}\"\n", token_file.display()),
+    );
+    let mut dev = Device::new("urn:imei:env", gw.coap, 5);
+    assert_eq!(dev.register(1), Code::CREATED);
+    drop(dev);
+
+    let d = Driver::start();
+    d.goto(&format!("http://{}/console/", gw.admin));
+    let text = d.wait_alert(Duration::from_secs(20));
+    assert!(text.contains("admin token"), "{text}");
+    // Cancelled: the page shows the 401 and does not ask again by itself.
+    d.call("POST", "/alert/dismiss", json!({}));
+    std::thread::sleep(Duration::from_millis(2000));
+    assert_eq!(d.alert_text(), None, "asked again after a cancel");
+    let err = d.wait_for(
+        "the 401 on the page",
+        "const e = document.querySelector('#err'); return e && e.innerText ? e.innerText : null",
+        Duration::from_secs(10),
+    );
+    assert!(err.as_str().unwrap().contains("401"), "{err}");
+    // A wrong token: asked again, once.
+    d.click("#token-btn");
+    d.wait_alert(Duration::from_secs(5));
+    d.call("POST", "/alert/text", json!({ "text": "not-the-token" }));
+    d.call("POST", "/alert/accept", json!({}));
+    d.wait_alert(Duration::from_secs(10));
+    d.call("POST", "/alert/text", json!({ "text": TOKEN }));
+    d.call("POST", "/alert/accept", json!({}));
+    let row = d.wait_for(
+        "the device in the list",
+        &format!(
+            "const r = document.querySelector('tr[data-device=\"{ENV_DEV}\"]'); return r ? r.innerText : null"
+        ),
+        Duration::from_secs(20),
+    );
+    assert!(row.as_str().unwrap().contains("urn:imei:env"), "{row}");
+    assert_eq!(d.alert_text(), None);
+    d.screenshot("console-token.png");
 }

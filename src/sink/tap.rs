@@ -28,6 +28,8 @@ pub struct Tap {
     watched: ArcSwap<Vec<Box<str>>>,
     inner: Mutex<Inner>,
     more: Condvar,
+    /// Set at shutdown: polls answer at once instead of waiting.
+    closed: AtomicBool,
 }
 
 #[derive(Default)]
@@ -111,12 +113,22 @@ impl Tap {
                 .map(|(_, p)| p.clone())
                 .collect();
             let left = deadline.saturating_duration_since(Instant::now());
-            if !points.is_empty() || left.is_zero() {
+            if !points.is_empty() || left.is_zero() || self.closed.load(Ordering::Relaxed) {
                 let next = r.points.back().map_or(seq, |(s, _)| *s).max(after);
                 return Some(Polled { points, next });
             }
             g = self.more.wait_timeout(g, left).ok()?.0;
         }
+    }
+
+    /// Wakes every waiting poll and makes later ones answer at once: the
+    /// gateway is stopping, and a long poll must not hold up SIGTERM.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Relaxed);
+        // Under the lock, so a poll between its check and its wait cannot
+        // miss the wake-up.
+        let _g = self.inner.lock();
+        self.more.notify_all();
     }
 
     /// Forgets devices not polled for [`IDLE`]; turns the tap off when none
@@ -180,6 +192,22 @@ mod tests {
         let r = h.join().unwrap().unwrap();
         assert_eq!(r.points.len(), 1);
         assert_eq!(&*r.points[0], b"{\"v\":4}");
+    }
+
+    #[test]
+    fn close_wakes_a_waiting_poll_at_once() {
+        let t = Arc::new(Tap::default());
+        let t2 = t.clone();
+        let started = Instant::now();
+        let h = std::thread::spawn(move || t2.poll("a", 0, Duration::from_secs(30)));
+        std::thread::sleep(Duration::from_millis(50));
+        t.close();
+        let p = h.join().unwrap().unwrap();
+        assert!(p.points.is_empty());
+        assert!(started.elapsed() < Duration::from_secs(10));
+        // Later polls do not wait either.
+        let p = t.poll("a", p.next, Duration::from_secs(30)).unwrap();
+        assert!(p.points.is_empty());
     }
 
     #[test]

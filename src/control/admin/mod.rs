@@ -95,6 +95,8 @@ pub struct AdminServer {
     pub counters: Arc<AdminCounters>,
     thread: Option<std::thread::JoinHandle<()>>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Closed at stop, so telemetry long polls answer at once.
+    tap: Option<Arc<crate::sink::tap::Tap>>,
 }
 
 impl AdminServer {
@@ -114,6 +116,7 @@ impl AdminServer {
         let addr = listener.local_addr()?;
         let counters = Arc::new(AdminCounters::default());
         state.counters = Some(counters.clone());
+        let tap = state.tap.clone();
         let shared = Arc::new(Shared {
             state,
             token,
@@ -149,10 +152,14 @@ impl AdminServer {
             counters,
             thread: Some(thread),
             stop: Some(tx),
+            tap,
         })
     }
 
     pub fn stop(mut self) {
+        if let Some(t) = &self.tap {
+            t.close();
+        }
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }

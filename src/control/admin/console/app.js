@@ -16,7 +16,7 @@ async function api(method, path, body) {
   const text = await r.text();
   let data = null;
   try { data = text ? JSON.parse(text) : null; } catch (_) { data = text; }
-  if (r.status === 401) {
+  if (r.status === 401 && !tokenDeclined) {
     askToken("This gateway requires its admin token.");
   }
   if (!r.ok) {
@@ -26,11 +26,25 @@ async function api(method, path, body) {
   return data;
 }
 
+// One prompt at a time: the list, a device page's telemetry poll and its
+// RPC loop can all get a 401 at once. Cancelled, it is not asked again
+// until the Token button is pressed (the 401s show as errors meanwhile).
+let asking = false;
+let tokenDeclined = false;
 function askToken(why) {
-  const t = prompt((why ? why + "\n" : "") + "Admin API bearer token:", token());
-  if (t !== null) { sessionStorage.setItem("corem-token", t.trim()); route(); }
+  if (asking) return;
+  asking = true;
+  try {
+    const t = prompt((why ? why + "\n" : "") + "Admin API bearer token:", token());
+    if (t === null) { tokenDeclined = true; return; }
+    tokenDeclined = false;
+    sessionStorage.setItem("corem-token", t.trim());
+  } finally {
+    asking = false;
+  }
+  route();
 }
-$("#token-btn").addEventListener("click", () => askToken(""));
+$("#token-btn").addEventListener("click", () => { tokenDeclined = false; askToken(""); });
 
 function esc(v) {
   return String(v === null || v === undefined ? "-" : v)
