@@ -284,7 +284,8 @@ fn console_asks_once_for_the_admin_token() {
     assert!(text.contains("admin token"), "{text}");
     // Cancelled: the page shows the 401 and does not ask again by itself.
     d.call("POST", "/alert/dismiss", json!({}));
-    std::thread::sleep(Duration::from_millis(2000));
+    // The list reloads every 3 s: a second reload has come and gone.
+    std::thread::sleep(Duration::from_millis(6500));
     assert_eq!(d.alert_text(), None, "asked again after a cancel");
     let err = d.wait_for(
         "the 401 on the page",
