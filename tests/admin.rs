@@ -487,3 +487,50 @@ fn sighup_adds_provisioned_endpoints_applies_the_log_level_and_names_restart_set
     wait_log(&gw, "configuration not reloaded (SIGHUP)");
     assert_eq!(http(gw.admin, "GET", "/healthz", "").unwrap().0, 200);
 }
+
+/// A telemetry long poll (up to 25 s) in flight when SIGTERM arrives does
+/// not hold up the stop and is not cut off: the poll is answered at once
+/// (no points), the connection closes, and the gateway exits 0.
+#[test]
+fn a_telemetry_long_poll_does_not_hold_up_sigterm() {
+    let broker = Broker::memory();
+    let mut gw = Gateway::start(&broker, 2, PROVISIONING, "");
+    let admin = gw.admin;
+    let poll = std::thread::spawn(move || {
+        let mut s = TcpStream::connect(admin).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(40))).unwrap();
+        s.write_all(
+            b"GET /v1/devices/env-device/telemetry?wait_ms=25000 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .unwrap();
+        let started = Instant::now();
+        let mut resp = String::new();
+        let _ = s.read_to_string(&mut resp);
+        (started.elapsed(), resp)
+    });
+    // The poll is waiting (the tap watches the device).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, m) = http(admin, "GET", "/metrics", "").unwrap();
+        if m.contains("corem_lwm2m_telemetry_watched_devices 1") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the long poll never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let t = Instant::now();
+    assert_eq!(gw.stop(), Some(0));
+    let stopped = t.elapsed();
+    let (waited, resp) = poll.join().unwrap();
+    assert!(
+        stopped < Duration::from_secs(12),
+        "SIGTERM took {stopped:?} with a long poll in flight"
+    );
+    assert!(
+        waited < Duration::from_secs(15),
+        "the poll was held {waited:?}"
+    );
+    // Answered with what it had (nothing), not cut off.
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp:?}");
+    assert!(resp.contains("\"points\":[]"), "{resp}");
+}

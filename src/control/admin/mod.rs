@@ -85,7 +85,13 @@ struct Shared {
     /// wait behind them).
     polls: Arc<Semaphore>,
     counters: Arc<AdminCounters>,
+    /// Turns true at stop: connections finish their request in progress
+    /// and close (hyper's graceful shutdown).
+    stopping: tokio::sync::watch::Sender<bool>,
 }
+
+/// How long a stop waits for requests in progress to be answered.
+const STOP_GRACE: Duration = Duration::from_secs(2);
 
 /// Telemetry long-polls at once (`GET /v1/devices/{id}/telemetry`).
 const MAX_POLLS: usize = 8;
@@ -127,6 +133,7 @@ impl AdminServer {
             work: Arc::new(Semaphore::new(cfg.max_concurrent.max(1))),
             polls: Arc::new(Semaphore::new(MAX_POLLS)),
             counters: counters.clone(),
+            stopping: tokio::sync::watch::Sender::new(false),
         });
         let max_connections = cfg.max_connections.max(1);
         let blocking = cfg.max_concurrent.max(1) + MAX_POLLS + 2;
@@ -179,7 +186,7 @@ async fn serve(
     let mut refused_logged = Instant::now() - Duration::from_secs(60);
     loop {
         let accepted = tokio::select! {
-            _ = &mut stop => return,
+            _ = &mut stop => break,
             a = listener.accept() => a,
         };
         let (stream, _peer) = match accepted {
@@ -211,6 +218,21 @@ async fn serve(
             drop(permit);
         });
     }
+    // Stop: no new connections; the open ones answer the request they are
+    // in (a telemetry long poll answers at once: the tap is closed) and
+    // close, for up to STOP_GRACE; the runtime drops what is left.
+    drop(listener);
+    sh.stopping.send_replace(true);
+    let all = u32::try_from(max_connections).unwrap_or(u32::MAX);
+    if tokio::time::timeout(STOP_GRACE, conns.acquire_many(all))
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            grace_ms = STOP_GRACE.as_millis() as u64,
+            "admin connections still busy at stop: closed"
+        );
+    }
 }
 
 /// One connection: HTTP/1.1 with keep-alive, under the header timeout and
@@ -233,6 +255,8 @@ async fn connection(stream: tokio::net::TcpStream, sh: Arc<Shared>) {
         .keep_alive(true)
         .serve_connection(io, svc);
     let idle = sh.idle_timeout;
+    let mut stopping = sh.stopping.subscribe();
+    tokio::pin!(conn);
     let watchdog = async {
         loop {
             tokio::time::sleep(idle / 4).await;
@@ -245,7 +269,7 @@ async fn connection(stream: tokio::net::TcpStream, sh: Arc<Shared>) {
         }
     };
     tokio::select! {
-        r = conn => {
+        r = conn.as_mut() => {
             if let Err(e) = r {
                 tracing::debug!(error = %e, "admin connection ended");
             }
@@ -253,6 +277,12 @@ async fn connection(stream: tokio::net::TcpStream, sh: Arc<Shared>) {
         _ = watchdog => {
             sh.counters.idle_closed.fetch_add(1, Ordering::Relaxed);
             tracing::debug!("admin connection closed: idle");
+        }
+        _ = async { stopping.wait_for(|s| *s).await.is_ok() } => {
+            // The request in progress is answered, then the connection
+            // closes (an idle keep-alive connection closes at once).
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
         }
     }
 }

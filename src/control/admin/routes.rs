@@ -244,6 +244,11 @@ pub fn metrics(st: &AdminState) -> Reply {
             "shards (cores) serving devices",
             st.metrics.len() as i64,
         ),
+        (
+            "telemetry_watched_devices",
+            "devices whose live telemetry is being long-polled (corem-ctl telemetry tail, the console)",
+            st.tap.as_ref().map_or(0, |t| t.watched()) as i64,
+        ),
     ];
     let mut out = render_prometheus(&st.metrics, &extra);
     if let Some(rpc) = &st.rpc {
