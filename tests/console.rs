@@ -264,16 +264,7 @@ fn console_lists_the_device_shows_live_telemetry_and_reboots_it() {
 fn console_asks_once_for_the_admin_token() {
     const TOKEN: &str = "console-test-token-0123456789";
     let broker = Broker::memory();
-    let dir = tempdir();
-    std::fs::create_dir_all(&dir).unwrap();
-    let token_file = dir.join("token");
-    std::fs::write(&token_file, TOKEN).unwrap();
-    let gw = Gateway::start(
-        &broker,
-        2,
-        PROVISIONING,
-        &format!("[admin]\ntoken_file = \"{}\"\n", token_file.display()),
-    );
+    let gw = Gateway::start_with_token(&broker, 2, PROVISIONING, TOKEN);
     let mut dev = Device::new("urn:imei:env", gw.coap, 5);
     assert_eq!(dev.register(1), Code::CREATED);
     drop(dev);

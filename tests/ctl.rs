@@ -81,15 +81,10 @@ impl Pumped {
 fn every_command_as_table_and_json_with_meaningful_exit_codes() {
     let broker = Broker::memory();
     let dir = tempdir();
-    std::fs::create_dir_all(&dir).unwrap();
+    let gw = Gateway::start_with_token(&broker, 2, PROVISIONING, TOKEN);
+    // The CLI's own copy, for --token-file.
     let token_file = dir.join("token");
     std::fs::write(&token_file, TOKEN).unwrap();
-    let gw = Gateway::start(
-        &broker,
-        2,
-        PROVISIONING,
-        &format!("[admin]\ntoken_file = \"{}\"\n", token_file.display()),
-    );
     let ctl = Ctl {
         admin: format!("http://{}", gw.admin),
     };

@@ -220,6 +220,21 @@ pmax = 30
 "#;
 
 impl Gateway {
+    /// [`Gateway::start`] with the admin API behind a bearer `token` (read
+    /// from a token file, as operators configure it).
+    pub fn start_with_token(
+        broker: &Broker,
+        shards: usize,
+        provisioning: &str,
+        token: &str,
+    ) -> Gateway {
+        let dir = tempdir();
+        let token_file = dir.join("admin.token");
+        std::fs::write(&token_file, token).unwrap();
+        let extra = format!("[admin]\ntoken_file = \"{}\"\n", token_file.display());
+        Gateway::start(broker, shards, provisioning, &extra)
+    }
+
     /// Starts the gateway binary with `extra` appended to a generated config.
     pub fn start(broker: &Broker, shards: usize, provisioning: &str, extra: &str) -> Gateway {
         let dir = tempdir();
