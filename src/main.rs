@@ -353,6 +353,8 @@ fn run(args: Args, log: LogHandle) -> anyhow::Result<()> {
     }
     systemd::notify("STOPPING=1");
     tracing::info!("shutting down: stopping shards, flushing Kafka, writing snapshots");
+    // Clients tearing down report their brokers gone: not an outage.
+    corem_lwm2m::sink::kafka_log::shutting_down();
     shards.shutdown();
     bs_store.stop();
     admin.stop();

@@ -293,4 +293,16 @@ fn broker_outage(ack_after: &str, device_patience: Duration) {
         "no duplicates: {counts:?}"
     );
     assert_eq!(gw.metric("kafka_delivery_failed"), 0);
+
+    // What the operator reads about the 20 s outage: one line when it
+    // began, one when it ended, and librdkafka's own complaints held to
+    // one per 30 s (they were several ERROR lines a second, per client).
+    let down = gw.log_count("kafka: no broker reachable");
+    let back = gw.log_count("kafka: a broker is reachable again");
+    let lib = gw.log_count("(librdkafka;");
+    eprintln!("outage log: {down} down, {back} back, {lib} librdkafka lines");
+    assert_eq!(down, 1, "the outage is said once");
+    assert!(back >= 1, "its end is said");
+    assert!(lib <= 2, "librdkafka's lines are rate-limited: {lib}");
+    assert_eq!(gw.log_count("ERROR"), 0, "no ERROR line for an outage");
 }

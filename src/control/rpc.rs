@@ -26,6 +26,7 @@ use crate::proto::lwm2m::rpc::RpcStatus;
 use crate::proto::lwm2m::rpc::{self, PresenceState, RpcEvent, RpcRequest};
 use crate::proto::lwm2m::server::ControlMsg;
 use crate::shard::runtime::ControlHandle;
+use crate::sink::kafka_log::{broker_answered, GatewayContext};
 use crate::sink::topic_for;
 use crossbeam_channel::{Receiver, Sender};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
@@ -354,8 +355,10 @@ impl RpcService {
         kc.set("client.id", format!("{}-rpc", cfg.kafka.client_id));
         crate::sink::kafka::apply_security(&cfg.kafka, &mut kc)
             .map_err(|e| RpcServiceError::Kafka(e.to_string()))?;
-        let producer: BaseProducer = kc
-            .create()
+        let producer: BaseProducer<GatewayContext> = kc
+            .create_with_context(GatewayContext {
+                client: "rpc-status",
+            })
             .map_err(|e| RpcServiceError::Kafka(e.to_string()))?;
         let (tx, rx) = crossbeam_channel::unbounded();
         let metrics = Arc::new(RpcMetrics::default());
@@ -424,7 +427,7 @@ struct Worker {
     metrics: Arc<RpcMetrics>,
     book: RpcBook,
     log: RpcLog,
-    producer: BaseProducer,
+    producer: BaseProducer<GatewayContext>,
     control: ControlHandle,
     resolver: Resolver,
     status_topic: String,
@@ -857,7 +860,9 @@ fn intake(
         tracing::error!(error = %e, "RPC intake not started");
         return;
     }
-    let consumer: BaseConsumer = match c.create() {
+    let consumer: BaseConsumer<GatewayContext> = match c.create_with_context(GatewayContext {
+        client: "rpc-intake",
+    }) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "RPC intake consumer not created");
@@ -865,10 +870,13 @@ fn intake(
         }
     };
     let topic = k.rpc_request_topic.clone();
-    // Wait for the topic (created at start by the topic manager).
+    // Wait for the topic (created at start by the topic manager), looking
+    // at `stop` at least every second: a stop during a broker outage must
+    // not wait out a metadata request.
     let parts = loop {
-        match consumer.fetch_metadata(Some(&topic), Duration::from_secs(5)) {
+        match consumer.fetch_metadata(Some(&topic), Duration::from_millis(900)) {
             Ok(md) => {
+                broker_answered("rpc-intake");
                 let n = md
                     .topics()
                     .iter()
@@ -881,9 +889,11 @@ fn intake(
             }
             Err(e) => tracing::debug!(error = %e, "rpc intake metadata"),
         }
-        std::thread::sleep(Duration::from_secs(1));
-        if stop.load(Ordering::Acquire) {
-            return;
+        for _ in 0..10 {
+            if stop.load(Ordering::Acquire) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
         }
     };
     let mut tpl = TopicPartitionList::new();
@@ -902,9 +912,24 @@ fn intake(
         return;
     }
     tracing::info!(topic = %topic, partitions = parts, "RPC intake consuming");
+    let mut probed = std::time::Instant::now();
     loop {
+        // During an outage (on record in the process's outage log) a
+        // metadata request every 5 s tells when a broker answers again,
+        // even with no records to deliver or consume.
+        if crate::sink::kafka_log::outage().is_down() && probed.elapsed() >= Duration::from_secs(5)
+        {
+            probed = std::time::Instant::now();
+            if consumer
+                .fetch_metadata(Some(&topic), Duration::from_millis(500))
+                .is_ok()
+            {
+                broker_answered("rpc-intake");
+            }
+        }
         match consumer.poll(Duration::from_millis(200)) {
             Some(Ok(m)) => {
+                broker_answered("rpc-intake");
                 let req = match m.payload() {
                     Some(p) => RpcRequest::parse(p).map_err(|e| e.to_string()),
                     None => Err("empty record".into()),

@@ -4,16 +4,16 @@
 //! broker's auto-create setting. Existing topics are fine.
 
 use crate::config::KafkaConfig;
+use crate::sink::kafka_log::GatewayContext;
 use crate::sink::topic_for;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::types::RDKafkaErrorCode;
 use std::collections::HashSet;
 use std::sync::Mutex;
 use std::time::Duration;
 
 pub struct TopicManager {
-    admin: AdminClient<DefaultClientContext>,
+    admin: AdminClient<GatewayContext>,
     cfg: KafkaConfig,
     known: Mutex<HashSet<String>>,
 }
@@ -30,7 +30,7 @@ impl TopicManager {
             }
         }
         Ok(TopicManager {
-            admin: c.create()?,
+            admin: c.create_with_context(GatewayContext { client: "topics" })?,
             cfg: cfg.clone(),
             known: Mutex::new(HashSet::new()),
         })

@@ -29,36 +29,21 @@ use std::time::Duration;
 pub struct ShardContext {
     metrics: Arc<ShardMetrics>,
     shard: usize,
+    /// "shard{i}", for log lines.
+    client: String,
     /// (tag, delivered) of tagged records. The callback runs inside
     /// `poll` on the shard thread; the channel never blocks.
     deliveries: Sender<(DeliveryTag, bool)>,
 }
 
 impl ClientContext for ShardContext {
+    // One outage log for every client of the process (super::kafka_log):
+    // librdkafka repeats itself per client and per reconnect attempt.
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, msg: &str) {
+        super::kafka_log::client_log(&self.client, level, fac, msg);
+    }
     fn error(&self, error: KafkaError, reason: &str) {
-        // librdkafka logs transport failures itself; surface only the state
-        // an operator acts on (no broker reachable) at warn level.
-        let code = error.rdkafka_error_code();
-        if matches!(
-            code,
-            Some(RDKafkaErrorCode::SSL) | Some(RDKafkaErrorCode::Authentication)
-        ) {
-            // TLS handshake or SASL failure: records stay queued (and
-            // unacknowledged) until it is fixed or message.timeout.ms.
-            tracing::error!(
-                shard = self.shard,
-                reason,
-                "kafka: TLS/SASL connection to the broker failed; records stay queued"
-            );
-        } else if code == Some(RDKafkaErrorCode::AllBrokersDown) {
-            tracing::warn!(
-                shard = self.shard,
-                reason,
-                "kafka: all brokers down; records stay queued until message.timeout.ms"
-            );
-        } else {
-            tracing::debug!(shard = self.shard, %error, reason, "kafka client error");
-        }
+        super::kafka_log::client_error(&self.client, &error, reason);
     }
 }
 
@@ -69,6 +54,7 @@ impl ProducerContext for ShardContext {
         let ok = match r {
             Ok(m) => {
                 ShardMetrics::inc(&self.metrics.kafka_delivered);
+                super::kafka_log::broker_answered(&self.client);
                 // librdkafka stamps each record with its production time
                 // (CreateTime, ms) when we give none.
                 use rdkafka::Message;
@@ -209,6 +195,7 @@ impl KafkaSink {
         let producer = cfg.create_with_context(ShardContext {
             metrics: metrics.clone(),
             shard,
+            client: format!("shard{shard}"),
             deliveries: tx,
         })?;
         Ok(KafkaSink {

@@ -5,6 +5,7 @@
 
 pub mod json;
 pub mod kafka;
+pub mod kafka_log;
 pub mod tap;
 
 pub use crate::proto::lwm2m::output::{

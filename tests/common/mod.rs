@@ -362,6 +362,16 @@ impl Gateway {
         self.log.lock().unwrap().iter().any(|l| l.contains(s))
     }
 
+    /// Log lines containing `s`.
+    pub fn log_count(&self, s: &str) -> usize {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(s))
+            .count()
+    }
+
     /// Sum of a counter or gauge over shards, from /metrics (`name` as in
     /// the shard's metrics: a counter's `_total` suffix is added here).
     pub fn metric(&self, name: &str) -> i64 {
