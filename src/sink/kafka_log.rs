@@ -219,7 +219,12 @@ pub fn client_log(client: &str, level: RDKafkaLogLevel, fac: &str, msg: &str) {
 /// A broker answered (a delivery, a consumed record, a metadata answer).
 #[inline]
 pub fn broker_answered(client: &str) {
-    if let Some(ms) = outage().reachable(now_ms()) {
+    // Per delivery: one atomic load while the broker is up.
+    let o = outage();
+    if !o.is_down() {
+        return;
+    }
+    if let Some(ms) = o.reachable(now_ms()) {
         tracing::info!(
             client,
             down_s = ms / 1000,
