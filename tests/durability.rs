@@ -176,6 +176,17 @@ fn broker_outage(ack_after: &str, device_patience: Duration) {
     assert_eq!(initial.len(), 5);
     drop(tele);
 
+    // The broker-connection gauge (librdkafka statistics every 5 s) sees
+    // the broker before the outage.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while gw.metric("kafka_broker_connections_up") < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "no broker connection reported up"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
     let temp = ResourcePath::parse("/3303/0/5700").unwrap();
     let hum = ResourcePath::parse("/3304/0/5700").unwrap();
     let mut acked_notify = Vec::new();
@@ -190,6 +201,12 @@ fn broker_outage(ack_after: &str, device_patience: Duration) {
             std::thread::sleep(Duration::from_secs(2));
             broker.stop();
             std::thread::sleep(Duration::from_secs(20));
+            // Statistics come every 5 s: 20 s into the outage they say so.
+            assert_eq!(
+                gw.metric("kafka_broker_connections_up"),
+                0,
+                "no broker connection up during the outage"
+            );
             broker.start();
             restarted.store(true, std::sync::atomic::Ordering::Release);
         });
@@ -305,4 +322,5 @@ fn broker_outage(ack_after: &str, device_patience: Duration) {
     assert!(back >= 1, "its end is said");
     assert!(lib <= 2, "librdkafka's lines are rate-limited: {lib}");
     assert_eq!(gw.log_count("ERROR"), 0, "no ERROR line for an outage");
+    assert!(gw.metric("kafka_broker_connections_up") >= 1);
 }

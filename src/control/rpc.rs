@@ -352,7 +352,13 @@ impl RpcService {
             );
         }
         let mut kc = crate::sink::kafka::client_config(&cfg.kafka);
-        kc.set("client.id", format!("{}-rpc", cfg.kafka.client_id));
+        kc.set("client.id", format!("{}-rpc", cfg.kafka.client_id))
+            // Its broker connections, every 5 s, for the process's
+            // `kafka_broker_connections_up` gauge (sink::kafka_log).
+            .set(
+                "statistics.interval.ms",
+                crate::sink::kafka_log::STATS_INTERVAL_MS.to_string(),
+            );
         crate::sink::kafka::apply_security(&cfg.kafka, &mut kc)
             .map_err(|e| RpcServiceError::Kafka(e.to_string()))?;
         let producer: BaseProducer<GatewayContext> = kc

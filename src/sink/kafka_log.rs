@@ -22,7 +22,7 @@
 
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 /// Reminder interval while no broker is reachable.
@@ -233,6 +233,25 @@ pub fn broker_answered(client: &str) {
     }
 }
 
+/// Broker connections in state UP in the last statistics of the RPC status
+/// producer (`statistics.interval.ms`, [`STATS_INTERVAL_MS`]); -1 before
+/// the first. Exported as `corem_lwm2m_kafka_broker_connections_up`.
+static CONNECTIONS_UP: AtomicI64 = AtomicI64::new(-1);
+
+/// How often the RPC status producer reports its broker connections.
+pub const STATS_INTERVAL_MS: u64 = 5_000;
+
+/// Broker connections in state UP, as last reported (-1: no report yet).
+pub fn broker_connections_up() -> i64 {
+    CONNECTIONS_UP.load(Ordering::Relaxed)
+}
+
+/// Connections in state UP in librdkafka's statistics (bootstrap entries
+/// included: before the first metadata answer they are the only ones).
+pub fn count_up(stats: &rdkafka::statistics::Statistics) -> i64 {
+    stats.brokers.values().filter(|b| b.state == "UP").count() as i64
+}
+
 /// The context of the gateway's Kafka clients other than the shard
 /// producers (which add delivery tags and metrics): the RPC status
 /// producer, the RPC intake consumer and the topic manager.
@@ -246,6 +265,16 @@ impl rdkafka::ClientContext for GatewayContext {
     }
     fn error(&self, error: KafkaError, reason: &str) {
         client_error(self.client, &error, reason);
+    }
+    /// Only the RPC status producer asks for statistics: its broker
+    /// connections feed the `kafka_broker_connections_up` gauge, and one
+    /// that is up ends an outage on record even when no record moves.
+    fn stats(&self, stats: rdkafka::statistics::Statistics) {
+        let up = count_up(&stats);
+        CONNECTIONS_UP.store(up, Ordering::Relaxed);
+        if up > 0 {
+            broker_answered(self.client);
+        }
     }
 }
 

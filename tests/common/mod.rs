@@ -381,13 +381,15 @@ impl Gateway {
     pub fn metric_by_shard(&self, name: &str) -> Vec<i64> {
         let (_, body) = http(self.admin, "GET", "/metrics", "").unwrap();
         let counter = format!("# TYPE corem_lwm2m_{name}_total counter");
-        let prefix = if body.lines().any(|l| l == counter) {
-            format!("corem_lwm2m_{name}_total{{")
+        let base = if body.lines().any(|l| l == counter) {
+            format!("corem_lwm2m_{name}_total")
         } else {
-            format!("corem_lwm2m_{name}{{")
+            format!("corem_lwm2m_{name}")
         };
+        // Per-shard series (`{shard=...}`) or a process-wide one.
+        let (labelled, plain) = (format!("{base}{{"), format!("{base} "));
         body.lines()
-            .filter(|l| l.starts_with(&prefix))
+            .filter(|l| l.starts_with(&labelled) || l.starts_with(&plain))
             .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
             .collect()
     }

@@ -245,6 +245,11 @@ pub fn metrics(st: &AdminState) -> Reply {
             st.metrics.len() as i64,
         ),
         (
+            "kafka_broker_connections_up",
+            "broker connections in state UP (librdkafka statistics of the RPC status producer, every 5 s; -1 before the first); 0 while no broker is reachable",
+            crate::sink::kafka_log::broker_connections_up(),
+        ),
+        (
             "telemetry_watched_devices",
             "devices whose live telemetry is being long-polled (corem-ctl telemetry tail, the console)",
             st.tap.as_ref().map_or(0, |t| t.watched()) as i64,
