@@ -256,7 +256,6 @@ fn run(args: Args, log: LogHandle) -> anyhow::Result<()> {
         let c = control.clone();
         Arc::new(move || c.send(ControlMsg::ProfilesChanged))
     };
-    let topics_for_reload = topics.clone();
     let on_tenants: Option<TenantHook> = topics.map(|tm| {
         let h: TenantHook = Arc::new(move |t: &[String]| {
             tm.ensure(t);
@@ -270,8 +269,8 @@ fn run(args: Args, log: LogHandle) -> anyhow::Result<()> {
             profiles: profiles.clone(),
             metrics: shards.metrics.clone(),
             snapshot_dir: cfg.directory.snapshot_dir.clone(),
-            on_tenants,
-            on_endpoints: Some(on_endpoints),
+            on_tenants: on_tenants.clone(),
+            on_endpoints: Some(on_endpoints.clone()),
             on_profiles: Some(on_profiles),
             rpc: Some(rpc.handle()),
             control: Some(control.clone()),
@@ -327,8 +326,9 @@ fn run(args: Args, log: LogHandle) -> anyhow::Result<()> {
                     &log,
                     &mut log_level,
                     &directory,
-                    &control,
-                    topics_for_reload.as_deref(),
+                    // The admin API's hooks: new tenants' topics, shards told.
+                    on_tenants.as_ref(),
+                    &on_endpoints,
                 );
             }
             systemd::notify("READY=1");
@@ -379,8 +379,8 @@ fn reload_config(
     log: &LogHandle,
     log_level: &mut String,
     directory: &Directory,
-    control: &corem_lwm2m::shard::runtime::ControlHandle,
-    topics: Option<&TopicManager>,
+    on_tenants: Option<&TenantHook>,
+    on_endpoints: &EndpointsHook,
 ) {
     let cfg = match Config::load(path) {
         Ok(c) => c,
@@ -419,10 +419,10 @@ fn reload_config(
                     match directory.upsert_many(new) {
                         Ok(n) => {
                             tracing::info!(added = n, file = %p.display(), "provisioning: new endpoints added (SIGHUP)");
-                            if let Some(tm) = topics {
-                                tm.ensure(&tenants);
+                            if let Some(h) = on_tenants {
+                                h(&tenants);
                             }
-                            control.send(ControlMsg::Endpoints(names.into()));
+                            on_endpoints(names);
                         }
                         Err(e) => {
                             tracing::error!(error = %e, "provisioning additions not stored (SIGHUP)")
